@@ -1,0 +1,645 @@
+//! Configuration: every `MAILROOM_*` variable is parsed once, at start, into
+//! typed values. A bad value is an error that names the variable.
+
+use std::fmt;
+use std::net::{IpAddr, SocketAddr, ToSocketAddrs};
+use std::path::PathBuf;
+use std::time::Duration;
+
+/// Every variable the service reads, with its default (`None`: unset) and
+/// a one-line description. `--help` and `.env.example` are written from it.
+pub const VARIABLES: &[(&str, Option<&str>, &str)] = &[
+    ("MAILROOM_LISTEN", Some("127.0.0.1:8080"), "address:port the HTTP API listens on"),
+    ("MAILROOM_SMTP_URL", None, "relay, e.g. smtps://user:pass@host:465, smtp://user:pass@host:587?tls=required, smtp://host:25"),
+    ("GOOGLE_MAIL", None, "Gmail address; with GOOGLE_APP_PASSWORD, relays through smtp.gmail.com:587 (STARTTLS)"),
+    ("GOOGLE_APP_PASSWORD", None, "Gmail app password (not the account password)"),
+    ("MAILROOM_SMTP_CA_FILE", None, "PEM file of extra trusted root certificates for the relay"),
+    ("MAILROOM_SMTP_TIMEOUT_MS", Some("30000"), "connect/read/write timeout towards the relay"),
+    ("MAILROOM_OUTBOX_DIR", Some("./outbox"), "where messages are written as .eml files when no relay is configured"),
+    ("MAILROOM_WORKERS", Some("5"), "delivery threads, each with its own reused SMTP connection"),
+    ("MAILROOM_QUEUE_CAPACITY", Some("10000"), "unfinished messages held (queued, sending, waiting for retry) before 503"),
+    ("MAILROOM_MAX_ATTEMPTS", Some("5"), "delivery attempts before a message is failed"),
+    ("MAILROOM_RETRY_BASE_MS", Some("2000"), "first retry delay; doubles each attempt"),
+    ("MAILROOM_RETRY_MAX_MS", Some("600000"), "longest retry delay"),
+    ("MAILROOM_SPOOL_DIR", Some("$STATE_DIRECTORY or ./spool"), "durable queue directory; 'none' keeps messages in memory only"),
+    ("MAILROOM_API_TOKEN", None, "when set, /api/ requires 'Authorization: Bearer <token>'"),
+    ("MAILROOM_ALLOW_NO_AUTH", Some("0"), "1 allows a non-loopback listen address without a token"),
+    ("MAILROOM_ALLOWED_SENDERS", None, "comma list of sender addresses and @domain entries (default: any)"),
+    ("MAILROOM_MAX_BODY_BYTES", Some("10485760"), "largest accepted request body"),
+    ("MAILROOM_RATE_LIMIT", Some("0"), "deliveries per second over the whole pool (0: unlimited)"),
+    ("MAILROOM_SYNC_TIMEOUT_MS", Some("60000"), "how long POST /api/mail/v2 waits for an outcome"),
+    ("MAILROOM_SHUTDOWN_TIMEOUT_MS", Some("30000"), "how long a stop waits for deliveries in flight"),
+    ("MAILROOM_STATUS_RETENTION", Some("100000"), "finished message statuses kept for GET /api/mail/{id}"),
+    ("RUST_LOG", Some("info"), "log level (error, warn, info, debug, trace)"),
+];
+
+/// A configuration value that could not be used; names the variable.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum ConfigError {
+    /// The variable is set to something that does not parse.
+    Invalid {
+        variable: &'static str,
+        value: String,
+        reason: String,
+    },
+    /// The combination of variables is unsafe or contradictory.
+    Refused {
+        variable: &'static str,
+        reason: String,
+    },
+}
+
+impl fmt::Display for ConfigError {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            ConfigError::Invalid {
+                variable,
+                value,
+                reason,
+            } => write!(f, "{variable}={value:?} is invalid: {reason}"),
+            ConfigError::Refused { variable, reason } => write!(f, "{variable}: {reason}"),
+        }
+    }
+}
+
+impl std::error::Error for ConfigError {}
+
+/// A string that must never be printed: `Debug` shows `"***"`.
+#[derive(Clone, PartialEq, Eq)]
+pub struct Secret(String);
+
+impl Secret {
+    /// Wraps a secret value.
+    pub fn new(value: impl Into<String>) -> Self {
+        Secret(value.into())
+    }
+    /// The secret itself, for the one place that needs it.
+    pub fn expose(&self) -> &str {
+        &self.0
+    }
+}
+
+impl fmt::Debug for Secret {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str("\"***\"")
+    }
+}
+
+/// How the connection to the relay is protected.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum TlsMode {
+    /// Plain SMTP (`smtp://host`).
+    None,
+    /// STARTTLS when the relay offers it (`?tls=opportunistic`).
+    Opportunistic,
+    /// STARTTLS or fail (`?tls=required`).
+    Required,
+    /// TLS from the first byte (`smtps://`).
+    Implicit,
+}
+
+/// Where and how to reach the SMTP relay.
+#[derive(Debug, Clone)]
+pub struct SmtpSettings {
+    /// Relay host name (also the TLS server name).
+    pub host: String,
+    /// Relay port.
+    pub port: u16,
+    /// Transport security.
+    pub tls: TlsMode,
+    /// Login, when the relay wants AUTH.
+    pub credentials: Option<(String, Secret)>,
+    /// Name sent in EHLO (URL path), else the machine's host name.
+    pub hello_name: Option<String>,
+    /// Extra trusted roots (PEM), read at start.
+    pub extra_root_pem: Option<Vec<u8>>,
+    /// Connect, read and write timeout.
+    pub timeout: Duration,
+}
+
+impl SmtpSettings {
+    /// `host:port`, for logs and errors (never includes credentials).
+    pub fn endpoint(&self) -> String {
+        format!("{}:{}", self.host, self.port)
+    }
+}
+
+/// Where delivered messages go.
+#[derive(Debug, Clone)]
+pub enum Relay {
+    /// Through an SMTP relay.
+    Smtp(SmtpSettings),
+    /// Written as `.eml` files into a directory (no relay configured).
+    Outbox(PathBuf),
+}
+
+/// Where accepted messages are kept until delivered.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum SpoolSetting {
+    /// A directory on disk: survives crashes and restarts.
+    Directory(PathBuf),
+    /// Memory only (`MAILROOM_SPOOL_DIR=none`): lost on exit.
+    Memory,
+}
+
+/// Who may appear as `sender`.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum SenderRule {
+    /// Exactly this address (lower-cased).
+    Address(String),
+    /// Any address at this domain (lower-cased, without the `@`).
+    Domain(String),
+}
+
+/// The whole configuration, parsed and checked.
+#[derive(Debug, Clone)]
+pub struct Config {
+    /// HTTP listen address.
+    pub listen: SocketAddr,
+    /// SMTP relay or outbox.
+    pub relay: Relay,
+    /// Delivery threads.
+    pub workers: usize,
+    /// Unfinished messages held before refusing with 503.
+    pub queue_capacity: usize,
+    /// Attempts before a message is failed.
+    pub max_attempts: u32,
+    /// First retry delay.
+    pub retry_base: Duration,
+    /// Longest retry delay.
+    pub retry_max: Duration,
+    /// Durable spool or memory.
+    pub spool: SpoolSetting,
+    /// Bearer token for `/api/`.
+    pub api_token: Option<Secret>,
+    /// Allowed senders; `None` allows any.
+    pub allowed_senders: Option<Vec<SenderRule>>,
+    /// Largest request body.
+    pub max_body_bytes: u64,
+    /// Deliveries per second over the pool; 0 is unlimited.
+    pub rate_limit: f64,
+    /// How long `/api/mail/v2` waits.
+    pub sync_timeout: Duration,
+    /// How long a stop waits for work in flight.
+    pub shutdown_timeout: Duration,
+    /// Finished statuses kept.
+    pub status_retention: usize,
+}
+
+impl Config {
+    /// Reads the process environment (call `dotenvy` first to include `.env`).
+    pub fn from_env() -> Result<Config, ConfigError> {
+        Config::from_lookup(|name| std::env::var(name).ok())
+    }
+
+    /// Parses the configuration from any variable lookup (tests use a map).
+    pub fn from_lookup(lookup: impl Fn(&str) -> Option<String>) -> Result<Config, ConfigError> {
+        // An empty value means unset, as in most .env conventions.
+        let get = |name: &str| lookup(name).filter(|value| !value.trim().is_empty());
+
+        let listen = parse_listen(get("MAILROOM_LISTEN").as_deref().unwrap_or("127.0.0.1:8080"))?;
+        let timeout = millis(&get, "MAILROOM_SMTP_TIMEOUT_MS", 30_000, 1)?;
+        let relay = parse_relay(&get, timeout)?;
+        let workers = number(&get, "MAILROOM_WORKERS", 5, 1, 1024)? as usize;
+        let queue_capacity =
+            number(&get, "MAILROOM_QUEUE_CAPACITY", 10_000, 1, 100_000_000)? as usize;
+        let max_attempts = number(&get, "MAILROOM_MAX_ATTEMPTS", 5, 1, 1000)? as u32;
+        let retry_base = millis(&get, "MAILROOM_RETRY_BASE_MS", 2_000, 1)?;
+        let retry_max = millis(&get, "MAILROOM_RETRY_MAX_MS", 600_000, 1)?;
+        if retry_max < retry_base {
+            return Err(ConfigError::Refused {
+                variable: "MAILROOM_RETRY_MAX_MS",
+                reason: "must not be smaller than MAILROOM_RETRY_BASE_MS".into(),
+            });
+        }
+        let spool = match get("MAILROOM_SPOOL_DIR") {
+            Some(value) if value.trim().eq_ignore_ascii_case("none") => SpoolSetting::Memory,
+            Some(value) => SpoolSetting::Directory(PathBuf::from(value.trim())),
+            None => match get("STATE_DIRECTORY") {
+                // systemd may pass several directories separated by ':'.
+                Some(dirs) => SpoolSetting::Directory(PathBuf::from(
+                    dirs.split(':').next().unwrap_or("./spool"),
+                )),
+                None => SpoolSetting::Directory(PathBuf::from("./spool")),
+            },
+        };
+        let api_token = get("MAILROOM_API_TOKEN").map(|token| Secret::new(token.trim()));
+        let allow_no_auth = flag(&get, "MAILROOM_ALLOW_NO_AUTH")?;
+        let allowed_senders = get("MAILROOM_ALLOWED_SENDERS")
+            .map(|list| parse_sender_rules(&list))
+            .transpose()?;
+        let max_body_bytes = number(&get, "MAILROOM_MAX_BODY_BYTES", 10_485_760, 1, u64::MAX)?;
+        let rate_limit = match get("MAILROOM_RATE_LIMIT") {
+            None => 0.0,
+            Some(value) => match value.trim().parse::<f64>() {
+                Ok(rate) if rate.is_finite() && rate >= 0.0 => rate,
+                _ => {
+                    return Err(ConfigError::Invalid {
+                        variable: "MAILROOM_RATE_LIMIT",
+                        value,
+                        reason: "expected messages per second, 0 or more".into(),
+                    })
+                }
+            },
+        };
+        let sync_timeout = millis(&get, "MAILROOM_SYNC_TIMEOUT_MS", 60_000, 1)?;
+        let shutdown_timeout = millis(&get, "MAILROOM_SHUTDOWN_TIMEOUT_MS", 30_000, 0)?;
+        let status_retention =
+            number(&get, "MAILROOM_STATUS_RETENTION", 100_000, 0, 100_000_000)? as usize;
+
+        if !listen.ip().is_loopback() && api_token.is_none() && !allow_no_auth {
+            return Err(ConfigError::Refused {
+                variable: "MAILROOM_API_TOKEN",
+                reason: format!(
+                    "MAILROOM_LISTEN={listen} is reachable from other machines and no token is set: \
+                     anyone could send mail through this relay. Set MAILROOM_API_TOKEN, listen on \
+                     127.0.0.1, or set MAILROOM_ALLOW_NO_AUTH=1 if something in front authenticates"
+                ),
+            });
+        }
+
+        Ok(Config {
+            listen,
+            relay,
+            workers,
+            queue_capacity,
+            max_attempts,
+            retry_base,
+            retry_max,
+            spool,
+            api_token,
+            allowed_senders,
+            max_body_bytes,
+            rate_limit,
+            sync_timeout,
+            shutdown_timeout,
+            status_retention,
+        })
+    }
+
+    /// A configuration for tests and embedding: outbox in `outbox`, memory
+    /// spool, everything else at its default.
+    pub fn for_outbox(outbox: impl Into<PathBuf>) -> Config {
+        Config {
+            listen: SocketAddr::from(([127, 0, 0, 1], 0)),
+            relay: Relay::Outbox(outbox.into()),
+            workers: 5,
+            queue_capacity: 10_000,
+            max_attempts: 5,
+            retry_base: Duration::from_millis(2_000),
+            retry_max: Duration::from_millis(600_000),
+            spool: SpoolSetting::Memory,
+            api_token: None,
+            allowed_senders: None,
+            max_body_bytes: 10_485_760,
+            rate_limit: 0.0,
+            sync_timeout: Duration::from_millis(60_000),
+            shutdown_timeout: Duration::from_millis(30_000),
+            status_retention: 100_000,
+        }
+    }
+
+    /// A human summary for the start-up log and `--check` (no secrets).
+    pub fn summary(&self) -> String {
+        let relay = match &self.relay {
+            Relay::Smtp(smtp) => format!(
+                "relay {} (tls: {:?}, auth: {})",
+                smtp.endpoint(),
+                smtp.tls,
+                if smtp.credentials.is_some() { "yes" } else { "no" }
+            ),
+            Relay::Outbox(dir) => format!("outbox {}", dir.display()),
+        };
+        let spool = match &self.spool {
+            SpoolSetting::Directory(dir) => format!("spool {}", dir.display()),
+            SpoolSetting::Memory => "spool none (memory only)".to_string(),
+        };
+        format!(
+            "listen {}, {relay}, {spool}, {} workers, queue capacity {}, max attempts {}, auth token {}",
+            self.listen,
+            self.workers,
+            self.queue_capacity,
+            self.max_attempts,
+            if self.api_token.is_some() { "set" } else { "not set" }
+        )
+    }
+}
+
+fn parse_listen(value: &str) -> Result<SocketAddr, ConfigError> {
+    let invalid = |reason: String| ConfigError::Invalid {
+        variable: "MAILROOM_LISTEN",
+        value: value.to_string(),
+        reason,
+    };
+    match value.trim().to_socket_addrs() {
+        Ok(mut addresses) => addresses
+            .next()
+            .ok_or_else(|| invalid("resolves to no address".into())),
+        Err(error) => Err(invalid(format!("expected address:port ({error})"))),
+    }
+}
+
+fn number(
+    get: &impl Fn(&str) -> Option<String>,
+    variable: &'static str,
+    default: u64,
+    min: u64,
+    max: u64,
+) -> Result<u64, ConfigError> {
+    let Some(value) = get(variable) else {
+        return Ok(default);
+    };
+    match value.trim().parse::<u64>() {
+        Ok(number) if (min..=max).contains(&number) => Ok(number),
+        Ok(_) => Err(ConfigError::Invalid {
+            variable,
+            value,
+            reason: format!("must be between {min} and {max}"),
+        }),
+        Err(_) => Err(ConfigError::Invalid {
+            variable,
+            value,
+            reason: "expected a whole number".into(),
+        }),
+    }
+}
+
+fn millis(
+    get: &impl Fn(&str) -> Option<String>,
+    variable: &'static str,
+    default: u64,
+    min: u64,
+) -> Result<Duration, ConfigError> {
+    number(get, variable, default, min, 365 * 24 * 3600 * 1000).map(Duration::from_millis)
+}
+
+fn flag(get: &impl Fn(&str) -> Option<String>, variable: &'static str) -> Result<bool, ConfigError> {
+    match get(variable).as_deref().map(str::trim) {
+        None | Some("0") | Some("false") | Some("no") => Ok(false),
+        Some("1") | Some("true") | Some("yes") => Ok(true),
+        Some(other) => Err(ConfigError::Invalid {
+            variable,
+            value: other.to_string(),
+            reason: "expected 1 or 0".into(),
+        }),
+    }
+}
+
+fn parse_sender_rules(list: &str) -> Result<Vec<SenderRule>, ConfigError> {
+    let mut rules = Vec::new();
+    for entry in list.split(',').map(str::trim).filter(|entry| !entry.is_empty()) {
+        let entry = entry.to_ascii_lowercase();
+        let rule = match entry.strip_prefix('@') {
+            Some(domain) if !domain.is_empty() && !domain.contains('@') => {
+                SenderRule::Domain(domain.to_string())
+            }
+            None if entry.parse::<lettre::Address>().is_ok() => SenderRule::Address(entry),
+            _ => {
+                return Err(ConfigError::Invalid {
+                    variable: "MAILROOM_ALLOWED_SENDERS",
+                    value: list.to_string(),
+                    reason: format!("{entry:?} is neither an address nor @domain"),
+                })
+            }
+        };
+        rules.push(rule);
+    }
+    Ok(rules)
+}
+
+fn parse_relay(
+    get: &impl Fn(&str) -> Option<String>,
+    timeout: Duration,
+) -> Result<Relay, ConfigError> {
+    let extra_root_pem = match get("MAILROOM_SMTP_CA_FILE") {
+        None => None,
+        Some(path) => match std::fs::read(path.trim()) {
+            Ok(pem) => Some(pem),
+            Err(error) => {
+                return Err(ConfigError::Invalid {
+                    variable: "MAILROOM_SMTP_CA_FILE",
+                    value: path,
+                    reason: format!("cannot read it: {error}"),
+                })
+            }
+        },
+    };
+    if let Some(url) = get("MAILROOM_SMTP_URL") {
+        let settings = parse_smtp_url(url.trim(), timeout, extra_root_pem)?;
+        return Ok(Relay::Smtp(settings));
+    }
+    match (get("GOOGLE_MAIL"), get("GOOGLE_APP_PASSWORD")) {
+        (Some(user), Some(password)) => Ok(Relay::Smtp(SmtpSettings {
+            host: "smtp.gmail.com".into(),
+            port: 587,
+            tls: TlsMode::Required,
+            // Gmail shows app passwords in groups of four; the spaces are not part of it.
+            credentials: Some((user.trim().to_string(), Secret::new(password.replace(' ', "")))),
+            hello_name: None,
+            extra_root_pem,
+            timeout,
+        })),
+        (Some(_), None) => Err(ConfigError::Refused {
+            variable: "GOOGLE_APP_PASSWORD",
+            reason: "GOOGLE_MAIL is set but GOOGLE_APP_PASSWORD is not".into(),
+        }),
+        (None, Some(_)) => Err(ConfigError::Refused {
+            variable: "GOOGLE_MAIL",
+            reason: "GOOGLE_APP_PASSWORD is set but GOOGLE_MAIL is not".into(),
+        }),
+        (None, None) => Ok(Relay::Outbox(PathBuf::from(
+            get("MAILROOM_OUTBOX_DIR").unwrap_or_else(|| "./outbox".into()),
+        ))),
+    }
+}
+
+/// Parses lettre's URL form (`smtp://`, `smtps://`, `?tls=required|opportunistic`,
+/// percent-encoded user and password, EHLO name as the path).
+fn parse_smtp_url(
+    value: &str,
+    timeout: Duration,
+    extra_root_pem: Option<Vec<u8>>,
+) -> Result<SmtpSettings, ConfigError> {
+    // The value holds a password: errors show it with the password masked.
+    let masked = mask_password(value);
+    let invalid = |reason: String| ConfigError::Invalid {
+        variable: "MAILROOM_SMTP_URL",
+        value: masked.clone(),
+        reason,
+    };
+    let url = url::Url::parse(value).map_err(|error| invalid(error.to_string()))?;
+    let host = url
+        .host_str()
+        .filter(|host| !host.is_empty())
+        .ok_or_else(|| invalid("no host".into()))?
+        .trim_start_matches('[')
+        .trim_end_matches(']')
+        .to_string();
+    let tls_parameter = url
+        .query_pairs()
+        .find(|(key, _)| key == "tls")
+        .map(|(_, value)| value.into_owned());
+    let (tls, default_port) = match (url.scheme(), tls_parameter.as_deref()) {
+        ("smtp", None) => (TlsMode::None, 25),
+        ("smtp", Some("required")) => (TlsMode::Required, 587),
+        ("smtp", Some("opportunistic")) => (TlsMode::Opportunistic, 587),
+        ("smtps", None) => (TlsMode::Implicit, 465),
+        (scheme, tls) => {
+            return Err(invalid(format!(
+                "unknown scheme {scheme:?} or tls parameter {tls:?}; use smtp://, smtp://...?tls=required, smtp://...?tls=opportunistic or smtps://"
+            )))
+        }
+    };
+    let decode = |text: &str| {
+        percent_decode(text).ok_or_else(|| invalid("user or password is not valid percent-encoded UTF-8".into()))
+    };
+    let credentials = match url.password() {
+        Some(password) => Some((decode(url.username())?, Secret::new(decode(password)?))),
+        None if !url.username().is_empty() => {
+            return Err(invalid("a user name without a password".into()))
+        }
+        None => None,
+    };
+    let path = url.path().trim_matches('/');
+    let settings = SmtpSettings {
+        host,
+        port: url.port().unwrap_or(default_port),
+        tls,
+        credentials,
+        hello_name: (!path.is_empty()).then(|| path.to_string()),
+        extra_root_pem,
+        timeout,
+    };
+    if settings.credentials.is_some() && settings.tls == TlsMode::None && !is_loopback_host(&settings.host) {
+        return Err(ConfigError::Refused {
+            variable: "MAILROOM_SMTP_URL",
+            reason: format!(
+                "credentials would cross an unencrypted connection to {}; use smtps:// or ?tls=required",
+                settings.endpoint()
+            ),
+        });
+    }
+    Ok(settings)
+}
+
+/// True for `localhost` and loopback IP addresses.
+pub fn is_loopback_host(host: &str) -> bool {
+    host.eq_ignore_ascii_case("localhost")
+        || host.parse::<IpAddr>().map(|ip| ip.is_loopback()).unwrap_or(false)
+}
+
+fn percent_decode(text: &str) -> Option<String> {
+    let bytes = text.as_bytes();
+    let mut out = Vec::with_capacity(bytes.len());
+    let mut index = 0;
+    while index < bytes.len() {
+        if bytes[index] == b'%' {
+            let hex = std::str::from_utf8(bytes.get(index + 1..index + 3)?).ok()?;
+            out.push(u8::from_str_radix(hex, 16).ok()?);
+            index += 3;
+        } else {
+            out.push(bytes[index]);
+            index += 1;
+        }
+    }
+    String::from_utf8(out).ok()
+}
+
+fn mask_password(url: &str) -> String {
+    match url::Url::parse(url) {
+        Ok(mut parsed) if parsed.password().is_some() => {
+            // set_password only fails for URLs without a host, which have no password.
+            let _ = parsed.set_password(Some("***"));
+            parsed.to_string()
+        }
+        Ok(_) => url.to_string(),
+        Err(_) => "(unparsable URL, not shown)".to_string(),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::collections::HashMap;
+
+    fn config(pairs: &[(&str, &str)]) -> Result<Config, ConfigError> {
+        let map: HashMap<String, String> = pairs
+            .iter()
+            .map(|(key, value)| (key.to_string(), value.to_string()))
+            .collect();
+        Config::from_lookup(|name| map.get(name).cloned())
+    }
+
+    #[test]
+    fn defaults_write_to_the_outbox() {
+        let config = config(&[]).unwrap();
+        assert!(matches!(config.relay, Relay::Outbox(ref dir) if dir == &PathBuf::from("./outbox")));
+        assert_eq!(config.workers, 5);
+        assert_eq!(config.queue_capacity, 10_000);
+        assert_eq!(config.spool, SpoolSetting::Directory("./spool".into()));
+        assert_eq!(config.listen, "127.0.0.1:8080".parse().unwrap());
+    }
+
+    #[test]
+    fn bad_values_name_the_variable() {
+        let error = config(&[("MAILROOM_WORKERS", "many")]).unwrap_err();
+        assert!(error.to_string().contains("MAILROOM_WORKERS"), "{error}");
+        let error = config(&[("MAILROOM_WORKERS", "0")]).unwrap_err();
+        assert!(error.to_string().contains("MAILROOM_WORKERS"), "{error}");
+        let error = config(&[("MAILROOM_LISTEN", "nowhere")]).unwrap_err();
+        assert!(error.to_string().contains("MAILROOM_LISTEN"), "{error}");
+        let error = config(&[("MAILROOM_SMTP_URL", "http://x")]).unwrap_err();
+        assert!(error.to_string().contains("MAILROOM_SMTP_URL"), "{error}");
+    }
+
+    #[test]
+    fn smtp_urls_follow_lettre() {
+        let config = config(&[("MAILROOM_SMTP_URL", "smtps://me%40x.org:p%40ss@mail.x.org")]).unwrap();
+        let Relay::Smtp(smtp) = config.relay else { panic!("not smtp") };
+        assert_eq!((smtp.host.as_str(), smtp.port, smtp.tls), ("mail.x.org", 465, TlsMode::Implicit));
+        let (user, password) = smtp.credentials.unwrap();
+        assert_eq!((user.as_str(), password.expose()), ("me@x.org", "p@ss"));
+
+        let config = config_ok("smtp://u:p@relay:2525?tls=required");
+        let Relay::Smtp(smtp) = config.relay else { panic!("not smtp") };
+        assert_eq!((smtp.port, smtp.tls), (2525, TlsMode::Required));
+    }
+
+    fn config_ok(url: &str) -> Config {
+        config(&[("MAILROOM_SMTP_URL", url)]).unwrap()
+    }
+
+    #[test]
+    fn refuses_open_relay_and_plaintext_credentials() {
+        let error = config(&[("MAILROOM_LISTEN", "0.0.0.0:8080")]).unwrap_err();
+        assert!(error.to_string().contains("MAILROOM_API_TOKEN"), "{error}");
+        assert!(config(&[("MAILROOM_LISTEN", "0.0.0.0:8080"), ("MAILROOM_ALLOW_NO_AUTH", "1")]).is_ok());
+        assert!(config(&[("MAILROOM_LISTEN", "0.0.0.0:8080"), ("MAILROOM_API_TOKEN", "t")]).is_ok());
+
+        let error = config(&[("MAILROOM_SMTP_URL", "smtp://u:secretpw@relay.example.com:25")]).unwrap_err();
+        let text = error.to_string();
+        assert!(text.contains("MAILROOM_SMTP_URL") && !text.contains("secretpw"), "{text}");
+        assert!(config(&[("MAILROOM_SMTP_URL", "smtp://u:p@127.0.0.1:25")]).is_ok());
+    }
+
+    #[test]
+    fn secrets_are_masked() {
+        let error = config(&[("MAILROOM_SMTP_URL", "ftp://u:secretpw@host")]).unwrap_err();
+        assert!(!error.to_string().contains("secretpw"));
+        let config = config(&[("GOOGLE_MAIL", "a@gmail.com"), ("GOOGLE_APP_PASSWORD", "abcd efgh ijkl mnop")]).unwrap();
+        let text = format!("{config:?} {}", config.summary());
+        assert!(!text.contains("abcd"), "{text}");
+        let Relay::Smtp(smtp) = config.relay else { panic!("not smtp") };
+        assert_eq!((smtp.host.as_str(), smtp.port, smtp.tls), ("smtp.gmail.com", 587, TlsMode::Required));
+        assert_eq!(smtp.credentials.unwrap().1.expose(), "abcdefghijklmnop");
+    }
+
+    #[test]
+    fn sender_rules() {
+        let config = config(&[("MAILROOM_ALLOWED_SENDERS", "ops@x.org, @Example.com")]).unwrap();
+        assert_eq!(
+            config.allowed_senders.unwrap(),
+            vec![SenderRule::Address("ops@x.org".into()), SenderRule::Domain("example.com".into())]
+        );
+    }
+}

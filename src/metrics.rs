@@ -1,0 +1,144 @@
+//! Counters and the delivery-time histogram, rendered in the Prometheus
+//! text exposition format for `GET /metrics`. Plain atomics: the hot paths
+//! only add.
+
+use std::collections::BTreeMap;
+use std::fmt::Write as _;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::Mutex;
+use std::time::Duration;
+
+/// Upper bounds (seconds) of the delivery-duration histogram buckets.
+const DURATION_BUCKETS: [f64; 12] = [0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0];
+
+/// Result of one delivery attempt, as counted.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum AttemptResult {
+    /// The relay accepted the message.
+    Ok,
+    /// Failed; will be (or could have been) retried.
+    Transient,
+    /// Refused for good.
+    Permanent,
+}
+
+/// The service's counters.
+#[derive(Default)]
+pub struct Metrics {
+    accepted: AtomicU64,
+    sent: AtomicU64,
+    failed: AtomicU64,
+    attempts_ok: AtomicU64,
+    attempts_transient: AtomicU64,
+    attempts_permanent: AtomicU64,
+    connections_opened: AtomicU64,
+    http_requests: Mutex<BTreeMap<u16, u64>>,
+    duration_buckets: [AtomicU64; DURATION_BUCKETS.len()],
+    duration_count: AtomicU64,
+    duration_sum_micros: AtomicU64,
+}
+
+/// Gauges read at render time from the engine.
+#[derive(Debug, Clone, Copy, Default)]
+pub struct Gauges {
+    /// Messages waiting for a worker.
+    pub queue_depth: u64,
+    /// Messages waiting for their retry time.
+    pub retry_depth: u64,
+    /// Unfinished messages held (queued, sending, retrying).
+    pub held: u64,
+}
+
+impl Metrics {
+    /// A message was accepted (202 or v2).
+    pub fn message_accepted(&self) {
+        self.accepted.fetch_add(1, Ordering::Relaxed);
+    }
+    /// A message reached `sent`.
+    pub fn message_sent(&self) {
+        self.sent.fetch_add(1, Ordering::Relaxed);
+    }
+    /// A message reached `failed`.
+    pub fn message_failed(&self) {
+        self.failed.fetch_add(1, Ordering::Relaxed);
+    }
+    /// A new SMTP connection was opened.
+    pub fn connection_opened(&self) {
+        self.connections_opened.fetch_add(1, Ordering::Relaxed);
+    }
+    /// SMTP connections opened since start.
+    pub fn connections_opened(&self) -> u64 {
+        self.connections_opened.load(Ordering::Relaxed)
+    }
+    /// One delivery attempt finished after `elapsed`.
+    pub fn attempt(&self, result: AttemptResult, elapsed: Duration) {
+        let counter = match result {
+            AttemptResult::Ok => &self.attempts_ok,
+            AttemptResult::Transient => &self.attempts_transient,
+            AttemptResult::Permanent => &self.attempts_permanent,
+        };
+        counter.fetch_add(1, Ordering::Relaxed);
+        let seconds = elapsed.as_secs_f64();
+        for (bound, bucket) in DURATION_BUCKETS.iter().zip(&self.duration_buckets) {
+            if seconds <= *bound {
+                bucket.fetch_add(1, Ordering::Relaxed);
+            }
+        }
+        self.duration_count.fetch_add(1, Ordering::Relaxed);
+        self.duration_sum_micros
+            .fetch_add(elapsed.as_micros() as u64, Ordering::Relaxed);
+    }
+    /// An HTTP answer with this status code was sent.
+    pub fn http_request(&self, code: u16) {
+        let mut counts = self.http_requests.lock().unwrap_or_else(|poisoned| poisoned.into_inner());
+        *counts.entry(code).or_insert(0) += 1;
+    }
+
+    /// The exposition text.
+    pub fn render(&self, gauges: Gauges) -> String {
+        let mut out = String::with_capacity(4096);
+        let mut counter = |name: &str, help: &str, value: u64| {
+            let _ = writeln!(out, "# HELP {name} {help}\n# TYPE {name} counter\n{name} {value}");
+        };
+        counter("mailroom_messages_accepted_total", "Messages accepted for delivery.", self.accepted.load(Ordering::Relaxed));
+        counter("mailroom_messages_sent_total", "Messages the relay accepted.", self.sent.load(Ordering::Relaxed));
+        counter("mailroom_messages_failed_total", "Messages given up on.", self.failed.load(Ordering::Relaxed));
+        counter("mailroom_smtp_connections_opened_total", "SMTP connections opened to the relay.", self.connections_opened.load(Ordering::Relaxed));
+
+        let _ = writeln!(out, "# HELP mailroom_delivery_attempts_total Delivery attempts by result.");
+        let _ = writeln!(out, "# TYPE mailroom_delivery_attempts_total counter");
+        for (label, value) in [
+            ("ok", &self.attempts_ok),
+            ("transient", &self.attempts_transient),
+            ("permanent", &self.attempts_permanent),
+        ] {
+            let _ = writeln!(out, "mailroom_delivery_attempts_total{{result=\"{label}\"}} {}", value.load(Ordering::Relaxed));
+        }
+
+        for (name, help, value) in [
+            ("mailroom_queue_depth", "Messages waiting for a worker.", gauges.queue_depth),
+            ("mailroom_retry_depth", "Messages waiting for their next attempt.", gauges.retry_depth),
+            ("mailroom_messages_held", "Unfinished messages held (queued, sending, retrying).", gauges.held),
+        ] {
+            let _ = writeln!(out, "# HELP {name} {help}\n# TYPE {name} gauge\n{name} {value}");
+        }
+
+        let _ = writeln!(out, "# HELP mailroom_http_requests_total HTTP answers by status code.");
+        let _ = writeln!(out, "# TYPE mailroom_http_requests_total counter");
+        let counts = self.http_requests.lock().unwrap_or_else(|poisoned| poisoned.into_inner()).clone();
+        for (code, value) in counts {
+            let _ = writeln!(out, "mailroom_http_requests_total{{code=\"{code}\"}} {value}");
+        }
+
+        let name = "mailroom_delivery_duration_seconds";
+        let _ = writeln!(out, "# HELP {name} Time one delivery attempt took.\n# TYPE {name} histogram");
+        for (bound, bucket) in DURATION_BUCKETS.iter().zip(&self.duration_buckets) {
+            let _ = writeln!(out, "{name}_bucket{{le=\"{bound}\"}} {}", bucket.load(Ordering::Relaxed));
+        }
+        let count = self.duration_count.load(Ordering::Relaxed);
+        let _ = writeln!(out, "{name}_bucket{{le=\"+Inf\"}} {count}");
+        let sum = self.duration_sum_micros.load(Ordering::Relaxed) as f64 / 1e6;
+        let _ = writeln!(out, "{name}_sum {sum}\n{name}_count {count}");
+        out
+    }
+}

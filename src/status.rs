@@ -1,0 +1,296 @@
+//! What `GET /api/mail/{id}` answers: one entry per message, live ones kept
+//! until they finish, finished ones kept for `MAILROOM_STATUS_RETENTION`
+//! entries (oldest forgotten first), so memory stays bounded however many
+//! messages pass through.
+
+use std::collections::{HashMap, VecDeque};
+use std::sync::Mutex;
+use std::time::{SystemTime, UNIX_EPOCH};
+
+use serde::{Deserialize, Serialize};
+
+/// Where a message is in its life.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum State {
+    /// Accepted, waiting for a worker.
+    Queued,
+    /// A worker is delivering it.
+    Sending,
+    /// Failed transiently; waiting for its next attempt.
+    Retrying,
+    /// The relay accepted it.
+    Sent,
+    /// Given up: permanent refusal or attempts exhausted.
+    Failed,
+}
+
+impl State {
+    /// The name used in the API.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            State::Queued => "queued",
+            State::Sending => "sending",
+            State::Retrying => "retrying",
+            State::Sent => "sent",
+            State::Failed => "failed",
+        }
+    }
+
+    /// Sent or failed: nothing more will happen to it.
+    pub fn is_finished(self) -> bool {
+        matches!(self, State::Sent | State::Failed)
+    }
+}
+
+/// A message's status as the API shows it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct MessageStatus {
+    /// The message id.
+    pub id: String,
+    /// Current state.
+    pub state: State,
+    /// Attempts started, the current one included.
+    pub attempts: u32,
+    /// The last failure (SMTP reply or connection error), if any.
+    pub last_error: Option<String>,
+    /// When it was accepted.
+    pub created_at: SystemTime,
+    /// When the status last changed.
+    pub updated_at: SystemTime,
+    /// When the next attempt is due (state `retrying`).
+    pub next_attempt_at: Option<SystemTime>,
+}
+
+impl MessageStatus {
+    /// The `data` object of the status answer, times in RFC 3339 UTC.
+    pub fn to_json(&self) -> serde_json::Value {
+        serde_json::json!({
+            "id": self.id,
+            "status": self.state.as_str(),
+            "attempts": self.attempts,
+            "last_error": self.last_error,
+            "created_at": rfc3339(self.created_at),
+            "updated_at": rfc3339(self.updated_at),
+            "next_attempt_at": self.next_attempt_at.map(rfc3339),
+        })
+    }
+}
+
+struct Entry {
+    status: MessageStatus,
+    idempotency_key: Option<String>,
+}
+
+#[derive(Default)]
+struct Inner {
+    entries: HashMap<String, Entry>,
+    /// Finished ids, oldest first; the front is forgotten beyond retention.
+    finished: VecDeque<String>,
+    idempotency: HashMap<String, String>,
+}
+
+/// Outcome of [`StatusStore::claim_idempotency_key`].
+#[derive(Debug, PartialEq, Eq)]
+pub enum KeyClaim {
+    /// The key is new and now belongs to the given id.
+    Claimed,
+    /// The key was used before, by this id.
+    Existing(String),
+}
+
+/// All statuses, behind one lock (each operation is a few map lookups).
+pub struct StatusStore {
+    inner: Mutex<Inner>,
+    retention: usize,
+}
+
+impl StatusStore {
+    /// An empty store that keeps `retention` finished entries.
+    pub fn new(retention: usize) -> StatusStore {
+        StatusStore {
+            inner: Mutex::new(Inner::default()),
+            retention,
+        }
+    }
+
+    fn lock(&self) -> std::sync::MutexGuard<'_, Inner> {
+        // A panic elsewhere while holding the lock leaves plain data behind; keep serving.
+        self.inner.lock().unwrap_or_else(|poisoned| poisoned.into_inner())
+    }
+
+    /// Records a status (new or replacing the old one). Finished entries
+    /// join the retention queue.
+    pub fn put(&self, status: MessageStatus) {
+        let mut inner = self.lock();
+        let finished = status.state.is_finished();
+        let id = status.id.clone();
+        let was_finished = match inner.entries.get_mut(&id) {
+            Some(entry) => {
+                let was = entry.status.state.is_finished();
+                entry.status = status;
+                was
+            }
+            None => {
+                inner.entries.insert(
+                    id.clone(),
+                    Entry {
+                        status,
+                        idempotency_key: None,
+                    },
+                );
+                false
+            }
+        };
+        if finished && !was_finished {
+            inner.finished.push_back(id);
+            while inner.finished.len() > self.retention {
+                let Some(oldest) = inner.finished.pop_front() else { break };
+                if let Some(entry) = inner.entries.remove(&oldest) {
+                    if let Some(key) = entry.idempotency_key {
+                        inner.idempotency.remove(&key);
+                    }
+                }
+            }
+        }
+    }
+
+    /// Changes a live entry in place; does nothing for unknown ids.
+    pub fn update(&self, id: &str, change: impl FnOnce(&mut MessageStatus)) {
+        let snapshot = {
+            let mut inner = self.lock();
+            let Some(entry) = inner.entries.get_mut(id) else { return };
+            let mut status = entry.status.clone();
+            change(&mut status);
+            status.updated_at = SystemTime::now();
+            status
+        };
+        self.put(snapshot);
+    }
+
+    /// The status of a message, if known.
+    pub fn get(&self, id: &str) -> Option<MessageStatus> {
+        self.lock().entries.get(id).map(|entry| entry.status.clone())
+    }
+
+    /// Binds an idempotency key to `id` unless the key is already bound.
+    pub fn claim_idempotency_key(&self, key: &str, id: &str) -> KeyClaim {
+        let mut inner = self.lock();
+        if let Some(existing) = inner.idempotency.get(key) {
+            return KeyClaim::Existing(existing.clone());
+        }
+        inner.idempotency.insert(key.to_string(), id.to_string());
+        if let Some(entry) = inner.entries.get_mut(id) {
+            entry.idempotency_key = Some(key.to_string());
+        }
+        KeyClaim::Claimed
+    }
+
+    /// Attaches a claimed key to its entry once that entry exists, so the
+    /// key is forgotten with it.
+    pub fn attach_idempotency_key(&self, key: &str, id: &str) {
+        if let Some(entry) = self.lock().entries.get_mut(id) {
+            entry.idempotency_key = Some(key.to_string());
+        }
+    }
+
+    /// Releases a key whose request was not accepted after all.
+    pub fn release_idempotency_key(&self, key: &str) {
+        self.lock().idempotency.remove(key);
+    }
+
+    /// Forgets a message entirely (a request refused after its entry was made).
+    pub fn remove(&self, id: &str) {
+        let mut inner = self.lock();
+        if let Some(entry) = inner.entries.remove(id) {
+            if let Some(key) = entry.idempotency_key {
+                inner.idempotency.remove(&key);
+            }
+        }
+    }
+
+    /// How many entries are held (live and finished).
+    pub fn len(&self) -> usize {
+        self.lock().entries.len()
+    }
+
+    /// True when no entry is held.
+    pub fn is_empty(&self) -> bool {
+        self.len() == 0
+    }
+}
+
+/// Formats a time as RFC 3339 UTC with milliseconds, e.g. `2026-11-29T10:28:50.123Z`.
+pub fn rfc3339(time: SystemTime) -> String {
+    let since_epoch = time.duration_since(UNIX_EPOCH).unwrap_or_default();
+    let seconds = since_epoch.as_secs() as i64;
+    let (days, second_of_day) = (seconds.div_euclid(86_400), seconds.rem_euclid(86_400));
+    // Civil-from-days (Howard Hinnant's algorithm).
+    let z = days + 719_468;
+    let era = z.div_euclid(146_097);
+    let day_of_era = z.rem_euclid(146_097);
+    let year_of_era = (day_of_era - day_of_era / 1460 + day_of_era / 36_524 - day_of_era / 146_096) / 365;
+    let day_of_year = day_of_era - (365 * year_of_era + year_of_era / 4 - year_of_era / 100);
+    let month_index = (5 * day_of_year + 2) / 153;
+    let day = day_of_year - (153 * month_index + 2) / 5 + 1;
+    let month = if month_index < 10 { month_index + 3 } else { month_index - 9 };
+    let year = year_of_era + era * 400 + i64::from(month <= 2);
+    format!(
+        "{year:04}-{month:02}-{day:02}T{:02}:{:02}:{:02}.{:03}Z",
+        second_of_day / 3600,
+        second_of_day / 60 % 60,
+        second_of_day % 60,
+        since_epoch.subsec_millis()
+    )
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::time::Duration;
+
+    fn status(id: &str, state: State) -> MessageStatus {
+        MessageStatus {
+            id: id.into(),
+            state,
+            attempts: 0,
+            last_error: None,
+            created_at: UNIX_EPOCH,
+            updated_at: UNIX_EPOCH,
+            next_attempt_at: None,
+        }
+    }
+
+    #[test]
+    fn formats_rfc3339() {
+        assert_eq!(rfc3339(UNIX_EPOCH), "1970-01-01T00:00:00.000Z");
+        let time = UNIX_EPOCH + Duration::from_millis(1_795_948_130_123);
+        assert_eq!(rfc3339(time), "2026-11-29T10:28:50.123Z");
+        let leap = UNIX_EPOCH + Duration::from_secs(951_782_400); // 2000-02-29
+        assert_eq!(rfc3339(leap), "2000-02-29T00:00:00.000Z");
+    }
+
+    #[test]
+    fn finished_entries_are_bounded_live_ones_kept() {
+        let store = StatusStore::new(2);
+        store.put(status("live", State::Queued));
+        for index in 0..5 {
+            store.put(status(&format!("done{index}"), State::Sent));
+        }
+        assert!(store.get("live").is_some());
+        assert!(store.get("done0").is_none());
+        assert!(store.get("done4").is_some());
+        assert_eq!(store.len(), 3);
+    }
+
+    #[test]
+    fn idempotency_keys_follow_their_entry() {
+        let store = StatusStore::new(1);
+        store.put(status("a", State::Queued));
+        assert_eq!(store.claim_idempotency_key("k", "a"), KeyClaim::Claimed);
+        assert_eq!(store.claim_idempotency_key("k", "b"), KeyClaim::Existing("a".into()));
+        store.put(status("a", State::Sent));
+        store.put(status("b", State::Sent));
+        assert_eq!(store.claim_idempotency_key("k", "c"), KeyClaim::Claimed);
+    }
+}
