@@ -197,7 +197,11 @@ impl Config {
         // An empty value means unset, as in most .env conventions.
         let get = |name: &str| lookup(name).filter(|value| !value.trim().is_empty());
 
-        let listen = parse_listen(get("MAILROOM_LISTEN").as_deref().unwrap_or("127.0.0.1:8080"))?;
+        let listen = parse_listen(
+            get("MAILROOM_LISTEN")
+                .as_deref()
+                .unwrap_or("127.0.0.1:8080"),
+        )?;
         let timeout = millis(&get, "MAILROOM_SMTP_TIMEOUT_MS", 30_000, 1)?;
         let relay = parse_relay(&get, timeout)?;
         let workers = number(&get, "MAILROOM_WORKERS", 5, 1, 1024)? as usize;
@@ -306,7 +310,11 @@ impl Config {
                 "relay {} (tls: {:?}, auth: {})",
                 smtp.endpoint(),
                 smtp.tls,
-                if smtp.credentials.is_some() { "yes" } else { "no" }
+                if smtp.credentials.is_some() {
+                    "yes"
+                } else {
+                    "no"
+                }
             ),
             Relay::Outbox(dir) => format!("outbox {}", dir.display()),
         };
@@ -373,7 +381,10 @@ fn millis(
     number(get, variable, default, min, 365 * 24 * 3600 * 1000).map(Duration::from_millis)
 }
 
-fn flag(get: &impl Fn(&str) -> Option<String>, variable: &'static str) -> Result<bool, ConfigError> {
+fn flag(
+    get: &impl Fn(&str) -> Option<String>,
+    variable: &'static str,
+) -> Result<bool, ConfigError> {
     match get(variable).as_deref().map(str::trim) {
         None | Some("0") | Some("false") | Some("no") => Ok(false),
         Some("1") | Some("true") | Some("yes") => Ok(true),
@@ -387,7 +398,11 @@ fn flag(get: &impl Fn(&str) -> Option<String>, variable: &'static str) -> Result
 
 fn parse_sender_rules(list: &str) -> Result<Vec<SenderRule>, ConfigError> {
     let mut rules = Vec::new();
-    for entry in list.split(',').map(str::trim).filter(|entry| !entry.is_empty()) {
+    for entry in list
+        .split(',')
+        .map(str::trim)
+        .filter(|entry| !entry.is_empty())
+    {
         let entry = entry.to_ascii_lowercase();
         let rule = match entry.strip_prefix('@') {
             Some(domain) if !domain.is_empty() && !domain.contains('@') => {
@@ -434,7 +449,10 @@ fn parse_relay(
             port: 587,
             tls: TlsMode::Required,
             // Gmail shows app passwords in groups of four; the spaces are not part of it.
-            credentials: Some((user.trim().to_string(), Secret::new(password.replace(' ', "")))),
+            credentials: Some((
+                user.trim().to_string(),
+                Secret::new(password.replace(' ', "")),
+            )),
             hello_name: None,
             extra_root_pem,
             timeout,
@@ -491,7 +509,8 @@ fn parse_smtp_url(
         }
     };
     let decode = |text: &str| {
-        percent_decode(text).ok_or_else(|| invalid("user or password is not valid percent-encoded UTF-8".into()))
+        percent_decode(text)
+            .ok_or_else(|| invalid("user or password is not valid percent-encoded UTF-8".into()))
     };
     let credentials = match url.password() {
         Some(password) => Some((decode(url.username())?, Secret::new(decode(password)?))),
@@ -510,7 +529,10 @@ fn parse_smtp_url(
         extra_root_pem,
         timeout,
     };
-    if settings.credentials.is_some() && settings.tls == TlsMode::None && !is_loopback_host(&settings.host) {
+    if settings.credentials.is_some()
+        && settings.tls == TlsMode::None
+        && !is_loopback_host(&settings.host)
+    {
         return Err(ConfigError::Refused {
             variable: "MAILROOM_SMTP_URL",
             reason: format!(
@@ -525,7 +547,10 @@ fn parse_smtp_url(
 /// True for `localhost` and loopback IP addresses.
 pub fn is_loopback_host(host: &str) -> bool {
     host.eq_ignore_ascii_case("localhost")
-        || host.parse::<IpAddr>().map(|ip| ip.is_loopback()).unwrap_or(false)
+        || host
+            .parse::<IpAddr>()
+            .map(|ip| ip.is_loopback())
+            .unwrap_or(false)
 }
 
 fn percent_decode(text: &str) -> Option<String> {
@@ -573,7 +598,9 @@ mod tests {
     #[test]
     fn defaults_write_to_the_outbox() {
         let config = config(&[]).unwrap();
-        assert!(matches!(config.relay, Relay::Outbox(ref dir) if dir == &PathBuf::from("./outbox")));
+        assert!(
+            matches!(config.relay, Relay::Outbox(ref dir) if dir == &PathBuf::from("./outbox"))
+        );
         assert_eq!(config.workers, 5);
         assert_eq!(config.queue_capacity, 10_000);
         assert_eq!(config.spool, SpoolSetting::Directory("./spool".into()));
@@ -594,14 +621,22 @@ mod tests {
 
     #[test]
     fn smtp_urls_follow_lettre() {
-        let config = config(&[("MAILROOM_SMTP_URL", "smtps://me%40x.org:p%40ss@mail.x.org")]).unwrap();
-        let Relay::Smtp(smtp) = config.relay else { panic!("not smtp") };
-        assert_eq!((smtp.host.as_str(), smtp.port, smtp.tls), ("mail.x.org", 465, TlsMode::Implicit));
+        let config =
+            config(&[("MAILROOM_SMTP_URL", "smtps://me%40x.org:p%40ss@mail.x.org")]).unwrap();
+        let Relay::Smtp(smtp) = config.relay else {
+            panic!("not smtp")
+        };
+        assert_eq!(
+            (smtp.host.as_str(), smtp.port, smtp.tls),
+            ("mail.x.org", 465, TlsMode::Implicit)
+        );
         let (user, password) = smtp.credentials.unwrap();
         assert_eq!((user.as_str(), password.expose()), ("me@x.org", "p@ss"));
 
         let config = config_ok("smtp://u:p@relay:2525?tls=required");
-        let Relay::Smtp(smtp) = config.relay else { panic!("not smtp") };
+        let Relay::Smtp(smtp) = config.relay else {
+            panic!("not smtp")
+        };
         assert_eq!((smtp.port, smtp.tls), (2525, TlsMode::Required));
     }
 
@@ -613,12 +648,27 @@ mod tests {
     fn refuses_open_relay_and_plaintext_credentials() {
         let error = config(&[("MAILROOM_LISTEN", "0.0.0.0:8080")]).unwrap_err();
         assert!(error.to_string().contains("MAILROOM_API_TOKEN"), "{error}");
-        assert!(config(&[("MAILROOM_LISTEN", "0.0.0.0:8080"), ("MAILROOM_ALLOW_NO_AUTH", "1")]).is_ok());
-        assert!(config(&[("MAILROOM_LISTEN", "0.0.0.0:8080"), ("MAILROOM_API_TOKEN", "t")]).is_ok());
+        assert!(config(&[
+            ("MAILROOM_LISTEN", "0.0.0.0:8080"),
+            ("MAILROOM_ALLOW_NO_AUTH", "1")
+        ])
+        .is_ok());
+        assert!(config(&[
+            ("MAILROOM_LISTEN", "0.0.0.0:8080"),
+            ("MAILROOM_API_TOKEN", "t")
+        ])
+        .is_ok());
 
-        let error = config(&[("MAILROOM_SMTP_URL", "smtp://u:secretpw@relay.example.com:25")]).unwrap_err();
+        let error = config(&[(
+            "MAILROOM_SMTP_URL",
+            "smtp://u:secretpw@relay.example.com:25",
+        )])
+        .unwrap_err();
         let text = error.to_string();
-        assert!(text.contains("MAILROOM_SMTP_URL") && !text.contains("secretpw"), "{text}");
+        assert!(
+            text.contains("MAILROOM_SMTP_URL") && !text.contains("secretpw"),
+            "{text}"
+        );
         assert!(config(&[("MAILROOM_SMTP_URL", "smtp://u:p@127.0.0.1:25")]).is_ok());
     }
 
@@ -626,11 +676,20 @@ mod tests {
     fn secrets_are_masked() {
         let error = config(&[("MAILROOM_SMTP_URL", "ftp://u:secretpw@host")]).unwrap_err();
         assert!(!error.to_string().contains("secretpw"));
-        let config = config(&[("GOOGLE_MAIL", "a@gmail.com"), ("GOOGLE_APP_PASSWORD", "abcd efgh ijkl mnop")]).unwrap();
+        let config = config(&[
+            ("GOOGLE_MAIL", "a@gmail.com"),
+            ("GOOGLE_APP_PASSWORD", "abcd efgh ijkl mnop"),
+        ])
+        .unwrap();
         let text = format!("{config:?} {}", config.summary());
         assert!(!text.contains("abcd"), "{text}");
-        let Relay::Smtp(smtp) = config.relay else { panic!("not smtp") };
-        assert_eq!((smtp.host.as_str(), smtp.port, smtp.tls), ("smtp.gmail.com", 587, TlsMode::Required));
+        let Relay::Smtp(smtp) = config.relay else {
+            panic!("not smtp")
+        };
+        assert_eq!(
+            (smtp.host.as_str(), smtp.port, smtp.tls),
+            ("smtp.gmail.com", 587, TlsMode::Required)
+        );
         assert_eq!(smtp.credentials.unwrap().1.expose(), "abcdefghijklmnop");
     }
 
@@ -639,7 +698,10 @@ mod tests {
         let config = config(&[("MAILROOM_ALLOWED_SENDERS", "ops@x.org, @Example.com")]).unwrap();
         assert_eq!(
             config.allowed_senders.unwrap(),
-            vec![SenderRule::Address("ops@x.org".into()), SenderRule::Domain("example.com".into())]
+            vec![
+                SenderRule::Address("ops@x.org".into()),
+                SenderRule::Domain("example.com".into())
+            ]
         );
     }
 }

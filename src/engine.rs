@@ -37,7 +37,9 @@ impl std::fmt::Display for StartError {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         match self {
             StartError::Transport(detail) => f.write_str(detail),
-            StartError::Spool(error) => write!(f, "MAILROOM_SPOOL_DIR: cannot use the spool: {error}"),
+            StartError::Spool(error) => {
+                write!(f, "MAILROOM_SPOOL_DIR: cannot use the spool: {error}")
+            }
             StartError::Thread(error) => write!(f, "cannot start a thread: {error}"),
         }
     }
@@ -67,9 +69,13 @@ impl std::fmt::Display for SubmitError {
             SubmitError::InvalidIdempotencyKey => {
                 f.write_str("header Idempotency-Key must be 1 to 255 printable characters")
             }
-            SubmitError::Full => f.write_str("the queue is full (MAILROOM_QUEUE_CAPACITY); retry later"),
+            SubmitError::Full => {
+                f.write_str("the queue is full (MAILROOM_QUEUE_CAPACITY); retry later")
+            }
             SubmitError::ShuttingDown => f.write_str("the service is shutting down; retry later"),
-            SubmitError::Spool(error) => write!(f, "cannot write the message to the spool: {error}"),
+            SubmitError::Spool(error) => {
+                write!(f, "cannot write the message to the spool: {error}")
+            }
         }
     }
 }
@@ -151,18 +157,26 @@ impl Shared {
 
     pub(crate) fn relay_failed(&self, detail: &str) {
         self.relay_failures.fetch_add(1, Ordering::Relaxed);
-        *self.last_relay_error.lock().unwrap_or_else(|poisoned| poisoned.into_inner()) = Some(detail.to_string());
+        *self
+            .last_relay_error
+            .lock()
+            .unwrap_or_else(|poisoned| poisoned.into_inner()) = Some(detail.to_string());
     }
 
     /// In memory mode, how long workers keep draining after a stop.
     pub(crate) fn drain_deadline(&self) -> Option<Instant> {
-        *self.drain_deadline.lock().unwrap_or_else(|poisoned| poisoned.into_inner())
+        *self
+            .drain_deadline
+            .lock()
+            .unwrap_or_else(|poisoned| poisoned.into_inner())
     }
 
     fn reserve(&self) -> bool {
         let capacity = self.config.queue_capacity;
         self.held
-            .fetch_update(Ordering::SeqCst, Ordering::SeqCst, |held| (held < capacity).then_some(held + 1))
+            .fetch_update(Ordering::SeqCst, Ordering::SeqCst, |held| {
+                (held < capacity).then_some(held + 1)
+            })
             .is_ok()
     }
 }
@@ -196,8 +210,8 @@ impl Engine {
         let (work, work_receiver) = crossbeam_channel::bounded(channel_size);
         let (stop, stop_receiver) = crossbeam_channel::bounded(0);
         let retry_depth = Arc::new(AtomicUsize::new(0));
-        let (retry, retry_thread) =
-            RetryScheduler::start(work.clone(), Arc::clone(&retry_depth)).map_err(StartError::Thread)?;
+        let (retry, retry_thread) = RetryScheduler::start(work.clone(), Arc::clone(&retry_depth))
+            .map_err(StartError::Thread)?;
         let shared = Arc::new(Shared {
             status: StatusStore::new(config.status_retention),
             metrics: Metrics::default(),
@@ -224,7 +238,11 @@ impl Engine {
         let pending = recovered.pending.len();
         for record in recovered.pending {
             let due = record.next_attempt_at_ms.map(from_millis);
-            let state = if due.is_some() { State::Retrying } else { State::Queued };
+            let state = if due.is_some() {
+                State::Retrying
+            } else {
+                State::Queued
+            };
             shared.status.put(status_of(&record, state));
             if let Some(key) = &record.idempotency_key {
                 shared.status.claim_idempotency_key(key, &record.message.id);
@@ -237,7 +255,9 @@ impl Engine {
                 idempotency_key: record.idempotency_key,
                 waiter: None,
             };
-            let wait = due.and_then(|due| due.duration_since(SystemTime::now()).ok()).unwrap_or_default();
+            let wait = due
+                .and_then(|due| due.duration_since(SystemTime::now()).ok())
+                .unwrap_or_default();
             enqueue(&shared, job, Instant::now() + wait);
         }
         if pending > 0 || recovered.corrupt > 0 {
@@ -247,8 +267,11 @@ impl Engine {
             );
         }
 
-        let transports = (0..shared.config.workers).map(|_| factory.transport()).collect();
-        let workers = start_workers(&shared, work_receiver, stop_receiver, transports).map_err(StartError::Thread)?;
+        let transports = (0..shared.config.workers)
+            .map(|_| factory.transport())
+            .collect();
+        let workers = start_workers(&shared, work_receiver, stop_receiver, transports)
+            .map_err(StartError::Thread)?;
         Ok(Engine {
             shared,
             threads: Arc::new(Mutex::new(Threads {
@@ -267,7 +290,11 @@ impl Engine {
 
     /// Validates, spools and queues a message; returns at once. With an
     /// idempotency key already seen, returns the first message's id.
-    pub fn submit(&self, request: &MailRequest, idempotency_key: Option<&str>) -> Result<Accepted, SubmitError> {
+    pub fn submit(
+        &self,
+        request: &MailRequest,
+        idempotency_key: Option<&str>,
+    ) -> Result<Accepted, SubmitError> {
         let shared = &self.shared;
         if let Some(key) = idempotency_key {
             if key.is_empty() || key.chars().count() > 255 || key.chars().any(char::is_control) {
@@ -283,7 +310,10 @@ impl Engine {
         let id = message.id.clone();
         if let Some(key) = idempotency_key {
             if let KeyClaim::Existing(first) = shared.status.claim_idempotency_key(key, &id) {
-                return Ok(Accepted { id: first, repeated: true });
+                return Ok(Accepted {
+                    id: first,
+                    repeated: true,
+                });
             }
         }
         let release_key = || {
@@ -315,13 +345,20 @@ impl Engine {
         shared.metrics.message_accepted();
         log::info!("message {id}: queued");
         enqueue(shared, job, Instant::now());
-        Ok(Accepted { id, repeated: false })
+        Ok(Accepted {
+            id,
+            repeated: false,
+        })
     }
 
     /// Sends a message through the pool and waits up to `timeout` for the
     /// relay's answer. One attempt, no retry; not spooled (the caller learns
     /// the outcome).
-    pub fn send_and_wait(&self, request: &MailRequest, timeout: Duration) -> Result<Accepted, SendError> {
+    pub fn send_and_wait(
+        &self,
+        request: &MailRequest,
+        timeout: Duration,
+    ) -> Result<Accepted, SendError> {
         let shared = &self.shared;
         if !shared.accepting.load(Ordering::SeqCst) {
             return Err(SendError::Rejected(SubmitError::ShuttingDown));
@@ -342,7 +379,9 @@ impl Engine {
             waiter: Some(waiter),
         };
         shared.status.put(new_status(&id, job.created_at));
-        if let Err(TrySendError::Full(_) | TrySendError::Disconnected(_)) = shared.work.try_send(job) {
+        if let Err(TrySendError::Full(_) | TrySendError::Disconnected(_)) =
+            shared.work.try_send(job)
+        {
             shared.finish();
             shared.status.remove(&id);
             return Err(SendError::Rejected(SubmitError::Full));
@@ -350,7 +389,10 @@ impl Engine {
         shared.metrics.message_accepted();
         log::info!("message {id}: sending (waiting for the outcome)");
         match outcome.recv_timeout(timeout) {
-            Ok(Ok(_)) => Ok(Accepted { id, repeated: false }),
+            Ok(Ok(_)) => Ok(Accepted {
+                id,
+                repeated: false,
+            }),
             Ok(Err(error)) => Err(SendError::Failed { id, error }),
             Err(crossbeam_channel::RecvTimeoutError::Timeout) => Err(SendError::Timeout { id }),
             Err(crossbeam_channel::RecvTimeoutError::Disconnected) => {
@@ -419,7 +461,10 @@ impl Engine {
     /// memory mode: sends what it can in that time and drops the rest).
     /// Safe to call more than once; later calls return the first report.
     pub fn shutdown(&self) -> ShutdownReport {
-        let mut threads = self.threads.lock().unwrap_or_else(|poisoned| poisoned.into_inner());
+        let mut threads = self
+            .threads
+            .lock()
+            .unwrap_or_else(|poisoned| poisoned.into_inner());
         if let Some(report) = threads.report {
             return report;
         }
@@ -430,7 +475,10 @@ impl Engine {
         if durable {
             shared.stopping.store(true, Ordering::SeqCst);
         } else {
-            *shared.drain_deadline.lock().unwrap_or_else(|poisoned| poisoned.into_inner()) = Some(deadline);
+            *shared
+                .drain_deadline
+                .lock()
+                .unwrap_or_else(|poisoned| poisoned.into_inner()) = Some(deadline);
         }
         // Memory mode: retries waiting for their time get one last chance now.
         shared.retry.stop(!durable);
@@ -442,15 +490,23 @@ impl Engine {
         join_until(workers, deadline);
         let unfinished = shared.held.load(Ordering::SeqCst);
         let report = if durable {
-            log::info!("stopped; {unfinished} unfinished messages kept in the spool for the next start");
-            ShutdownReport { kept: unfinished, dropped: 0 }
+            log::info!(
+                "stopped; {unfinished} unfinished messages kept in the spool for the next start"
+            );
+            ShutdownReport {
+                kept: unfinished,
+                dropped: 0,
+            }
         } else {
             if unfinished > 0 {
                 log::warn!("stopped; {unfinished} messages dropped (MAILROOM_SPOOL_DIR=none)");
             } else {
                 log::info!("stopped; every accepted message was delivered");
             }
-            ShutdownReport { kept: 0, dropped: unfinished }
+            ShutdownReport {
+                kept: 0,
+                dropped: unfinished,
+            }
         };
         threads.report = Some(report);
         report
@@ -464,10 +520,12 @@ fn join_until(handles: Vec<JoinHandle<()>>, deadline: Instant) {
     let count = handles.len();
     for handle in handles {
         let done = done.clone();
-        let _ = std::thread::Builder::new().name("join".into()).spawn(move || {
-            let _ = handle.join();
-            let _ = done.send(());
-        });
+        let _ = std::thread::Builder::new()
+            .name("join".into())
+            .spawn(move || {
+                let _ = handle.join();
+                let _ = done.send(());
+            });
     }
     for _ in 0..count {
         if finished.recv_deadline(deadline).is_err() {
@@ -489,7 +547,10 @@ fn enqueue(shared: &Shared, job: Job, due: Instant) {
         job
     };
     if let Err(stopped) = shared.retry.schedule(due, job) {
-        log::warn!("message {}: not queued, the service is stopping (it stays in the spool)", stopped.0.message.id);
+        log::warn!(
+            "message {}: not queued, the service is stopping (it stays in the spool)",
+            stopped.0.message.id
+        );
     }
 }
 
@@ -519,6 +580,8 @@ fn status_of(record: &SpoolRecord, state: State) -> MessageStatus {
 
 impl std::fmt::Debug for Engine {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("Engine").field("unfinished", &self.unfinished()).finish()
+        f.debug_struct("Engine")
+            .field("unfinished", &self.unfinished())
+            .finish()
     }
 }

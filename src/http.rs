@@ -53,7 +53,12 @@ impl HttpServer {
     /// The accept loop: runs until [`HttpServer::stop`].
     pub fn run(&self) {
         loop {
-            let server = Arc::clone(&self.server.lock().unwrap_or_else(|poisoned| poisoned.into_inner()));
+            let server = Arc::clone(
+                &self
+                    .server
+                    .lock()
+                    .unwrap_or_else(|poisoned| poisoned.into_inner()),
+            );
             match server.recv() {
                 Ok(request) => self.handlers.dispatch(request),
                 Err(_) if self.stopping.load(Ordering::SeqCst) => return,
@@ -66,7 +71,12 @@ impl HttpServer {
                     log::error!("HTTP accept failed ({error}); restarting the acceptor");
                     std::thread::sleep(Duration::from_millis(100));
                     match serve_on(&self.listener) {
-                        Ok(fresh) => *self.server.lock().unwrap_or_else(|poisoned| poisoned.into_inner()) = fresh,
+                        Ok(fresh) => {
+                            *self
+                                .server
+                                .lock()
+                                .unwrap_or_else(|poisoned| poisoned.into_inner()) = fresh
+                        }
                         Err(error) => log::error!("cannot restart the HTTP acceptor: {error}"),
                     }
                 }
@@ -77,7 +87,10 @@ impl HttpServer {
     /// Makes [`HttpServer::run`] return. Requests being handled still get their answer.
     pub fn stop(&self) {
         self.stopping.store(true, Ordering::SeqCst);
-        self.server.lock().unwrap_or_else(|poisoned| poisoned.into_inner()).unblock();
+        self.server
+            .lock()
+            .unwrap_or_else(|poisoned| poisoned.into_inner())
+            .unblock();
     }
 }
 
@@ -115,7 +128,9 @@ impl HandlerPool {
     fn dispatch(&self, request: Request) {
         let took_idle = self
             .idle
-            .fetch_update(Ordering::SeqCst, Ordering::SeqCst, |idle| idle.checked_sub(1))
+            .fetch_update(Ordering::SeqCst, Ordering::SeqCst, |idle| {
+                idle.checked_sub(1)
+            })
             .is_ok();
         if !took_idle && self.threads.load(Ordering::SeqCst) < MAX_HANDLERS {
             self.spawn();
@@ -143,7 +158,12 @@ impl HandlerPool {
                         Err(RecvTimeoutError::Timeout) => {
                             // Leave only if still counted idle: otherwise a
                             // request was dispatched to this thread's share.
-                            if idle.fetch_update(Ordering::SeqCst, Ordering::SeqCst, |n| n.checked_sub(1)).is_ok() {
+                            if idle
+                                .fetch_update(Ordering::SeqCst, Ordering::SeqCst, |n| {
+                                    n.checked_sub(1)
+                                })
+                                .is_ok()
+                            {
                                 break;
                             }
                         }
@@ -182,7 +202,10 @@ impl Reply {
     }
 
     fn error(code: u16, message: &str, detail: &str) -> Reply {
-        Reply::json(code, json!({ "message": message, "data": { "error": detail } }))
+        Reply::json(
+            code,
+            json!({ "message": message, "data": { "error": detail } }),
+        )
     }
 
     fn unavailable(message: &str, detail: &str) -> Reply {
@@ -217,14 +240,17 @@ fn handle(engine: &Engine, mut request: Request) {
 
 fn header(name: &str, value: &str) -> Header {
     // Names and values here are ASCII constants or numbers.
-    Header::from_bytes(name.as_bytes(), value.as_bytes())
-        .unwrap_or_else(|()| Header::from_bytes(&b"X-Invalid"[..], &b"1"[..]).unwrap_or_else(|()| unreachable!()))
+    Header::from_bytes(name.as_bytes(), value.as_bytes()).unwrap_or_else(|()| {
+        Header::from_bytes(&b"X-Invalid"[..], &b"1"[..]).unwrap_or_else(|()| unreachable!())
+    })
 }
 
 fn route(engine: &Engine, request: &mut Request) -> Reply {
     let path = request.url().split('?').next().unwrap_or("").to_string();
     let method = request.method().clone();
-    let is = |allowed: &Method| method == *allowed || (*allowed == Method::Get && method == Method::Head);
+    let is = |allowed: &Method| {
+        method == *allowed || (*allowed == Method::Get && method == Method::Head)
+    };
     match path.as_str() {
         "/healthz" if is(&Method::Get) => Reply::ok(json!({ "status": "alive" })),
         "/readyz" if is(&Method::Get) => readiness(engine),
@@ -243,7 +269,10 @@ fn route(engine: &Engine, request: &mut Request) -> Reply {
                 "/api/mail" if method == Method::Post => submit(engine, request),
                 "/api/mail/v2" if method == Method::Post => send_and_wait(engine, request),
                 "/api/mail" | "/api/mail/v2" => method_not_allowed("POST"),
-                _ => match path.strip_prefix("/api/mail/").filter(|id| !id.is_empty() && !id.contains('/')) {
+                _ => match path
+                    .strip_prefix("/api/mail/")
+                    .filter(|id| !id.is_empty() && !id.contains('/'))
+                {
                     Some(id) if is(&Method::Get) => status(engine, id),
                     Some(_) => method_not_allowed("GET, HEAD"),
                     None => not_found(&path),
@@ -259,7 +288,8 @@ fn not_found(path: &str) -> Reply {
 }
 
 fn method_not_allowed(allow: &'static str) -> Reply {
-    Reply::error(405, "method not allowed", &format!("allowed: {allow}")).with_header("Allow", allow)
+    Reply::error(405, "method not allowed", &format!("allowed: {allow}"))
+        .with_header("Allow", allow)
 }
 
 fn readiness(engine: &Engine) -> Reply {
@@ -319,7 +349,11 @@ fn read_body(engine: &Engine, request: &mut Request) -> Result<Vec<u8>, Reply> {
     let mut body = Vec::with_capacity(declared.unwrap_or(0).min(64 * 1024));
     // A client that sends more than it declared, or a chunked body, is cut at the limit.
     if let Err(error) = request.as_reader().take(limit + 1).read_to_end(&mut body) {
-        return Err(Reply::error(400, "cannot read the request body", &error.to_string()));
+        return Err(Reply::error(
+            400,
+            "cannot read the request body",
+            &error.to_string(),
+        ));
     }
     if body.len() as u64 > limit {
         return Err(too_large());
@@ -377,7 +411,10 @@ fn send_and_wait(engine: &Engine, request: &mut Request) -> Reply {
             if let Some(code) = error.smtp_code {
                 data["smtp_code"] = json!(code);
             }
-            Reply::json(502, json!({ "message": "failed to send email", "data": data }))
+            Reply::json(
+                502,
+                json!({ "message": "failed to send email", "data": data }),
+            )
         }
         Err(SendError::Timeout { id }) => Reply::json(
             504,

@@ -10,17 +10,26 @@ use mailroom::{systemd, Config, Engine};
 
 fn main() -> ExitCode {
     let arguments: Vec<String> = std::env::args().skip(1).collect();
-    if arguments.iter().any(|argument| argument == "--help" || argument == "-h") {
+    if arguments
+        .iter()
+        .any(|argument| argument == "--help" || argument == "-h")
+    {
         print_help();
         return ExitCode::SUCCESS;
     }
-    if arguments.iter().any(|argument| argument == "--version" || argument == "-V") {
+    if arguments
+        .iter()
+        .any(|argument| argument == "--version" || argument == "-V")
+    {
         println!("mailroom {}", env!("CARGO_PKG_VERSION"));
         return ExitCode::SUCCESS;
     }
     let check = arguments.iter().any(|argument| argument == "--check");
     let check_smtp = arguments.iter().any(|argument| argument == "--smtp");
-    if let Some(unknown) = arguments.iter().find(|argument| !["--check", "--smtp"].contains(&argument.as_str())) {
+    if let Some(unknown) = arguments
+        .iter()
+        .find(|argument| !["--check", "--smtp"].contains(&argument.as_str()))
+    {
         eprintln!("mailroom: unknown argument {unknown:?}; see mailroom --help");
         return ExitCode::from(2);
     }
@@ -49,7 +58,11 @@ fn main() -> ExitCode {
 }
 
 fn run(config: Config) -> ExitCode {
-    log::info!("starting mailroom {}: {}", env!("CARGO_PKG_VERSION"), config.summary());
+    log::info!(
+        "starting mailroom {}: {}",
+        env!("CARGO_PKG_VERSION"),
+        config.summary()
+    );
     if let Relay::Outbox(dir) = &config.relay {
         log::warn!(
             "no relay configured: messages are written to {} as .eml files. Set MAILROOM_SMTP_URL \
@@ -91,14 +104,16 @@ fn run(config: Config) -> ExitCode {
 fn watch_signals(engine: Engine, server: Arc<HttpServer>) -> std::io::Result<()> {
     use signal_hook::consts::{SIGINT, SIGTERM};
     let mut signals = signal_hook::iterator::Signals::new([SIGTERM, SIGINT])?;
-    std::thread::Builder::new().name("signals".into()).spawn(move || {
-        if let Some(signal) = signals.forever().next() {
-            log::info!("signal {signal} received: stopping");
-            systemd::notify("STOPPING=1");
-            engine.shutdown();
-            server.stop();
-        }
-    })?;
+    std::thread::Builder::new()
+        .name("signals".into())
+        .spawn(move || {
+            if let Some(signal) = signals.forever().next() {
+                log::info!("signal {signal} received: stopping");
+                systemd::notify("STOPPING=1");
+                engine.shutdown();
+                server.stop();
+            }
+        })?;
     Ok(())
 }
 

@@ -103,7 +103,10 @@ impl fmt::Display for MessageError {
                 write!(f, "field `{field}` must be {expected}")
             }
             MessageError::HeaderInjection { field } => {
-                write!(f, "field `{field}` must not contain CR or LF (header injection)")
+                write!(
+                    f,
+                    "field `{field}` must not contain CR or LF (header injection)"
+                )
             }
             MessageError::InvalidAddress {
                 field,
@@ -166,7 +169,8 @@ impl MailRequest {
         let Value::Object(object) = value else {
             return Err(MessageError::NotAnObject);
         };
-        let sender = optional_string(&object, "sender")?.ok_or(MessageError::MissingField("sender"))?;
+        let sender =
+            optional_string(&object, "sender")?.ok_or(MessageError::MissingField("sender"))?;
         let receiver = match object.get("receiver") {
             None | Some(Value::Null) => Vec::new(),
             Some(Value::String(one)) => vec![one.clone()],
@@ -178,7 +182,8 @@ impl MailRequest {
                 })
             }
         };
-        let subject = optional_string(&object, "subject")?.ok_or(MessageError::MissingField("subject"))?;
+        let subject =
+            optional_string(&object, "subject")?.ok_or(MessageError::MissingField("subject"))?;
         let headers = match object.get("headers") {
             None | Some(Value::Null) => BTreeMap::new(),
             Some(Value::Object(map)) => {
@@ -231,7 +236,10 @@ impl MailRequest {
     }
 
     /// Checks every field and builds the message under a new id.
-    pub fn build(&self, allowed_senders: Option<&[SenderRule]>) -> Result<OutgoingMessage, MessageError> {
+    pub fn build(
+        &self,
+        allowed_senders: Option<&[SenderRule]>,
+    ) -> Result<OutgoingMessage, MessageError> {
         self.build_with_id(new_message_id(), allowed_senders)
     }
 
@@ -259,7 +267,10 @@ impl MailRequest {
         let mut recipients: Vec<String> = Vec::new();
         let mut add_recipient = |mailbox: &Mailbox| {
             let address = mailbox.email.to_string();
-            if !recipients.iter().any(|known| known.eq_ignore_ascii_case(&address)) {
+            if !recipients
+                .iter()
+                .any(|known| known.eq_ignore_ascii_case(&address))
+            {
                 recipients.push(address);
             }
         };
@@ -313,15 +324,26 @@ impl MailRequest {
             reason: reason.to_string(),
         };
         // RFC 5322 field name: printable ASCII except ':'.
-        if name.is_empty() || name.len() > 76 || !name.bytes().all(|byte| (33..=126).contains(&byte) && byte != b':') {
-            return Err(invalid("not a valid header field name (printable ASCII without ':')"));
+        if name.is_empty()
+            || name.len() > 76
+            || !name
+                .bytes()
+                .all(|byte| (33..=126).contains(&byte) && byte != b':')
+        {
+            return Err(invalid(
+                "not a valid header field name (printable ASCII without ':')",
+            ));
         }
         if value.contains(['\r', '\n']) {
-            return Err(invalid("the value must not contain CR or LF (header injection)"));
+            return Err(invalid(
+                "the value must not contain CR or LF (header injection)",
+            ));
         }
         let lower = name.to_ascii_lowercase();
         if RESERVED_HEADERS.contains(&lower.as_str()) || lower.starts_with("content-") {
-            return Err(invalid("set by the service itself; use the request's own fields"));
+            return Err(invalid(
+                "set by the service itself; use the request's own fields",
+            ));
         }
         if lower == "reply-to" && self.reply_to.is_some() {
             return Err(invalid("given twice: also in the `reply_to` field"));
@@ -354,10 +376,14 @@ impl MailRequest {
                 return Err(invalid("`filename` must not contain CR, LF or NUL".into()));
             }
             let content_type = ContentType::parse(&attachment.content_type).map_err(|_| {
-                invalid(format!("`content_type` {:?} is not a MIME type", attachment.content_type))
+                invalid(format!(
+                    "`content_type` {:?} is not a MIME type",
+                    attachment.content_type
+                ))
             })?;
             mixed = mixed.singlepart(
-                Attachment::new(attachment.filename.clone()).body(attachment.content.clone(), content_type),
+                Attachment::new(attachment.filename.clone())
+                    .body(attachment.content.clone(), content_type),
             );
         }
         Ok(Body::Multi(mixed))
@@ -377,7 +403,10 @@ fn indexed(field: &str, index: usize, length: usize) -> String {
     }
 }
 
-fn optional_string(object: &Map<String, Value>, field: &'static str) -> Result<Option<String>, MessageError> {
+fn optional_string(
+    object: &Map<String, Value>,
+    field: &'static str,
+) -> Result<Option<String>, MessageError> {
     match object.get(field) {
         None | Some(Value::Null) => Ok(None),
         Some(Value::String(text)) => Ok(Some(text.clone())),
@@ -388,7 +417,10 @@ fn optional_string(object: &Map<String, Value>, field: &'static str) -> Result<O
     }
 }
 
-fn string_list(object: &Map<String, Value>, field: &'static str) -> Result<Vec<String>, MessageError> {
+fn string_list(
+    object: &Map<String, Value>,
+    field: &'static str,
+) -> Result<Vec<String>, MessageError> {
     let wrong = || MessageError::WrongType {
         field: field.into(),
         expected: "an array of strings",
@@ -409,7 +441,9 @@ fn parse_attachment(index: usize, item: &Value) -> Result<AttachmentRequest, Mes
         reason: reason.to_string(),
     };
     let Value::Object(object) = item else {
-        return Err(invalid("must be an object {filename, content_type, content}"));
+        return Err(invalid(
+            "must be an object {filename, content_type, content}",
+        ));
     };
     let text = |field: &str| match object.get(field) {
         Some(Value::String(text)) => Ok(Some(text.clone())),
@@ -423,7 +457,10 @@ fn parse_attachment(index: usize, item: &Value) -> Result<AttachmentRequest, Mes
     let content_type = text("content_type")?.unwrap_or_else(|| "application/octet-stream".into());
     let content = text("content")?.ok_or_else(|| invalid("missing `content` (base64)"))?;
     // Line breaks are common in base64 produced by tools; they carry no data.
-    let compact: String = content.chars().filter(|c| !c.is_ascii_whitespace()).collect();
+    let compact: String = content
+        .chars()
+        .filter(|c| !c.is_ascii_whitespace())
+        .collect();
     let content = base64::engine::general_purpose::STANDARD
         .decode(compact.as_bytes())
         .map_err(|error| invalid(&format!("`content` is not valid base64: {error}")))?;
@@ -445,11 +482,14 @@ fn reject_line_breaks(field: &str, value: &str) -> Result<(), MessageError> {
 
 fn parse_mailbox(field: &str, value: &str) -> Result<Mailbox, MessageError> {
     reject_line_breaks(field, value)?;
-    value.trim().parse::<Mailbox>().map_err(|error| MessageError::InvalidAddress {
-        field: field.to_string(),
-        value: value.to_string(),
-        reason: error.to_string(),
-    })
+    value
+        .trim()
+        .parse::<Mailbox>()
+        .map_err(|error| MessageError::InvalidAddress {
+            field: field.to_string(),
+            value: value.to_string(),
+            reason: error.to_string(),
+        })
 }
 
 fn sender_allowed(sender: &Mailbox, rules: &[SenderRule]) -> bool {
@@ -499,16 +539,34 @@ mod tests {
         let message = request(r#"{"sender":"App <app@example.com>","receiver":"user@example.org","subject":"Hi","message":"Hello"}"#).unwrap();
         assert_eq!(message.envelope_from, "app@example.com");
         assert_eq!(message.recipients, vec!["user@example.org"]);
-        for header in ["From: App <app@example.com>", "To: user@example.org", "Subject: Hi", "Date: ", "Message-ID: <"] {
-            assert!(message.content.contains(header), "{header} missing in {}", message.content);
+        for header in [
+            "From: App <app@example.com>",
+            "To: user@example.org",
+            "Subject: Hi",
+            "Date: ",
+            "Message-ID: <",
+        ] {
+            assert!(
+                message.content.contains(header),
+                "{header} missing in {}",
+                message.content
+            );
         }
     }
 
     #[test]
     fn line_breaks_are_refused() {
-        let error = request(r#"{"sender":"a@b.c","receiver":"d@e.f","subject":"Hi\r\nBcc: x@y.z"}"#).unwrap_err();
-        assert_eq!(error, MessageError::HeaderInjection { field: "subject".into() });
-        let error = request(r#"{"sender":"a@b.c\nBcc: x@y.z","receiver":"d@e.f","subject":"Hi"}"#).unwrap_err();
+        let error =
+            request(r#"{"sender":"a@b.c","receiver":"d@e.f","subject":"Hi\r\nBcc: x@y.z"}"#)
+                .unwrap_err();
+        assert_eq!(
+            error,
+            MessageError::HeaderInjection {
+                field: "subject".into()
+            }
+        );
+        let error = request(r#"{"sender":"a@b.c\nBcc: x@y.z","receiver":"d@e.f","subject":"Hi"}"#)
+            .unwrap_err();
         assert!(error.to_string().contains("sender"));
         let error = request(r#"{"sender":"a@b.c","receiver":"d@e.f","subject":"Hi","headers":{"X-A":"1\r\nBcc: x@y.z"}}"#).unwrap_err();
         assert!(error.to_string().contains("X-A"), "{error}");
@@ -516,18 +574,40 @@ mod tests {
 
     #[test]
     fn missing_and_wrong_fields_are_named() {
-        assert_eq!(request(r#"{"receiver":"d@e.f","subject":"Hi"}"#).unwrap_err(), MessageError::MissingField("sender"));
-        assert_eq!(request(r#"{"sender":"a@b.c","receiver":"d@e.f"}"#).unwrap_err(), MessageError::MissingField("subject"));
-        assert_eq!(request(r#"{"sender":"a@b.c","subject":"x"}"#).unwrap_err(), MessageError::NoRecipients);
-        assert!(request(r#"{"sender":"a@b.c","receiver":5,"subject":"x"}"#).unwrap_err().to_string().contains("receiver"));
-        assert!(matches!(request("{nope").unwrap_err(), MessageError::MalformedJson(_)));
-        assert!(request(r#"{"sender":"not an address","receiver":"d@e.f","subject":"x"}"#).unwrap_err().to_string().contains("sender"));
+        assert_eq!(
+            request(r#"{"receiver":"d@e.f","subject":"Hi"}"#).unwrap_err(),
+            MessageError::MissingField("sender")
+        );
+        assert_eq!(
+            request(r#"{"sender":"a@b.c","receiver":"d@e.f"}"#).unwrap_err(),
+            MessageError::MissingField("subject")
+        );
+        assert_eq!(
+            request(r#"{"sender":"a@b.c","subject":"x"}"#).unwrap_err(),
+            MessageError::NoRecipients
+        );
+        assert!(request(r#"{"sender":"a@b.c","receiver":5,"subject":"x"}"#)
+            .unwrap_err()
+            .to_string()
+            .contains("receiver"));
+        assert!(matches!(
+            request("{nope").unwrap_err(),
+            MessageError::MalformedJson(_)
+        ));
+        assert!(
+            request(r#"{"sender":"not an address","receiver":"d@e.f","subject":"x"}"#)
+                .unwrap_err()
+                .to_string()
+                .contains("sender")
+        );
     }
 
     #[test]
     fn reserved_headers_are_refused() {
         for name in ["From", "message-id", "Content-Type", "MIME-Version"] {
-            let json = format!(r#"{{"sender":"a@b.c","receiver":"d@e.f","subject":"x","headers":{{"{name}":"v"}}}}"#);
+            let json = format!(
+                r#"{{"sender":"a@b.c","receiver":"d@e.f","subject":"x","headers":{{"{name}":"v"}}}}"#
+            );
             let error = request(&json).unwrap_err();
             assert!(error.to_string().contains(name), "{error}");
         }
@@ -535,16 +615,25 @@ mod tests {
 
     #[test]
     fn ids_are_unique() {
-        let ids: std::collections::HashSet<String> = (0..10_000).map(|_| new_message_id()).collect();
+        let ids: std::collections::HashSet<String> =
+            (0..10_000).map(|_| new_message_id()).collect();
         assert_eq!(ids.len(), 10_000);
     }
 
     #[test]
     fn sender_allow_list() {
         let rules = vec![SenderRule::Domain("example.com".into())];
-        let request = MailRequest::from_json(br#"{"sender":"a@other.org","receiver":"d@e.f","subject":"x"}"#).unwrap();
-        assert!(matches!(request.build(Some(&rules)), Err(MessageError::SenderNotAllowed { .. })));
-        let request = MailRequest::from_json(br#"{"sender":"A <a@Example.com>","receiver":"d@e.f","subject":"x"}"#).unwrap();
+        let request =
+            MailRequest::from_json(br#"{"sender":"a@other.org","receiver":"d@e.f","subject":"x"}"#)
+                .unwrap();
+        assert!(matches!(
+            request.build(Some(&rules)),
+            Err(MessageError::SenderNotAllowed { .. })
+        ));
+        let request = MailRequest::from_json(
+            br#"{"sender":"A <a@Example.com>","receiver":"d@e.f","subject":"x"}"#,
+        )
+        .unwrap();
         assert!(request.build(Some(&rules)).is_ok());
     }
 }

@@ -9,7 +9,9 @@ use std::sync::Mutex;
 use std::time::Duration;
 
 /// Upper bounds (seconds) of the delivery-duration histogram buckets.
-const DURATION_BUCKETS: [f64; 12] = [0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0];
+const DURATION_BUCKETS: [f64; 12] = [
+    0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0,
+];
 
 /// Result of one delivery attempt, as counted.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -90,7 +92,10 @@ impl Metrics {
     }
     /// An HTTP answer with this status code was sent.
     pub fn http_request(&self, code: u16) {
-        let mut counts = self.http_requests.lock().unwrap_or_else(|poisoned| poisoned.into_inner());
+        let mut counts = self
+            .http_requests
+            .lock()
+            .unwrap_or_else(|poisoned| poisoned.into_inner());
         *counts.entry(code).or_insert(0) += 1;
     }
 
@@ -98,42 +103,100 @@ impl Metrics {
     pub fn render(&self, gauges: Gauges) -> String {
         let mut out = String::with_capacity(4096);
         let mut counter = |name: &str, help: &str, value: u64| {
-            let _ = writeln!(out, "# HELP {name} {help}\n# TYPE {name} counter\n{name} {value}");
+            let _ = writeln!(
+                out,
+                "# HELP {name} {help}\n# TYPE {name} counter\n{name} {value}"
+            );
         };
-        counter("mailroom_messages_accepted_total", "Messages accepted for delivery.", self.accepted.load(Ordering::Relaxed));
-        counter("mailroom_messages_sent_total", "Messages the relay accepted.", self.sent.load(Ordering::Relaxed));
-        counter("mailroom_messages_failed_total", "Messages given up on.", self.failed.load(Ordering::Relaxed));
-        counter("mailroom_smtp_connections_opened_total", "SMTP connections opened to the relay.", self.connections_opened.load(Ordering::Relaxed));
+        counter(
+            "mailroom_messages_accepted_total",
+            "Messages accepted for delivery.",
+            self.accepted.load(Ordering::Relaxed),
+        );
+        counter(
+            "mailroom_messages_sent_total",
+            "Messages the relay accepted.",
+            self.sent.load(Ordering::Relaxed),
+        );
+        counter(
+            "mailroom_messages_failed_total",
+            "Messages given up on.",
+            self.failed.load(Ordering::Relaxed),
+        );
+        counter(
+            "mailroom_smtp_connections_opened_total",
+            "SMTP connections opened to the relay.",
+            self.connections_opened.load(Ordering::Relaxed),
+        );
 
-        let _ = writeln!(out, "# HELP mailroom_delivery_attempts_total Delivery attempts by result.");
+        let _ = writeln!(
+            out,
+            "# HELP mailroom_delivery_attempts_total Delivery attempts by result."
+        );
         let _ = writeln!(out, "# TYPE mailroom_delivery_attempts_total counter");
         for (label, value) in [
             ("ok", &self.attempts_ok),
             ("transient", &self.attempts_transient),
             ("permanent", &self.attempts_permanent),
         ] {
-            let _ = writeln!(out, "mailroom_delivery_attempts_total{{result=\"{label}\"}} {}", value.load(Ordering::Relaxed));
+            let _ = writeln!(
+                out,
+                "mailroom_delivery_attempts_total{{result=\"{label}\"}} {}",
+                value.load(Ordering::Relaxed)
+            );
         }
 
         for (name, help, value) in [
-            ("mailroom_queue_depth", "Messages waiting for a worker.", gauges.queue_depth),
-            ("mailroom_retry_depth", "Messages waiting for their next attempt.", gauges.retry_depth),
-            ("mailroom_messages_held", "Unfinished messages held (queued, sending, retrying).", gauges.held),
+            (
+                "mailroom_queue_depth",
+                "Messages waiting for a worker.",
+                gauges.queue_depth,
+            ),
+            (
+                "mailroom_retry_depth",
+                "Messages waiting for their next attempt.",
+                gauges.retry_depth,
+            ),
+            (
+                "mailroom_messages_held",
+                "Unfinished messages held (queued, sending, retrying).",
+                gauges.held,
+            ),
         ] {
-            let _ = writeln!(out, "# HELP {name} {help}\n# TYPE {name} gauge\n{name} {value}");
+            let _ = writeln!(
+                out,
+                "# HELP {name} {help}\n# TYPE {name} gauge\n{name} {value}"
+            );
         }
 
-        let _ = writeln!(out, "# HELP mailroom_http_requests_total HTTP answers by status code.");
+        let _ = writeln!(
+            out,
+            "# HELP mailroom_http_requests_total HTTP answers by status code."
+        );
         let _ = writeln!(out, "# TYPE mailroom_http_requests_total counter");
-        let counts = self.http_requests.lock().unwrap_or_else(|poisoned| poisoned.into_inner()).clone();
+        let counts = self
+            .http_requests
+            .lock()
+            .unwrap_or_else(|poisoned| poisoned.into_inner())
+            .clone();
         for (code, value) in counts {
-            let _ = writeln!(out, "mailroom_http_requests_total{{code=\"{code}\"}} {value}");
+            let _ = writeln!(
+                out,
+                "mailroom_http_requests_total{{code=\"{code}\"}} {value}"
+            );
         }
 
         let name = "mailroom_delivery_duration_seconds";
-        let _ = writeln!(out, "# HELP {name} Time one delivery attempt took.\n# TYPE {name} histogram");
+        let _ = writeln!(
+            out,
+            "# HELP {name} Time one delivery attempt took.\n# TYPE {name} histogram"
+        );
         for (bound, bucket) in DURATION_BUCKETS.iter().zip(&self.duration_buckets) {
-            let _ = writeln!(out, "{name}_bucket{{le=\"{bound}\"}} {}", bucket.load(Ordering::Relaxed));
+            let _ = writeln!(
+                out,
+                "{name}_bucket{{le=\"{bound}\"}} {}",
+                bucket.load(Ordering::Relaxed)
+            );
         }
         let count = self.duration_count.load(Ordering::Relaxed);
         let _ = writeln!(out, "{name}_bucket{{le=\"+Inf\"}} {count}");

@@ -35,7 +35,11 @@ pub(crate) struct Job {
 }
 
 impl Job {
-    pub(crate) fn spool_record(&self, next_attempt_at: Option<SystemTime>, last_error: Option<String>) -> SpoolRecord {
+    pub(crate) fn spool_record(
+        &self,
+        next_attempt_at: Option<SystemTime>,
+        last_error: Option<String>,
+    ) -> SpoolRecord {
         SpoolRecord {
             message: (*self.message).clone(),
             attempts: self.attempts,
@@ -70,7 +74,10 @@ impl RateLimiter {
     /// Waits for this worker's turn.
     fn wait_turn(&self) {
         let slot = {
-            let mut next = self.next_slot.lock().unwrap_or_else(|poisoned| poisoned.into_inner());
+            let mut next = self
+                .next_slot
+                .lock()
+                .unwrap_or_else(|poisoned| poisoned.into_inner());
             let now = Instant::now();
             let slot = next.filter(|slot| *slot > now).unwrap_or(now);
             *next = Some(slot + self.interval);
@@ -104,7 +111,12 @@ pub(crate) fn start_workers(
         .collect()
 }
 
-fn run_worker(shared: &Shared, work: &Receiver<Job>, stop: &Receiver<()>, mut transport: Transport) {
+fn run_worker(
+    shared: &Shared,
+    work: &Receiver<Job>,
+    stop: &Receiver<()>,
+    mut transport: Transport,
+) {
     loop {
         select! {
             recv(work) -> job => match job {
@@ -182,7 +194,9 @@ fn deliver(shared: &Shared, transport: &mut Transport, mut job: Job) {
             if error.relay_unusable {
                 shared.relay_failed(&error.detail);
             }
-            let retry = error.kind == FailureKind::Transient && job.is_durable() && attempt < shared.config.max_attempts;
+            let retry = error.kind == FailureKind::Transient
+                && job.is_durable()
+                && attempt < shared.config.max_attempts;
             if retry {
                 schedule_retry(shared, job, error, elapsed);
             } else {
@@ -195,9 +209,17 @@ fn deliver(shared: &Shared, transport: &mut Transport, mut job: Job) {
 fn schedule_retry(shared: &Shared, job: Job, error: DeliveryError, elapsed: Duration) {
     let id = job.message.id.clone();
     shared.metrics.attempt(AttemptResult::Transient, elapsed);
-    let delay = backoff(shared.config.retry_base, shared.config.retry_max, job.attempts);
+    let delay = backoff(
+        shared.config.retry_base,
+        shared.config.retry_max,
+        job.attempts,
+    );
     let next_attempt_at = SystemTime::now() + delay;
-    let level = if error.relay_unusable { log::Level::Error } else { log::Level::Warn };
+    let level = if error.relay_unusable {
+        log::Level::Error
+    } else {
+        log::Level::Warn
+    };
     log::log!(
         level,
         "message {id}: attempt {} failed, retrying in {} ms: {}",
@@ -210,12 +232,18 @@ fn schedule_retry(shared: &Shared, job: Job, error: DeliveryError, elapsed: Dura
         status.last_error = Some(error.detail.clone());
         status.next_attempt_at = Some(next_attempt_at);
     });
-    if let Err(write_error) = shared.spool.store(&job.spool_record(Some(next_attempt_at), Some(error.detail.clone()))) {
+    if let Err(write_error) = shared
+        .spool
+        .store(&job.spool_record(Some(next_attempt_at), Some(error.detail.clone())))
+    {
         log::error!("message {id}: cannot record the retry in the spool: {write_error}");
     }
     if let Err(stopped) = shared.retry.schedule(Instant::now() + delay, job) {
         // Only during shutdown: the message stays in the spool (or, in memory mode, is dropped).
-        log::warn!("message {}: not rescheduled, the service is stopping", stopped.0.message.id);
+        log::warn!(
+            "message {}: not rescheduled, the service is stopping",
+            stopped.0.message.id
+        );
     }
 }
 
@@ -227,13 +255,20 @@ fn fail(shared: &Shared, mut job: Job, error: DeliveryError, elapsed: Duration) 
     };
     shared.metrics.attempt(result, elapsed);
     shared.metrics.message_failed();
-    log::error!("message {id}: failed after attempt {}: {}", job.attempts, error.detail);
+    log::error!(
+        "message {id}: failed after attempt {}: {}",
+        job.attempts,
+        error.detail
+    );
     shared.status.update(&id, |status| {
         status.state = State::Failed;
         status.last_error = Some(error.detail.clone());
     });
     if job.is_durable() {
-        if let Err(write_error) = shared.spool.dead_letter(&job.spool_record(None, Some(error.detail.clone()))) {
+        if let Err(write_error) = shared
+            .spool
+            .dead_letter(&job.spool_record(None, Some(error.detail.clone())))
+        {
             log::error!("message {id}: cannot move it to the dead letters: {write_error}");
         }
     }

@@ -27,14 +27,20 @@ pub fn backoff(base: Duration, max: Duration, attempts: u32) -> Duration {
     let full = if exponent > 31 { max } else { full };
     let half = full / 2;
     let spread = (full - half).as_millis() as u64;
-    half + Duration::from_millis(if spread == 0 { 0 } else { random_u64() % (spread + 1) })
+    half + Duration::from_millis(if spread == 0 {
+        0
+    } else {
+        random_u64() % (spread + 1)
+    })
 }
 
 pub(crate) enum Command {
     Schedule(Instant, Job),
     /// Stop; with `release_all`, hand every held message to the workers first
     /// (memory mode drains on shutdown instead of keeping them).
-    Stop { release_all: bool },
+    Stop {
+        release_all: bool,
+    },
 }
 
 struct Due {
@@ -70,7 +76,10 @@ pub(crate) struct Stopped(pub Job);
 
 impl RetryScheduler {
     /// Starts the thread. `depth` tracks how many messages it holds.
-    pub(crate) fn start(work: Sender<Job>, depth: Arc<AtomicUsize>) -> std::io::Result<(RetryScheduler, JoinHandle<()>)> {
+    pub(crate) fn start(
+        work: Sender<Job>,
+        depth: Arc<AtomicUsize>,
+    ) -> std::io::Result<(RetryScheduler, JoinHandle<()>)> {
         // Unbounded on purpose: what it holds is bounded by the queue
         // capacity, and a worker must never block handing a message over.
         let (commands, receiver) = crossbeam_channel::unbounded();
@@ -82,10 +91,12 @@ impl RetryScheduler {
 
     /// Holds `job` until `at`, then sends it to the workers.
     pub(crate) fn schedule(&self, at: Instant, job: Job) -> Result<(), Stopped> {
-        self.commands.send(Command::Schedule(at, job)).map_err(|error| match error.0 {
-            Command::Schedule(_, job) => Stopped(job),
-            Command::Stop { .. } => unreachable!("only Schedule is sent here"),
-        })
+        self.commands
+            .send(Command::Schedule(at, job))
+            .map_err(|error| match error.0 {
+                Command::Schedule(_, job) => Stopped(job),
+                Command::Stop { .. } => unreachable!("only Schedule is sent here"),
+            })
     }
 
     /// Asks the thread to stop (join its handle to wait for it).
@@ -121,7 +132,9 @@ fn run(commands: Receiver<Command>, work: Sender<Job>, depth: Arc<AtomicUsize>) 
         }
         let now = Instant::now();
         while heap.peek().is_some_and(|Reverse(next)| next.at <= now) {
-            let Some(Reverse(due)) = heap.pop() else { break };
+            let Some(Reverse(due)) = heap.pop() else {
+                break;
+            };
             match work.try_send(due.job) {
                 Ok(()) => {}
                 Err(TrySendError::Full(job)) => {
@@ -151,11 +164,20 @@ mod tests {
         let max = Duration::from_millis(5000);
         for _ in 0..200 {
             let first = backoff(base, max, 1);
-            assert!(first >= Duration::from_millis(500) && first <= base, "{first:?}");
+            assert!(
+                first >= Duration::from_millis(500) && first <= base,
+                "{first:?}"
+            );
             let third = backoff(base, max, 3);
-            assert!(third >= Duration::from_millis(2000) && third <= Duration::from_millis(4000), "{third:?}");
+            assert!(
+                third >= Duration::from_millis(2000) && third <= Duration::from_millis(4000),
+                "{third:?}"
+            );
             let capped = backoff(base, max, 30);
-            assert!(capped >= Duration::from_millis(2500) && capped <= max, "{capped:?}");
+            assert!(
+                capped >= Duration::from_millis(2500) && capped <= max,
+                "{capped:?}"
+            );
             assert!(backoff(base, max, 1000) <= max);
         }
     }

@@ -41,7 +41,9 @@ pub struct SpoolRecord {
 
 /// Milliseconds since the Unix epoch.
 pub fn to_millis(time: SystemTime) -> u64 {
-    time.duration_since(UNIX_EPOCH).map(|elapsed| elapsed.as_millis() as u64).unwrap_or(0)
+    time.duration_since(UNIX_EPOCH)
+        .map(|elapsed| elapsed.as_millis() as u64)
+        .unwrap_or(0)
 }
 
 /// The time `millis` milliseconds after the Unix epoch.
@@ -85,9 +87,16 @@ impl Spool {
                     Ok(record) if is_dead => recovered.dead.push(record),
                     Ok(record) => recovered.pending.push(record),
                     Err(reason) => {
-                        let name = path.file_name().map(|name| name.to_string_lossy().into_owned()).unwrap_or_default();
+                        let name = path
+                            .file_name()
+                            .map(|name| name.to_string_lossy().into_owned())
+                            .unwrap_or_default();
                         let target = directory.join("corrupt").join(format!("{sub}-{name}"));
-                        log::error!("spool: {} is unreadable ({reason}); moved to {}", path.display(), target.display());
+                        log::error!(
+                            "spool: {} is unreadable ({reason}); moved to {}",
+                            path.display(),
+                            target.display()
+                        );
                         fs::rename(&path, &target)?;
                         recovered.corrupt += 1;
                     }
@@ -95,7 +104,9 @@ impl Spool {
             }
         }
         // Oldest first, so recovery keeps the acceptance order.
-        recovered.pending.sort_by_key(|record| (record.created_at_ms, record.message.id.clone()));
+        recovered
+            .pending
+            .sort_by_key(|record| (record.created_at_ms, record.message.id.clone()));
         Ok((
             Spool {
                 directory: Some(directory.clone()),
@@ -146,9 +157,10 @@ fn record_path(directory: &Path, sub: &str, id: &str) -> PathBuf {
 
 fn write_durably(directory: &Path, sub: &str, record: &SpoolRecord) -> io::Result<()> {
     let bytes = serde_json::to_vec(record).map_err(io::Error::other)?;
-    let temporary = directory
-        .join("tmp")
-        .join(format!("{}.{:016x}", record.message.id, random_u64()));
+    let temporary =
+        directory
+            .join("tmp")
+            .join(format!("{}.{:016x}", record.message.id, random_u64()));
     let mut file = File::create(&temporary)?;
     file.write_all(&bytes)?;
     file.sync_all()?;
@@ -161,7 +173,10 @@ fn write_durably(directory: &Path, sub: &str, record: &SpoolRecord) -> io::Resul
 fn read_record(path: &Path) -> Result<SpoolRecord, String> {
     let bytes = fs::read(path).map_err(|error| error.to_string())?;
     let record: SpoolRecord = serde_json::from_slice(&bytes).map_err(|error| error.to_string())?;
-    let expected = path.file_stem().map(|stem| stem.to_string_lossy().into_owned()).unwrap_or_default();
+    let expected = path
+        .file_stem()
+        .map(|stem| stem.to_string_lossy().into_owned())
+        .unwrap_or_default();
     if record.message.id != expected || record.message.recipients.is_empty() {
         return Err("content does not match its file name".into());
     }

@@ -116,7 +116,9 @@ impl StatusStore {
 
     fn lock(&self) -> std::sync::MutexGuard<'_, Inner> {
         // A panic elsewhere while holding the lock leaves plain data behind; keep serving.
-        self.inner.lock().unwrap_or_else(|poisoned| poisoned.into_inner())
+        self.inner
+            .lock()
+            .unwrap_or_else(|poisoned| poisoned.into_inner())
     }
 
     /// Records a status (new or replacing the old one). Finished entries
@@ -145,7 +147,9 @@ impl StatusStore {
         if finished && !was_finished {
             inner.finished.push_back(id);
             while inner.finished.len() > self.retention {
-                let Some(oldest) = inner.finished.pop_front() else { break };
+                let Some(oldest) = inner.finished.pop_front() else {
+                    break;
+                };
                 if let Some(entry) = inner.entries.remove(&oldest) {
                     if let Some(key) = entry.idempotency_key {
                         inner.idempotency.remove(&key);
@@ -159,7 +163,9 @@ impl StatusStore {
     pub fn update(&self, id: &str, change: impl FnOnce(&mut MessageStatus)) {
         let snapshot = {
             let mut inner = self.lock();
-            let Some(entry) = inner.entries.get_mut(id) else { return };
+            let Some(entry) = inner.entries.get_mut(id) else {
+                return;
+            };
             let mut status = entry.status.clone();
             change(&mut status);
             status.updated_at = SystemTime::now();
@@ -170,7 +176,10 @@ impl StatusStore {
 
     /// The status of a message, if known.
     pub fn get(&self, id: &str) -> Option<MessageStatus> {
-        self.lock().entries.get(id).map(|entry| entry.status.clone())
+        self.lock()
+            .entries
+            .get(id)
+            .map(|entry| entry.status.clone())
     }
 
     /// Binds an idempotency key to `id` unless the key is already bound.
@@ -229,11 +238,16 @@ pub fn rfc3339(time: SystemTime) -> String {
     let z = days + 719_468;
     let era = z.div_euclid(146_097);
     let day_of_era = z.rem_euclid(146_097);
-    let year_of_era = (day_of_era - day_of_era / 1460 + day_of_era / 36_524 - day_of_era / 146_096) / 365;
+    let year_of_era =
+        (day_of_era - day_of_era / 1460 + day_of_era / 36_524 - day_of_era / 146_096) / 365;
     let day_of_year = day_of_era - (365 * year_of_era + year_of_era / 4 - year_of_era / 100);
     let month_index = (5 * day_of_year + 2) / 153;
     let day = day_of_year - (153 * month_index + 2) / 5 + 1;
-    let month = if month_index < 10 { month_index + 3 } else { month_index - 9 };
+    let month = if month_index < 10 {
+        month_index + 3
+    } else {
+        month_index - 9
+    };
     let year = year_of_era + era * 400 + i64::from(month <= 2);
     format!(
         "{year:04}-{month:02}-{day:02}T{:02}:{:02}:{:02}.{:03}Z",
@@ -288,7 +302,10 @@ mod tests {
         let store = StatusStore::new(1);
         store.put(status("a", State::Queued));
         assert_eq!(store.claim_idempotency_key("k", "a"), KeyClaim::Claimed);
-        assert_eq!(store.claim_idempotency_key("k", "b"), KeyClaim::Existing("a".into()));
+        assert_eq!(
+            store.claim_idempotency_key("k", "b"),
+            KeyClaim::Existing("a".into())
+        );
         store.put(status("a", State::Sent));
         store.put(status("b", State::Sent));
         assert_eq!(store.claim_idempotency_key("k", "c"), KeyClaim::Claimed);

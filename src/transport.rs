@@ -94,18 +94,28 @@ impl TransportFactory {
                 let mut builder = TlsParameters::builder(smtp.host.clone());
                 if let Some(pem) = &smtp.extra_root_pem {
                     for certificate in split_pem_certificates(pem) {
-                        let certificate = Certificate::from_pem(certificate.as_bytes())
-                            .map_err(|error| format!("MAILROOM_SMTP_CA_FILE: not a PEM certificate: {error}"))?;
+                        let certificate =
+                            Certificate::from_pem(certificate.as_bytes()).map_err(|error| {
+                                format!("MAILROOM_SMTP_CA_FILE: not a PEM certificate: {error}")
+                            })?;
                         builder = builder.add_root_certificate(certificate);
                     }
                 }
-                Some(builder.build_rustls().map_err(|error| format!("TLS setup for the relay failed: {error}"))?)
+                Some(
+                    builder
+                        .build_rustls()
+                        .map_err(|error| format!("TLS setup for the relay failed: {error}"))?,
+                )
             }
             _ => None,
         };
         if let Relay::Outbox(dir) = relay {
-            fs::create_dir_all(dir)
-                .map_err(|error| format!("MAILROOM_OUTBOX_DIR={}: cannot create it: {error}", dir.display()))?;
+            fs::create_dir_all(dir).map_err(|error| {
+                format!(
+                    "MAILROOM_OUTBOX_DIR={}: cannot create it: {error}",
+                    dir.display()
+                )
+            })?;
         }
         Ok(TransportFactory {
             relay: relay.clone(),
@@ -141,7 +151,11 @@ pub enum Transport {
 
 impl Transport {
     /// Delivers one message. `on_connect` is called for each new SMTP connection.
-    pub fn deliver(&mut self, message: &OutgoingMessage, on_connect: &dyn Fn()) -> Result<Delivered, DeliveryError> {
+    pub fn deliver(
+        &mut self,
+        message: &OutgoingMessage,
+        on_connect: &dyn Fn(),
+    ) -> Result<Delivered, DeliveryError> {
         match self {
             Transport::Smtp(sender) => sender.deliver(message, on_connect),
             Transport::Outbox(dir) => write_outbox(dir, message),
@@ -169,7 +183,10 @@ impl Transport {
     }
 }
 
-fn write_outbox(dir: &std::path::Path, message: &OutgoingMessage) -> Result<Delivered, DeliveryError> {
+fn write_outbox(
+    dir: &std::path::Path,
+    message: &OutgoingMessage,
+) -> Result<Delivered, DeliveryError> {
     let write = || -> std::io::Result<()> {
         let temporary = dir.join(format!(".{}.eml.tmp", message.id));
         let mut file = fs::File::create(&temporary)?;
@@ -178,7 +195,10 @@ fn write_outbox(dir: &std::path::Path, message: &OutgoingMessage) -> Result<Deli
         fs::rename(&temporary, dir.join(format!("{}.eml", message.id)))
     };
     write().map(|()| Delivered::default()).map_err(|error| {
-        DeliveryError::transient(format!("cannot write to outbox {}: {error}", dir.display()), true)
+        DeliveryError::transient(
+            format!("cannot write to outbox {}: {error}", dir.display()),
+            true,
+        )
     })
 }
 
@@ -234,7 +254,11 @@ impl SendFailure {
 }
 
 impl SmtpSender {
-    fn deliver(&mut self, message: &OutgoingMessage, on_connect: &dyn Fn()) -> Result<Delivered, DeliveryError> {
+    fn deliver(
+        &mut self,
+        message: &OutgoingMessage,
+        on_connect: &dyn Fn(),
+    ) -> Result<Delivered, DeliveryError> {
         let reused = self.connection.is_some();
         let mut open = match self.connection.take() {
             Some(open) => open,
@@ -246,7 +270,11 @@ impl SmtpSender {
                 if failure.connection_dead {
                     // The relay closed the idle connection or said 421 on
                     // reuse: not the message's fault, and not an attempt.
-                    log::debug!("message {}: reused SMTP connection is dead ({}), reconnecting", message.id, failure.error);
+                    log::debug!(
+                        "message {}: reused SMTP connection is dead ({}), reconnecting",
+                        message.id,
+                        failure.error
+                    );
                     open.smtp.abort();
                     open = self.connect(on_connect)?;
                     result = send(&mut open.smtp, message);
@@ -312,13 +340,23 @@ pub fn connect_with_report(
     let mut smtp = if settings.tls == TlsMode::Implicit {
         connect_implicit_tls(settings, tls, hello)?
     } else {
-        SmtpConnection::connect((settings.host.as_str(), settings.port), Some(settings.timeout), hello, None, None)
-            .map_err(|error| unusable("connect to", error))?
+        SmtpConnection::connect(
+            (settings.host.as_str(), settings.port),
+            Some(settings.timeout),
+            hello,
+            None,
+            None,
+        )
+        .map_err(|error| unusable("connect to", error))?
     };
-    report(&format!("connected to {endpoint}{}", if smtp.is_encrypted() { " (TLS)" } else { "" }));
+    report(&format!(
+        "connected to {endpoint}{}",
+        if smtp.is_encrypted() { " (TLS)" } else { "" }
+    ));
     match (settings.tls, tls) {
         (TlsMode::Required | TlsMode::Opportunistic, Some(parameters)) if smtp.can_starttls() => {
-            smtp.starttls(parameters, hello).map_err(|error| unusable("STARTTLS with", error))?;
+            smtp.starttls(parameters, hello)
+                .map_err(|error| unusable("STARTTLS with", error))?;
             report("STARTTLS: ok");
         }
         (TlsMode::Required, _) => {
@@ -334,7 +372,9 @@ pub fn connect_with_report(
         if !smtp.is_encrypted() && !is_loopback_host(&settings.host) {
             smtp.abort();
             return Err(DeliveryError::transient(
-                format!("refusing to send credentials to {endpoint} over an unencrypted connection"),
+                format!(
+                    "refusing to send credentials to {endpoint} over an unencrypted connection"
+                ),
                 true,
             ));
         }
@@ -349,12 +389,17 @@ pub fn connect_with_report(
 /// `mailroom --check --smtp`: connect, STARTTLS, AUTH and QUIT against the
 /// configured relay, reporting each step.
 pub fn check_relay(relay: &Relay, report: &mut dyn FnMut(&str)) -> Result<(), DeliveryError> {
-    let factory = TransportFactory::new(relay).map_err(|detail| DeliveryError::transient(detail, true))?;
+    let factory =
+        TransportFactory::new(relay).map_err(|detail| DeliveryError::transient(detail, true))?;
     let Relay::Smtp(settings) = relay else {
         report("no relay configured: messages go to the outbox directory");
         return Ok(());
     };
-    let hello = settings.hello_name.clone().map(ClientId::Domain).unwrap_or_default();
+    let hello = settings
+        .hello_name
+        .clone()
+        .map(ClientId::Domain)
+        .unwrap_or_default();
     let mut smtp = connect_with_report(settings, factory.tls.as_ref(), &hello, report)?;
     match smtp.quit() {
         Ok(_) => report("QUIT: ok"),
@@ -363,7 +408,11 @@ pub fn check_relay(relay: &Relay, report: &mut dyn FnMut(&str)) -> Result<(), De
     Ok(())
 }
 
-fn connect(settings: &SmtpSettings, tls: Option<&TlsParameters>, hello: &ClientId) -> Result<SmtpConnection, DeliveryError> {
+fn connect(
+    settings: &SmtpSettings,
+    tls: Option<&TlsParameters>,
+    hello: &ClientId,
+) -> Result<SmtpConnection, DeliveryError> {
     connect_with_report(settings, tls, hello, &mut |_| {})
 }
 
@@ -384,10 +433,13 @@ fn connect_implicit_tls(
     std::thread::Builder::new()
         .name("smtps-connect".into())
         .spawn(move || {
-            let result = SmtpConnection::connect(address, Some(timeout), &hello, tls.as_ref(), None);
+            let result =
+                SmtpConnection::connect(address, Some(timeout), &hello, tls.as_ref(), None);
             let _ = sender.send(result);
         })
-        .map_err(|error| DeliveryError::transient(format!("cannot start a connect thread: {error}"), false))?;
+        .map_err(|error| {
+            DeliveryError::transient(format!("cannot start a connect thread: {error}"), false)
+        })?;
     let endpoint = settings.endpoint();
     match receiver.recv_timeout(timeout + Duration::from_millis(500)) {
         Ok(Ok(smtp)) => Ok(smtp),
@@ -397,7 +449,10 @@ fn connect_implicit_tls(
             Err(failure)
         }
         Err(_) => Err(DeliveryError::transient(
-            format!("TLS connect to {endpoint}: no handshake within {} ms", timeout.as_millis()),
+            format!(
+                "TLS connect to {endpoint}: no handshake within {} ms",
+                timeout.as_millis()
+            ),
             true,
         )),
     }
@@ -410,11 +465,14 @@ fn send(smtp: &mut SmtpConnection, message: &OutgoingMessage) -> Result<Delivere
     if !message.content.is_ascii() && smtp.server_info().supports_feature(Extension::EightBitMime) {
         parameters.push(MailParameter::Body(MailBodyParameter::EightBitMime));
     }
-    let from = message
-        .envelope_from
-        .parse()
-        .map_err(|_| SendFailure::invalid(format!("invalid envelope sender {:?}", message.envelope_from)))?;
-    smtp.command(Mail::new(Some(from), parameters)).map_err(SendFailure::from_smtp)?;
+    let from = message.envelope_from.parse().map_err(|_| {
+        SendFailure::invalid(format!(
+            "invalid envelope sender {:?}",
+            message.envelope_from
+        ))
+    })?;
+    smtp.command(Mail::new(Some(from), parameters))
+        .map_err(SendFailure::from_smtp)?;
     let mut refused = Vec::new();
     let mut first_refusal = None;
     for recipient in &message.recipients {
@@ -438,7 +496,8 @@ fn send(smtp: &mut SmtpConnection, message: &OutgoingMessage) -> Result<Delivere
         }
     }
     smtp.command(Data).map_err(SendFailure::from_smtp)?;
-    smtp.command(DataBody(&message.content)).map_err(SendFailure::from_smtp)?;
+    smtp.command(DataBody(&message.content))
+        .map_err(SendFailure::from_smtp)?;
     Ok(Delivered { refused })
 }
 
@@ -526,7 +585,10 @@ mod tests {
 
     #[test]
     fn dot_stuffing_and_terminator() {
-        assert_eq!(DataBody("a\r\n.b\r\n..c\r\n").to_string(), "a\r\n..b\r\n...c\r\n\r\n.\r\n");
+        assert_eq!(
+            DataBody("a\r\n.b\r\n..c\r\n").to_string(),
+            "a\r\n..b\r\n...c\r\n\r\n.\r\n"
+        );
         assert_eq!(DataBody(".x").to_string(), "..x\r\n.\r\n");
     }
 }

@@ -1,0 +1,650 @@
+//! Test fixtures: a real SMTP server in-process (mailin-embedded, with
+//! STARTTLS and AUTH when asked), a minimal HTTP client over loopback, and
+//! helpers to start the service in-process or as a child process.
+#![allow(dead_code)]
+
+use std::collections::{HashMap, VecDeque};
+use std::io::{BufRead, BufReader, Read, Write};
+use std::net::{IpAddr, SocketAddr, TcpListener, TcpStream};
+use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::{Arc, Condvar, Mutex, Once};
+use std::time::{Duration, Instant};
+
+use mailin_embedded::{AuthMechanism, Handler, Response, Server, SslConfig};
+use mailroom::config::{Relay, SmtpSettings, TlsMode};
+use mailroom::http::HttpServer;
+use mailroom::{Config, Engine};
+
+/// How long a test waits for something that should happen quickly.
+pub const PATIENCE: Duration = Duration::from_secs(20);
+
+/// One message as the relay received it.
+#[derive(Debug, Clone)]
+pub struct Received {
+    pub from: String,
+    pub recipients: Vec<String>,
+    pub data: Vec<u8>,
+    pub at: Instant,
+}
+
+impl Received {
+    pub fn parsed(&self) -> mail_parser::Message<'_> {
+        mail_parser::MessageParser::default()
+            .parse(&self.data)
+            .expect("the relay received a parsable message")
+    }
+}
+
+#[derive(Default)]
+struct Faults {
+    /// Replies to the next MAIL FROM commands, in order.
+    mail_replies: VecDeque<(u16, String)>,
+    /// Recipients refused with this reply.
+    refused_recipients: HashMap<String, (u16, String)>,
+    /// While true, the end of DATA waits (a stalled relay).
+    stall_data_end: bool,
+}
+
+#[derive(Default)]
+struct RelayState {
+    received: Mutex<Vec<Received>>,
+    arrived: Condvar,
+    connections: AtomicUsize,
+    faults: Mutex<Faults>,
+    unstalled: Condvar,
+    stalled_sessions: AtomicUsize,
+    credentials: Option<(String, String)>,
+}
+
+#[derive(Clone)]
+struct RelayHandler {
+    state: Arc<RelayState>,
+    counted: bool,
+    from: String,
+    recipients: Vec<String>,
+    data: Vec<u8>,
+}
+
+impl Handler for RelayHandler {
+    fn helo(&mut self, _ip: IpAddr, _domain: &str) -> Response {
+        // The handler is cloned per connection; EHLO comes again after STARTTLS.
+        if !self.counted {
+            self.counted = true;
+            self.state.connections.fetch_add(1, Ordering::SeqCst);
+        }
+        mailin_embedded::response::OK
+    }
+
+    fn mail(&mut self, _ip: IpAddr, _domain: &str, from: &str) -> Response {
+        self.from = from.to_string();
+        self.recipients.clear();
+        if let Some((code, text)) = self.state.faults.lock().unwrap().mail_replies.pop_front() {
+            return Response::custom(code, text);
+        }
+        mailin_embedded::response::OK
+    }
+
+    fn rcpt(&mut self, to: &str) -> Response {
+        if let Some((code, text)) = self.state.faults.lock().unwrap().refused_recipients.get(to) {
+            return Response::custom(*code, text.clone());
+        }
+        self.recipients.push(to.to_string());
+        mailin_embedded::response::OK
+    }
+
+    fn data_start(
+        &mut self,
+        _domain: &str,
+        _from: &str,
+        _is8bit: bool,
+        _to: &[String],
+    ) -> Response {
+        self.data.clear();
+        mailin_embedded::response::OK
+    }
+
+    fn data(&mut self, buf: &[u8]) -> std::io::Result<()> {
+        self.data.extend_from_slice(buf);
+        Ok(())
+    }
+
+    fn data_end(&mut self) -> Response {
+        let mut faults = self.state.faults.lock().unwrap();
+        if faults.stall_data_end {
+            self.state.stalled_sessions.fetch_add(1, Ordering::SeqCst);
+            while faults.stall_data_end {
+                faults = self.state.unstalled.wait(faults).unwrap();
+            }
+        }
+        drop(faults);
+        let mut received = self.state.received.lock().unwrap();
+        received.push(Received {
+            from: self.from.clone(),
+            recipients: self.recipients.clone(),
+            data: std::mem::take(&mut self.data),
+            at: Instant::now(),
+        });
+        self.state.arrived.notify_all();
+        mailin_embedded::response::OK
+    }
+
+    fn auth_plain(&mut self, _authorization_id: &str, user: &str, password: &str) -> Response {
+        self.check_login(user, password)
+    }
+
+    fn auth_login(&mut self, user: &str, password: &str) -> Response {
+        self.check_login(user, password)
+    }
+}
+
+impl RelayHandler {
+    fn check_login(&self, user: &str, password: &str) -> Response {
+        match &self.state.credentials {
+            Some((expected_user, expected_password))
+                if user == expected_user && password == expected_password =>
+            {
+                mailin_embedded::response::AUTH_OK
+            }
+            _ => mailin_embedded::response::INVALID_CREDENTIALS,
+        }
+    }
+}
+
+/// Certificates for STARTTLS: a CA (what the client trusts) and a leaf for `localhost`.
+pub struct TestCertificates {
+    pub directory: PathBuf,
+    pub ca_file: PathBuf,
+    pub cert_file: PathBuf,
+    pub key_file: PathBuf,
+}
+
+pub fn certificates() -> TestCertificates {
+    use rcgen::{BasicConstraints, CertificateParams, IsCa, KeyPair};
+    let directory = temp_dir("certs");
+    let ca_key = KeyPair::generate().unwrap();
+    let mut ca_params = CertificateParams::new(Vec::new()).unwrap();
+    ca_params.is_ca = IsCa::Ca(BasicConstraints::Unconstrained);
+    let ca = ca_params.self_signed(&ca_key).unwrap();
+    let leaf_key = KeyPair::generate().unwrap();
+    let leaf = CertificateParams::new(vec!["localhost".to_string()])
+        .unwrap()
+        .signed_by(&leaf_key, &ca, &ca_key)
+        .unwrap();
+    let certificates = TestCertificates {
+        ca_file: directory.join("ca.pem"),
+        cert_file: directory.join("cert.pem"),
+        key_file: directory.join("key.pem"),
+        directory,
+    };
+    std::fs::write(&certificates.ca_file, ca.pem()).unwrap();
+    std::fs::write(&certificates.cert_file, leaf.pem()).unwrap();
+    std::fs::write(&certificates.key_file, leaf_key.serialize_pem()).unwrap();
+    certificates
+}
+
+/// A real SMTP server on a loopback port, running until the test process ends.
+pub struct TestRelay {
+    pub port: u16,
+    state: Arc<RelayState>,
+    pub ca_file: Option<PathBuf>,
+    pub credentials: Option<(String, String)>,
+}
+
+static CRYPTO: Once = Once::new();
+
+impl TestRelay {
+    /// Plain SMTP, no AUTH.
+    pub fn plain() -> TestRelay {
+        TestRelay::start(TcpListener::bind("127.0.0.1:0").unwrap(), false, None)
+    }
+
+    /// Plain SMTP on a given listener (e.g. a port reserved earlier).
+    pub fn plain_on(listener: TcpListener) -> TestRelay {
+        TestRelay::start(listener, false, None)
+    }
+
+    /// STARTTLS with a certificate for `localhost`, and AUTH PLAIN/LOGIN.
+    pub fn starttls_with_auth(user: &str, password: &str) -> TestRelay {
+        TestRelay::start(
+            TcpListener::bind("127.0.0.1:0").unwrap(),
+            true,
+            Some((user.to_string(), password.to_string())),
+        )
+    }
+
+    fn start(listener: TcpListener, tls: bool, credentials: Option<(String, String)>) -> TestRelay {
+        CRYPTO.call_once(|| {
+            // Test builds see two rustls providers (ring for lettre,
+            // aws-lc-rs from mailin's defaults): choose one.
+            let _ = rustls::crypto::ring::default_provider().install_default();
+        });
+        let port = listener.local_addr().unwrap().port();
+        let state = Arc::new(RelayState {
+            credentials: credentials.clone(),
+            ..RelayState::default()
+        });
+        let handler = RelayHandler {
+            state: Arc::clone(&state),
+            counted: false,
+            from: String::new(),
+            recipients: Vec::new(),
+            data: Vec::new(),
+        };
+        let mut server = Server::new(handler);
+        server
+            .with_name("relay.test")
+            .with_num_threads(64)
+            .with_tcp_listener(listener);
+        let mut ca_file = None;
+        if tls {
+            let certificates = certificates();
+            server
+                .with_ssl(SslConfig::Trusted {
+                    cert_path: certificates.cert_file.to_string_lossy().into_owned(),
+                    key_path: certificates.key_file.to_string_lossy().into_owned(),
+                    chain_path: certificates.ca_file.to_string_lossy().into_owned(),
+                })
+                .unwrap();
+            server
+                .with_auth(AuthMechanism::Plain)
+                .with_auth(AuthMechanism::Login);
+            ca_file = Some(certificates.ca_file);
+        }
+        std::thread::spawn(move || {
+            let _ = server.serve();
+        });
+        TestRelay {
+            port,
+            state,
+            ca_file,
+            credentials,
+        }
+    }
+
+    /// Relay settings for the service's config.
+    pub fn settings(&self) -> SmtpSettings {
+        let tls = self.ca_file.is_some();
+        SmtpSettings {
+            host: if tls {
+                "localhost".into()
+            } else {
+                "127.0.0.1".into()
+            },
+            port: self.port,
+            tls: if tls {
+                TlsMode::Required
+            } else {
+                TlsMode::None
+            },
+            credentials: self
+                .credentials
+                .clone()
+                .map(|(user, password)| (user, mailroom::config::Secret::new(password))),
+            hello_name: None,
+            extra_root_pem: self
+                .ca_file
+                .as_ref()
+                .map(|file| std::fs::read(file).unwrap()),
+            timeout: Duration::from_secs(10),
+        }
+    }
+
+    /// `MAILROOM_SMTP_URL` for a child process.
+    pub fn url(&self) -> String {
+        match (&self.ca_file, &self.credentials) {
+            (Some(_), Some((user, password))) => format!(
+                "smtp://{user}:{password}@localhost:{}?tls=required",
+                self.port
+            ),
+            _ => format!("smtp://127.0.0.1:{}", self.port),
+        }
+    }
+
+    /// Waits until at least `count` messages arrived; returns all of them.
+    pub fn wait_for(&self, count: usize) -> Vec<Received> {
+        let deadline = Instant::now() + PATIENCE;
+        let mut received = self.state.received.lock().unwrap();
+        while received.len() < count {
+            let left = deadline.saturating_duration_since(Instant::now());
+            assert!(
+                !left.is_zero(),
+                "expected {count} messages at the relay, got {}",
+                received.len()
+            );
+            received = self.state.arrived.wait_timeout(received, left).unwrap().0;
+        }
+        received.clone()
+    }
+
+    pub fn received(&self) -> Vec<Received> {
+        self.state.received.lock().unwrap().clone()
+    }
+
+    pub fn connections(&self) -> usize {
+        self.state.connections.load(Ordering::SeqCst)
+    }
+
+    /// The next MAIL FROM commands get these replies (then 250 again).
+    pub fn reply_to_next_mail(&self, replies: &[(u16, &str)]) {
+        let mut faults = self.state.faults.lock().unwrap();
+        faults
+            .mail_replies
+            .extend(replies.iter().map(|(code, text)| (*code, text.to_string())));
+    }
+
+    pub fn refuse_recipient(&self, address: &str, code: u16, text: &str) {
+        let mut faults = self.state.faults.lock().unwrap();
+        faults
+            .refused_recipients
+            .insert(address.to_string(), (code, text.to_string()));
+    }
+
+    /// While stalled, sessions wait at the end of DATA without answering.
+    pub fn stall(&self, stalled: bool) {
+        self.state.faults.lock().unwrap().stall_data_end = stalled;
+        if !stalled {
+            self.state.unstalled.notify_all();
+        }
+    }
+
+    pub fn stalled_sessions(&self) -> usize {
+        self.state.stalled_sessions.load(Ordering::SeqCst)
+    }
+}
+
+/// A free loopback port with nothing listening (connections are refused).
+pub fn unused_port() -> (u16, TcpListener) {
+    let listener = TcpListener::bind("127.0.0.1:0").unwrap();
+    (listener.local_addr().unwrap().port(), listener)
+}
+
+pub fn temp_dir(name: &str) -> PathBuf {
+    static COUNTER: AtomicUsize = AtomicUsize::new(0);
+    let directory = std::env::temp_dir().join(format!(
+        "mailroom-test-{}-{name}-{}",
+        std::process::id(),
+        COUNTER.fetch_add(1, Ordering::SeqCst)
+    ));
+    let _ = std::fs::remove_dir_all(&directory);
+    std::fs::create_dir_all(&directory).unwrap();
+    directory
+}
+
+/// Test configuration: the given relay, memory spool, quick retries.
+pub fn config_for(relay: &TestRelay) -> Config {
+    let mut config = Config::for_outbox(temp_dir("unused-outbox"));
+    config.relay = Relay::Smtp(relay.settings());
+    config.retry_base = Duration::from_millis(20);
+    config.retry_max = Duration::from_millis(200);
+    config
+}
+
+/// The service running in this process, on a loopback port.
+pub struct Service {
+    pub engine: Engine,
+    pub server: Arc<HttpServer>,
+    pub address: SocketAddr,
+}
+
+impl Service {
+    pub fn start(config: Config) -> Service {
+        let engine = Engine::start(config).expect("engine starts");
+        let server =
+            Arc::new(HttpServer::bind(engine.clone(), "127.0.0.1:0".parse().unwrap()).unwrap());
+        let address = server.local_addr().unwrap();
+        let runner = Arc::clone(&server);
+        std::thread::spawn(move || runner.run());
+        Service {
+            engine,
+            server,
+            address,
+        }
+    }
+
+    pub fn post(&self, path: &str, body: &str) -> HttpReply {
+        request(self.address, "POST", path, &[], body.as_bytes())
+    }
+
+    pub fn get(&self, path: &str) -> HttpReply {
+        request(self.address, "GET", path, &[], b"")
+    }
+
+    /// Polls the status endpoint until `status` is reached.
+    pub fn wait_for_status(&self, id: &str, status: &str) -> serde_json::Value {
+        wait_for_status(self.address, id, status)
+    }
+}
+
+impl Drop for Service {
+    fn drop(&mut self) {
+        self.server.stop();
+        self.engine.shutdown();
+    }
+}
+
+pub fn wait_for_status(address: SocketAddr, id: &str, status: &str) -> serde_json::Value {
+    let deadline = Instant::now() + PATIENCE;
+    loop {
+        let reply = request(address, "GET", &format!("/api/mail/{id}"), &[], b"");
+        if reply.code == 200 && reply.json()["data"]["status"] == status {
+            return reply.json()["data"].clone();
+        }
+        assert!(
+            Instant::now() < deadline,
+            "message {id} never reached {status}: {}",
+            reply.body_text()
+        );
+        // Polling an HTTP endpoint, as a user would; not synchronisation.
+        std::thread::sleep(Duration::from_millis(10));
+    }
+}
+
+/// An HTTP answer.
+#[derive(Debug)]
+pub struct HttpReply {
+    pub code: u16,
+    pub headers: Vec<(String, String)>,
+    pub body: Vec<u8>,
+}
+
+impl HttpReply {
+    pub fn json(&self) -> serde_json::Value {
+        serde_json::from_slice(&self.body)
+            .unwrap_or_else(|error| panic!("not JSON ({error}): {}", self.body_text()))
+    }
+    pub fn body_text(&self) -> String {
+        String::from_utf8_lossy(&self.body).into_owned()
+    }
+    pub fn header(&self, name: &str) -> Option<&str> {
+        self.headers
+            .iter()
+            .find(|(key, _)| key.eq_ignore_ascii_case(name))
+            .map(|(_, value)| value.as_str())
+    }
+    /// The `data.id` of a 202/200 answer.
+    pub fn id(&self) -> String {
+        self.json()["data"]["id"]
+            .as_str()
+            .expect("an id")
+            .to_string()
+    }
+}
+
+/// One HTTP/1.1 request on a new connection.
+pub fn request(
+    address: SocketAddr,
+    method: &str,
+    path: &str,
+    headers: &[(&str, &str)],
+    body: &[u8],
+) -> HttpReply {
+    let mut stream = TcpStream::connect(address).unwrap();
+    stream
+        .set_read_timeout(Some(Duration::from_secs(60)))
+        .unwrap();
+    let mut head = format!(
+        "{method} {path} HTTP/1.1\r\nHost: test\r\nConnection: close\r\nContent-Length: {}\r\n",
+        body.len()
+    );
+    for (name, value) in headers {
+        head.push_str(&format!("{name}: {value}\r\n"));
+    }
+    head.push_str("\r\n");
+    stream.write_all(head.as_bytes()).unwrap();
+    stream.write_all(body).unwrap();
+    read_reply(&mut BufReader::new(stream))
+}
+
+/// Reads one HTTP answer (Content-Length or chunked).
+pub fn read_reply(reader: &mut impl BufRead) -> HttpReply {
+    let mut status_line = String::new();
+    reader.read_line(&mut status_line).unwrap();
+    let code = status_line
+        .split_whitespace()
+        .nth(1)
+        .and_then(|code| code.parse().ok())
+        .unwrap_or_else(|| panic!("bad status line {status_line:?}"));
+    let mut headers = Vec::new();
+    loop {
+        let mut line = String::new();
+        reader.read_line(&mut line).unwrap();
+        let line = line.trim_end();
+        if line.is_empty() {
+            break;
+        }
+        if let Some((name, value)) = line.split_once(':') {
+            headers.push((name.trim().to_string(), value.trim().to_string()));
+        }
+    }
+    let find = |name: &str| {
+        headers
+            .iter()
+            .find(|(key, _)| key.eq_ignore_ascii_case(name))
+            .map(|(_, value)| value.clone())
+    };
+    let mut body = Vec::new();
+    if let Some(length) = find("Content-Length") {
+        body.resize(length.parse().unwrap(), 0);
+        reader.read_exact(&mut body).unwrap();
+    } else if find("Transfer-Encoding").is_some_and(|value| value.contains("chunked")) {
+        loop {
+            let mut size = String::new();
+            reader.read_line(&mut size).unwrap();
+            let size = usize::from_str_radix(size.trim(), 16).unwrap();
+            let mut chunk = vec![0; size + 2];
+            reader.read_exact(&mut chunk).unwrap();
+            if size == 0 {
+                break;
+            }
+            body.extend_from_slice(&chunk[..size]);
+        }
+    } else {
+        reader.read_to_end(&mut body).unwrap();
+    }
+    HttpReply {
+        code,
+        headers,
+        body,
+    }
+}
+
+/// The seed's request body.
+pub fn seed_body(receiver: &str, subject: &str) -> String {
+    serde_json::json!({
+        "sender": "App <app@example.com>",
+        "receiver": receiver,
+        "subject": subject,
+        "message": "Hello from mailroom",
+    })
+    .to_string()
+}
+
+/// The service binary as a child process, with its own environment.
+pub struct ChildService {
+    pub child: std::process::Child,
+    pub address: SocketAddr,
+    pub log: PathBuf,
+}
+
+impl ChildService {
+    /// Starts `mailroom` in `directory` with `variables`, on a free port,
+    /// and waits until it answers `/healthz`.
+    pub fn start(directory: &Path, variables: &[(&str, String)]) -> ChildService {
+        let (port, reserved) = unused_port();
+        drop(reserved);
+        let address: SocketAddr = format!("127.0.0.1:{port}").parse().unwrap();
+        let log = directory.join(format!("service-{port}.log"));
+        let mut command = std::process::Command::new(env!("CARGO_BIN_EXE_mailroom"));
+        command
+            .current_dir(directory)
+            .env_clear()
+            .env("PATH", std::env::var("PATH").unwrap_or_default())
+            .env("MAILROOM_LISTEN", address.to_string())
+            .env("RUST_LOG", "info")
+            .stdout(std::fs::File::create(&log).unwrap())
+            .stderr(std::fs::File::options().append(true).open(&log).unwrap());
+        for (name, value) in variables {
+            command.env(name, value);
+        }
+        let child = command.spawn().unwrap();
+        let service = ChildService {
+            child,
+            address,
+            log,
+        };
+        let deadline = Instant::now() + PATIENCE;
+        while TcpStream::connect(address).is_err() {
+            assert!(
+                Instant::now() < deadline,
+                "service did not start: {}",
+                service.log_text()
+            );
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        service
+    }
+
+    pub fn log_text(&self) -> String {
+        std::fs::read_to_string(&self.log).unwrap_or_default()
+    }
+
+    pub fn post(&self, path: &str, body: &str) -> HttpReply {
+        request(self.address, "POST", path, &[], body.as_bytes())
+    }
+
+    pub fn kill_hard(&mut self) {
+        self.child.kill().unwrap(); // SIGKILL
+        self.child.wait().unwrap();
+    }
+
+    pub fn signal(&self, signal: &str) {
+        let status = std::process::Command::new("kill")
+            .args([format!("-{signal}"), self.child.id().to_string()])
+            .status()
+            .unwrap();
+        assert!(status.success());
+    }
+
+    pub fn wait_exit(&mut self, limit: Duration) -> std::process::ExitStatus {
+        let deadline = Instant::now() + limit;
+        loop {
+            if let Some(status) = self.child.try_wait().unwrap() {
+                return status;
+            }
+            assert!(
+                Instant::now() < deadline,
+                "service did not exit in {limit:?}: {}",
+                self.log_text()
+            );
+            std::thread::sleep(Duration::from_millis(20));
+        }
+    }
+}
+
+impl Drop for ChildService {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
