@@ -176,15 +176,16 @@ fn deliver(shared: &Shared, transport: &mut Transport, mut job: Job) {
                 None => log::info!("message {id}: sent, attempt {attempt}"),
             }
             log::debug!("message {id}: recipients {:?}", job.message.recipients);
-            shared.status.update(&id, |status| {
-                status.state = State::Sent;
-                status.last_error = last_error;
-            });
+            // The spool changes first: a status the API shows is on disk.
             if job.is_durable() {
                 if let Err(error) = shared.spool.remove(&id) {
                     log::error!("message {id}: sent but not removed from the spool ({error}); it may be sent again after a restart");
                 }
             }
+            shared.status.update(&id, |status| {
+                status.state = State::Sent;
+                status.last_error = last_error;
+            });
             shared.finish();
             if let Some(waiter) = job.waiter.take() {
                 let _ = waiter.send(Ok(delivered));
@@ -227,17 +228,17 @@ fn schedule_retry(shared: &Shared, job: Job, error: DeliveryError, elapsed: Dura
         delay.as_millis(),
         error.detail
     );
-    shared.status.update(&id, |status| {
-        status.state = State::Retrying;
-        status.last_error = Some(error.detail.clone());
-        status.next_attempt_at = Some(next_attempt_at);
-    });
     if let Err(write_error) = shared
         .spool
         .store(&job.spool_record(Some(next_attempt_at), Some(error.detail.clone())))
     {
         log::error!("message {id}: cannot record the retry in the spool: {write_error}");
     }
+    shared.status.update(&id, |status| {
+        status.state = State::Retrying;
+        status.last_error = Some(error.detail.clone());
+        status.next_attempt_at = Some(next_attempt_at);
+    });
     if let Err(stopped) = shared.retry.schedule(Instant::now() + delay, job) {
         // Only during shutdown: the message stays in the spool (or, in memory mode, is dropped).
         log::warn!(
@@ -260,10 +261,6 @@ fn fail(shared: &Shared, mut job: Job, error: DeliveryError, elapsed: Duration) 
         job.attempts,
         error.detail
     );
-    shared.status.update(&id, |status| {
-        status.state = State::Failed;
-        status.last_error = Some(error.detail.clone());
-    });
     if job.is_durable() {
         if let Err(write_error) = shared
             .spool
@@ -272,6 +269,10 @@ fn fail(shared: &Shared, mut job: Job, error: DeliveryError, elapsed: Duration) 
             log::error!("message {id}: cannot move it to the dead letters: {write_error}");
         }
     }
+    shared.status.update(&id, |status| {
+        status.state = State::Failed;
+        status.last_error = Some(error.detail.clone());
+    });
     shared.finish();
     if let Some(waiter) = job.waiter.take() {
         let _ = waiter.send(Err(error));

@@ -1,0 +1,430 @@
+//! Durability against the real binary as a child process: kill -9 and
+//! SIGTERM with messages queued, in flight and waiting for retry; corrupt
+//! spool data; dead letters; systemd notification; memory mode.
+
+mod common;
+
+use std::collections::{HashMap, HashSet};
+use std::net::SocketAddr;
+use std::os::unix::net::UnixDatagram;
+use std::path::Path;
+use std::time::{Duration, Instant};
+
+use common::*;
+
+/// The child's environment: this relay, this spool, plus `extra`.
+fn variables(relay_url: &str, spool: &Path, extra: &[(&str, &str)]) -> Vec<(&'static str, String)> {
+    let mut variables = vec![
+        ("MAILROOM_SMTP_URL", relay_url.to_string()),
+        ("MAILROOM_SPOOL_DIR", spool.display().to_string()),
+        ("MAILROOM_RETRY_BASE_MS", "50".to_string()),
+        ("MAILROOM_RETRY_MAX_MS", "200".to_string()),
+    ];
+    for (name, value) in extra {
+        // Leaked once per test: the names are 'static in ChildService's API.
+        let name: &'static str = Box::leak(name.to_string().into_boxed_str());
+        variables.retain(|(existing, _)| *existing != name);
+        variables.push((name, value.to_string()));
+    }
+    variables
+}
+
+/// Posts `count` seed requests; every one must get a 202.
+fn accept(address: SocketAddr, count: usize, subject: &str) -> Vec<String> {
+    (0..count)
+        .map(|index| {
+            let body = seed_body("user@example.org", &format!("{subject} {index}"));
+            let reply = request(address, "POST", "/api/mail", &[], body.as_bytes());
+            assert_eq!(reply.code, 202, "{}", reply.body_text());
+            reply.id()
+        })
+        .collect()
+}
+
+fn status(address: SocketAddr, id: &str) -> serde_json::Value {
+    let reply = request(address, "GET", &format!("/api/mail/{id}"), &[], b"");
+    assert_eq!(reply.code, 200, "status of {id}: {}", reply.body_text());
+    reply.json()["data"].clone()
+}
+
+/// Polls `condition` until it holds (a liveness check with a generous deadline).
+fn wait_until(what: &str, mut condition: impl FnMut() -> bool) {
+    let deadline = Instant::now() + PATIENCE;
+    while !condition() {
+        assert!(Instant::now() < deadline, "timed out waiting until {what}");
+        std::thread::sleep(Duration::from_millis(10));
+    }
+}
+
+/// How many times the relay received each message id.
+fn delivered_counts(relay: &TestRelay) -> HashMap<String, usize> {
+    let mut counts = HashMap::new();
+    for received in relay.received() {
+        let message_id = received
+            .parsed()
+            .message_id()
+            .expect("Message-ID")
+            .to_string();
+        let id = message_id.split('@').next().unwrap_or_default().to_string();
+        *counts.entry(id).or_insert(0) += 1;
+    }
+    counts
+}
+
+/// Every id arrived; the ones that arrived twice were in flight at the
+/// crash (`in_flight`), and none arrived more than twice.
+fn assert_delivered_at_least_once(
+    relay: &TestRelay,
+    ids: &[String],
+    in_flight: &HashSet<String>,
+) -> usize {
+    let counts = delivered_counts(relay);
+    for id in ids {
+        assert!(
+            counts.get(id).is_some_and(|n| *n >= 1),
+            "{id} never arrived"
+        );
+    }
+    let duplicated: Vec<&String> = counts
+        .iter()
+        .filter(|(_, count)| **count > 1)
+        .map(|(id, _)| id)
+        .collect();
+    for id in &duplicated {
+        assert!(
+            in_flight.contains(*id),
+            "{id} arrived {} times but was not in flight at the crash",
+            counts[*id]
+        );
+        assert_eq!(counts[*id], 2, "{id}");
+    }
+    duplicated.len()
+}
+
+fn ids_in_state(address: SocketAddr, ids: &[String], state: &str) -> HashSet<String> {
+    ids.iter()
+        .filter(|id| status(address, id)["status"] == state)
+        .cloned()
+        .collect()
+}
+
+#[test]
+fn kill_9_with_queued_and_in_flight_messages_loses_nothing() {
+    let relay = TestRelay::plain();
+    relay.stall(true);
+    let directory = temp_dir("kill9");
+    let env = variables(
+        &relay.url(),
+        &directory.join("spool"),
+        &[("MAILROOM_WORKERS", "3")],
+    );
+    let mut service = ChildService::start(&directory, &env);
+    let ids = accept(service.address, 20, "kill -9");
+    wait_until("every worker holds a message at the stalled relay", || {
+        relay.stalled_sessions() >= 3
+    });
+    let in_flight = ids_in_state(service.address, &ids, "sending");
+    assert_eq!(in_flight.len(), 3, "one message per worker in flight");
+    service.kill_hard();
+    // The stalled sessions now complete: the relay got the in-flight
+    // messages, but the dead process never learnt it.
+    relay.stall(false);
+
+    let restarted = ChildService::start(&directory, &env);
+    for id in &ids {
+        wait_for_status(restarted.address, id, "sent");
+    }
+    let duplicates = assert_delivered_at_least_once(&relay, &ids, &in_flight);
+    assert!(duplicates <= 3, "{duplicates} duplicates with 3 workers");
+    assert!(
+        restarted
+            .log_text()
+            .contains("recovered 20 unfinished messages"),
+        "{}",
+        restarted.log_text()
+    );
+}
+
+#[test]
+fn sigterm_finishes_deliveries_in_flight_and_keeps_the_rest() {
+    let relay = TestRelay::plain();
+    relay.stall(true);
+    let directory = temp_dir("sigterm");
+    let env = variables(
+        &relay.url(),
+        &directory.join("spool"),
+        &[("MAILROOM_WORKERS", "2")],
+    );
+    let mut service = ChildService::start(&directory, &env);
+    let ids = accept(service.address, 10, "sigterm");
+    wait_until("both workers hold a message", || {
+        relay.stalled_sessions() >= 2
+    });
+    let in_flight = ids_in_state(service.address, &ids, "sending");
+    assert_eq!(in_flight.len(), 2);
+
+    service.signal("TERM");
+    wait_until("/readyz says 503", || {
+        request(service.address, "GET", "/readyz", &[], b"").code == 503
+    });
+    let refused = service.post("/api/mail", &seed_body("user@example.org", "too late"));
+    assert_eq!(refused.code, 503, "{}", refused.body_text());
+    assert!(refused.header("Retry-After").is_some());
+    // The relay answers: the two deliveries in flight finish, then it exits.
+    relay.stall(false);
+    let exit = service.wait_exit(PATIENCE);
+    assert_eq!(exit.code(), Some(0), "{}", service.log_text());
+    assert_eq!(relay.wait_for(2).len(), 2);
+    assert!(
+        service.log_text().contains("8 unfinished messages kept"),
+        "{}",
+        service.log_text()
+    );
+
+    let restarted = ChildService::start(&directory, &env);
+    // Statuses of messages sent before the stop are not kept across it.
+    for id in ids.iter().filter(|id| !in_flight.contains(*id)) {
+        wait_for_status(restarted.address, id, "sent");
+    }
+    // A clean stop sends nothing twice.
+    let counts = delivered_counts(&relay);
+    for id in &ids {
+        assert_eq!(counts.get(id), Some(&1), "{id}");
+    }
+    assert_eq!(relay.received().len(), 10);
+}
+
+#[test]
+fn sigterm_with_a_stuck_relay_exits_at_the_shutdown_timeout() {
+    let relay = TestRelay::plain();
+    relay.stall(true);
+    let directory = temp_dir("stuck");
+    let env = variables(
+        &relay.url(),
+        &directory.join("spool"),
+        &[
+            ("MAILROOM_WORKERS", "2"),
+            ("MAILROOM_SHUTDOWN_TIMEOUT_MS", "1000"),
+        ],
+    );
+    let mut service = ChildService::start(&directory, &env);
+    let ids = accept(service.address, 6, "stuck");
+    wait_until("both workers hold a message", || {
+        relay.stalled_sessions() >= 2
+    });
+    let in_flight = ids_in_state(service.address, &ids, "sending");
+
+    let signalled = Instant::now();
+    service.signal("TERM");
+    let exit = service.wait_exit(PATIENCE);
+    assert_eq!(exit.code(), Some(0), "{}", service.log_text());
+    assert!(
+        signalled.elapsed() >= Duration::from_millis(1000),
+        "it waited for the deliveries in flight"
+    );
+    assert!(service.log_text().contains("shutdown timeout reached"));
+    relay.stall(false);
+
+    let restarted = ChildService::start(&directory, &env);
+    for id in &ids {
+        wait_for_status(restarted.address, id, "sent");
+    }
+    assert!(assert_delivered_at_least_once(&relay, &ids, &in_flight) <= 2);
+}
+
+#[test]
+fn retry_schedule_survives_a_restart() {
+    let relay = TestRelay::plain();
+    relay.reply_to_next_mail(&[(451, "4.3.0 Try again later"); 2]);
+    let directory = temp_dir("retry");
+    let env = variables(
+        &relay.url(),
+        &directory.join("spool"),
+        &[
+            // Long enough for a kill and a restart between the attempts.
+            ("MAILROOM_RETRY_BASE_MS", "8000"),
+            ("MAILROOM_RETRY_MAX_MS", "8000"),
+            ("MAILROOM_MAX_ATTEMPTS", "2"),
+        ],
+    );
+    let mut service = ChildService::start(&directory, &env);
+    let id = accept(service.address, 1, "retry")[0].clone();
+    let before = wait_for_status(service.address, &id, "retrying");
+    assert_eq!(before["attempts"], 1);
+    service.kill_hard();
+
+    let restarted = ChildService::start(&directory, &env);
+    let after = status(restarted.address, &id);
+    if after["status"] == "retrying" {
+        assert_eq!(after["attempts"], 1, "{after}");
+        assert_eq!(
+            after["next_attempt_at"], before["next_attempt_at"],
+            "{after}"
+        );
+        assert!(after["last_error"].as_str().unwrap().contains("451"));
+    }
+    // The second attempt is the last one (MAILROOM_MAX_ATTEMPTS=2): had the
+    // count restarted, it would be retried and sent instead.
+    let last = wait_for_status(restarted.address, &id, "failed");
+    assert_eq!(last["attempts"], 2, "{last}");
+    assert!(
+        last["last_error"].as_str().unwrap().contains("451"),
+        "{last}"
+    );
+    assert!(relay.received().is_empty());
+}
+
+#[test]
+fn dead_letters_stay_readable_after_a_restart() {
+    let relay = TestRelay::plain();
+    relay.refuse_recipient("nobody@example.org", 550, "5.1.1 No such user here");
+    let directory = temp_dir("dead");
+    let spool = directory.join("spool");
+    let env = variables(&relay.url(), &spool, &[]);
+    let mut service = ChildService::start(&directory, &env);
+    let body = seed_body("nobody@example.org", "doomed");
+    let headers = [("Idempotency-Key", "dead-letter-1")];
+    let reply = request(
+        service.address,
+        "POST",
+        "/api/mail",
+        &headers,
+        body.as_bytes(),
+    );
+    assert_eq!(reply.code, 202);
+    let id = reply.id();
+    wait_for_status(service.address, &id, "failed");
+    service.kill_hard();
+    assert!(spool.join("dead").join(format!("{id}.json")).is_file());
+
+    let restarted = ChildService::start(&directory, &env);
+    let dead = status(restarted.address, &id);
+    assert_eq!(dead["status"], "failed", "{dead}");
+    assert_eq!(dead["attempts"], 1);
+    assert!(
+        dead["last_error"].as_str().unwrap().contains("550"),
+        "{dead}"
+    );
+    // The idempotency key survived too: the repeat queues nothing new.
+    let repeat = request(
+        restarted.address,
+        "POST",
+        "/api/mail",
+        &headers,
+        body.as_bytes(),
+    );
+    assert_eq!(repeat.code, 202);
+    assert_eq!(repeat.id(), id);
+    assert!(relay.received().is_empty());
+}
+
+#[test]
+fn notify_socket_gets_ready_then_stopping() {
+    let relay = TestRelay::plain();
+    let directory = temp_dir("notify");
+    let socket_path = directory.join("notify.sock");
+    let socket = UnixDatagram::bind(&socket_path).unwrap();
+    socket.set_read_timeout(Some(PATIENCE)).unwrap();
+    let mut env = variables(&relay.url(), &directory.join("spool"), &[]);
+    env.push(("NOTIFY_SOCKET", socket_path.display().to_string()));
+    let mut service = ChildService::start(&directory, &env);
+
+    let mut buffer = [0u8; 256];
+    let length = socket
+        .recv(&mut buffer)
+        .expect("READY=1 within the deadline");
+    assert_eq!(&buffer[..length], b"READY=1");
+    // Ready means ready: the API answers.
+    assert_eq!(accept(service.address, 1, "notify").len(), 1);
+
+    service.signal("TERM");
+    let length = socket
+        .recv(&mut buffer)
+        .expect("STOPPING=1 within the deadline");
+    assert_eq!(&buffer[..length], b"STOPPING=1");
+    assert_eq!(service.wait_exit(PATIENCE).code(), Some(0));
+}
+
+#[test]
+fn memory_mode_sigterm_reports_dropped_messages() {
+    let (port, reserved) = unused_port();
+    drop(reserved); // nothing listens: every attempt fails to connect
+    let directory = temp_dir("memory");
+    let env = variables(
+        &format!("smtp://127.0.0.1:{port}"),
+        Path::new("none"),
+        &[
+            ("MAILROOM_RETRY_BASE_MS", "60000"),
+            ("MAILROOM_RETRY_MAX_MS", "60000"),
+            ("MAILROOM_SHUTDOWN_TIMEOUT_MS", "2000"),
+        ],
+    );
+    let mut service = ChildService::start(&directory, &env);
+    let ids = accept(service.address, 4, "undeliverable");
+    for id in &ids {
+        wait_for_status(service.address, id, "retrying");
+    }
+    service.signal("TERM");
+    let exit = service.wait_exit(PATIENCE);
+    assert_eq!(exit.code(), Some(0), "{}", service.log_text());
+    let log = service.log_text();
+    assert!(
+        log.lines()
+            .any(|line| line.contains("MAILROOM_SPOOL_DIR=none") && line.contains("WARN")),
+        "a warning at start: {log}"
+    );
+    assert!(
+        log.lines()
+            .any(|line| line.contains("4 messages dropped") && line.contains("WARN")),
+        "{log}"
+    );
+    assert!(
+        !directory.join("none").exists(),
+        "no spool directory named none"
+    );
+}
+
+#[test]
+fn corrupt_spool_data_is_set_aside_and_the_rest_delivered() {
+    let relay = TestRelay::plain();
+    relay.stall(true);
+    let directory = temp_dir("corrupt");
+    let spool = directory.join("spool");
+    let env = variables(&relay.url(), &spool, &[("MAILROOM_WORKERS", "1")]);
+    let mut service = ChildService::start(&directory, &env);
+    let ids = accept(service.address, 5, "corrupt");
+    wait_until("the worker holds a message", || {
+        relay.stalled_sessions() >= 1
+    });
+    service.kill_hard();
+    relay.stall(false);
+
+    // A torn write: the last message's file cut short.
+    let torn = spool.join("queue").join(format!("{}.json", ids[4]));
+    let length = std::fs::metadata(&torn).unwrap().len();
+    std::fs::OpenOptions::new()
+        .write(true)
+        .open(&torn)
+        .unwrap()
+        .set_len(length / 2)
+        .unwrap();
+    // And a garbage file.
+    std::fs::write(spool.join("queue").join("garbage.json"), b"\0\x01not json").unwrap();
+
+    let restarted = ChildService::start(&directory, &env);
+    for id in &ids[..4] {
+        wait_for_status(restarted.address, id, "sent");
+    }
+    let set_aside = std::fs::read_dir(spool.join("corrupt")).unwrap().count();
+    assert_eq!(set_aside, 2, "the torn file and the garbage are set aside");
+    assert!(
+        restarted.log_text().contains("corrupt"),
+        "{}",
+        restarted.log_text()
+    );
+    let counts = delivered_counts(&relay);
+    assert!(
+        !counts.contains_key(&ids[4]),
+        "a torn message is never sent"
+    );
+}
