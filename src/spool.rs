@@ -1,24 +1,43 @@
-//! The durable queue: every accepted message is on disk (written, fsync'd,
-//! renamed into place, directory fsync'd) before its 202 is sent, and stays
-//! there until the relay accepts it. Permanently failed messages move to
-//! `dead/` as dead letters.
+//! The durable queue: an append-only journal with group commit. Every
+//! accepted message is in the journal and fsync'd before its 202; each
+//! retry rewrites its record (attempts, next due time, last error); a sent
+//! message gets a `remove` record. Permanently failed messages become dead
+//! letters, one file each.
 //!
 //! Layout under the spool directory:
-//! - `queue/<id>.json`: an unfinished message with its attempts, next due
-//!   time and last error.
-//! - `dead/<id>.json`: a permanently failed message.
-//! - `corrupt/`: files that could not be read at start, set aside.
-//! - `tmp/`: files being written; leftovers are removed at start.
+//! - `journal/<number>.journal`: segments of framed records (see `frame`),
+//!   appended by one thread (see `committer`); finished segments are deleted.
+//! - `dead/<id>.json`: a permanently failed message (a dead letter).
+//! - `corrupt/`: data that could not be read at start, set aside.
+//! - `tmp/`: dead letters being written; leftovers are removed at start.
+//!
+//! Recovery reads every segment in order and replays it (the last record
+//! of an id wins; `remove` forgets it; a dead letter beats a journal
+//! record), sets aside whatever is not a valid record, writes the result
+//! into a fresh segment, fsyncs it, and only then deletes the old segments,
+//! oldest first. A crash at any point of that leaves either the old
+//! segments or the new one complete, and replaying both gives the same state.
 
+mod committer;
+mod frame;
+
+use std::collections::HashMap;
 use std::fs::{self, File};
 use std::io::{self, Write};
 use std::path::{Path, PathBuf};
+use std::thread::JoinHandle;
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
+use crossbeam_channel::Sender;
 use serde::{Deserialize, Serialize};
 
 use crate::config::SpoolSetting;
 use crate::message::{random_u64, OutgoingMessage};
+use committer::{segment_name, segment_number, sync_directory, Change, Committer, Request};
+use frame::Piece;
+
+/// A segment is sealed and a new one started beyond this size.
+const SEGMENT_BYTES: u64 = 16 << 20;
 
 /// One message as kept on disk.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
@@ -58,58 +77,70 @@ pub struct Recovered {
     pub pending: Vec<SpoolRecord>,
     /// Dead letters, for the status endpoint.
     pub dead: Vec<SpoolRecord>,
-    /// Files set aside into `corrupt/`.
+    /// Pieces of data (byte runs, files) set aside into `corrupt/`.
     pub corrupt: usize,
 }
 
-/// The spool: a directory, or nothing (memory only).
+/// A journal record.
+#[derive(Serialize)]
+#[serde(rename_all = "snake_case")]
+enum EntryRef<'a> {
+    Store(&'a SpoolRecord),
+    Remove { id: &'a str },
+}
+
+#[derive(Deserialize)]
+#[serde(rename_all = "snake_case")]
+enum Entry {
+    Store(SpoolRecord),
+    Remove { id: String },
+}
+
+/// The spool: a journal in a directory, or nothing (memory only).
 pub struct Spool {
-    directory: Option<PathBuf>,
+    journal: Option<Journal>,
+}
+
+struct Journal {
+    directory: PathBuf,
+    /// To the committer thread; `None` only while dropping.
+    requests: Option<Sender<Request>>,
+    committer: Option<JoinHandle<()>>,
+}
+
+impl Drop for Journal {
+    fn drop(&mut self) {
+        // Closing the channel ends the committer after its current batch.
+        self.requests = None;
+        if let Some(committer) = self.committer.take() {
+            let _ = committer.join();
+        }
+    }
 }
 
 impl Spool {
     /// Opens (creating if needed) the spool and reads what it holds.
     pub fn open(setting: &SpoolSetting) -> io::Result<(Spool, Recovered)> {
-        let SpoolSetting::Directory(directory) = setting else {
-            return Ok((Spool { directory: None }, Recovered::default()));
+        match setting {
+            SpoolSetting::Directory(directory) => Spool::open_directory(directory, SEGMENT_BYTES),
+            SpoolSetting::Memory => Ok((Spool { journal: None }, Recovered::default())),
+        }
+    }
+
+    fn open_directory(directory: &Path, segment_bytes: u64) -> io::Result<(Spool, Recovered)> {
+        let (committer, recovered) = recover(directory, segment_bytes)?;
+        let (requests, receiver) = crossbeam_channel::unbounded();
+        let committer = std::thread::Builder::new()
+            .name("spool".into())
+            .spawn(move || committer.run(receiver))?;
+        let journal = Journal {
+            directory: directory.to_path_buf(),
+            requests: Some(requests),
+            committer: Some(committer),
         };
-        for sub in ["queue", "dead", "corrupt", "tmp"] {
-            fs::create_dir_all(directory.join(sub))?;
-        }
-        for leftover in fs::read_dir(directory.join("tmp"))? {
-            let _ = fs::remove_file(leftover?.path());
-        }
-        let mut recovered = Recovered::default();
-        for (sub, is_dead) in [("queue", false), ("dead", true)] {
-            for entry in fs::read_dir(directory.join(sub))? {
-                let path = entry?.path();
-                match read_record(&path) {
-                    Ok(record) if is_dead => recovered.dead.push(record),
-                    Ok(record) => recovered.pending.push(record),
-                    Err(reason) => {
-                        let name = path
-                            .file_name()
-                            .map(|name| name.to_string_lossy().into_owned())
-                            .unwrap_or_default();
-                        let target = directory.join("corrupt").join(format!("{sub}-{name}"));
-                        log::error!(
-                            "spool: {} is unreadable ({reason}); moved to {}",
-                            path.display(),
-                            target.display()
-                        );
-                        fs::rename(&path, &target)?;
-                        recovered.corrupt += 1;
-                    }
-                }
-            }
-        }
-        // Oldest first, so recovery keeps the acceptance order.
-        recovered
-            .pending
-            .sort_by_key(|record| (record.created_at_ms, record.message.id.clone()));
         Ok((
             Spool {
-                directory: Some(directory.clone()),
+                journal: Some(journal),
             },
             recovered,
         ))
@@ -117,33 +148,38 @@ impl Spool {
 
     /// True when messages survive a restart.
     pub fn is_durable(&self) -> bool {
-        self.directory.is_some()
+        self.journal.is_some()
     }
 
-    /// Durably writes (or rewrites) an unfinished message.
+    /// Durably records an unfinished message (new, or its retry state);
+    /// returns once it is on disk.
     pub fn store(&self, record: &SpoolRecord) -> io::Result<()> {
-        match &self.directory {
-            Some(directory) => write_durably(directory, "queue", record),
+        match &self.journal {
+            Some(journal) => journal.commit(
+                &EntryRef::Store(record),
+                Change::Store(record.message.id.clone()),
+            ),
             None => Ok(()),
         }
     }
 
-    /// Forgets a delivered message.
+    /// Durably forgets a delivered message.
     pub fn remove(&self, id: &str) -> io::Result<()> {
-        match &self.directory {
-            Some(directory) => match fs::remove_file(record_path(directory, "queue", id)) {
-                Err(error) if error.kind() != io::ErrorKind::NotFound => Err(error),
-                _ => Ok(()),
-            },
+        match &self.journal {
+            Some(journal) => {
+                journal.commit(&EntryRef::Remove { id }, Change::Remove(id.to_string()))
+            }
             None => Ok(()),
         }
     }
 
     /// Moves a permanently failed message to the dead letters.
     pub fn dead_letter(&self, record: &SpoolRecord) -> io::Result<()> {
-        match &self.directory {
-            Some(directory) => {
-                write_durably(directory, "dead", record)?;
+        match &self.journal {
+            Some(journal) => {
+                // The dead letter first: after a crash in between, the
+                // dead letter wins over the journal's record.
+                write_durably(&journal.directory, "dead", record)?;
                 self.remove(&record.message.id)
             }
             None => Ok(()),
@@ -151,8 +187,180 @@ impl Spool {
     }
 }
 
-fn record_path(directory: &Path, sub: &str, id: &str) -> PathBuf {
-    directory.join(sub).join(format!("{id}.json"))
+impl Journal {
+    /// Frames `entry` here (in the caller's thread) and waits until the
+    /// committer has it on disk.
+    fn commit(&self, entry: &EntryRef<'_>, change: Change) -> io::Result<()> {
+        let frame = frame::encode(|buffer| {
+            serde_json::to_writer(&mut *buffer, entry).map_err(io::Error::other)
+        })?;
+        let (done, outcome) = crossbeam_channel::bounded(1);
+        let stopped = || io::Error::other("the spool's journal thread has stopped");
+        self.requests
+            .as_ref()
+            .ok_or_else(stopped)?
+            .send(Request {
+                frame,
+                change,
+                done,
+            })
+            .map_err(|_| stopped())?;
+        outcome.recv().map_err(|_| stopped())?
+    }
+}
+
+/// Reads the spool, sets aside what is unreadable, and rewrites the live
+/// state into a fresh segment (deleting the old ones once it is durable).
+fn recover(directory: &Path, segment_bytes: u64) -> io::Result<(Committer, Recovered)> {
+    for sub in ["journal", "dead", "corrupt", "tmp"] {
+        fs::create_dir_all(directory.join(sub))?;
+    }
+    for leftover in fs::read_dir(directory.join("tmp"))? {
+        let _ = fs::remove_file(leftover?.path());
+    }
+    let corrupt = directory.join("corrupt");
+    let mut recovered = Recovered::default();
+
+    for entry in fs::read_dir(directory.join("dead"))? {
+        let path = entry?.path();
+        match read_record(&path) {
+            Ok(record) => recovered.dead.push(record),
+            Err(reason) => {
+                set_aside_file(
+                    &path,
+                    &corrupt.join(format!("dead-{}", file_name(&path))),
+                    &reason,
+                )?;
+                recovered.corrupt += 1;
+            }
+        }
+    }
+
+    let journal = directory.join("journal");
+    let mut segments = Vec::new();
+    for entry in fs::read_dir(&journal)? {
+        let path = entry?.path();
+        match segment_number(&file_name(&path)) {
+            Some(number) if path.is_file() => segments.push(number),
+            _ => {
+                let target = corrupt.join(format!("journal-{}", file_name(&path)));
+                set_aside_file(&path, &target, "not a journal segment")?;
+                recovered.corrupt += 1;
+            }
+        }
+    }
+    segments.sort_unstable();
+
+    let mut live: HashMap<String, SpoolRecord> = HashMap::new();
+    for &number in &segments {
+        let name = segment_name(number);
+        let data = fs::read(journal.join(&name))?;
+        for piece in frame::pieces(&data) {
+            let (start, end, reason) = match piece {
+                Piece::Frame {
+                    offset,
+                    length,
+                    payload,
+                } => match decode(payload) {
+                    Ok(Entry::Store(record)) => {
+                        live.insert(record.message.id.clone(), record);
+                        continue;
+                    }
+                    Ok(Entry::Remove { id }) => {
+                        live.remove(&id);
+                        continue;
+                    }
+                    Err(reason) => (offset, offset + length, reason),
+                },
+                Piece::Garbage { start, end } => (
+                    start,
+                    end,
+                    "not a valid record (a torn write or damaged data)".to_string(),
+                ),
+            };
+            let target = corrupt.join(format!("{name}.{start}"));
+            log::error!(
+                "spool: bytes {start}..{end} of journal segment {name} are unreadable ({reason}); \
+                 set aside as {}",
+                target.display()
+            );
+            write_file_durably(&target, &data[start..end])?;
+            recovered.corrupt += 1;
+        }
+    }
+    if recovered.corrupt > 0 {
+        sync_directory(&corrupt)?;
+    }
+    for dead in &recovered.dead {
+        live.remove(&dead.message.id);
+    }
+    recovered.pending = live.into_values().collect();
+    // Oldest first, so recovery keeps the acceptance order.
+    recovered
+        .pending
+        .sort_by(|a, b| (a.created_at_ms, &a.message.id).cmp(&(b.created_at_ms, &b.message.id)));
+
+    let mut committer = Committer::new(&journal, &segments, segment_bytes);
+    let frames = recovered
+        .pending
+        .iter()
+        .map(|record| {
+            let frame = frame::encode(|buffer| {
+                serde_json::to_writer(&mut *buffer, &EntryRef::Store(record))
+                    .map_err(io::Error::other)
+            })?;
+            Ok((frame, Change::Store(record.message.id.clone())))
+        })
+        .collect::<io::Result<Vec<_>>>()?;
+    committer.append(
+        frames
+            .iter()
+            .map(|(frame, change)| (frame.as_slice(), change)),
+    )?;
+    // Nothing refers to the old segments any more: delete them, oldest first.
+    committer.maintain();
+    Ok((committer, recovered))
+}
+
+fn decode(payload: &[u8]) -> Result<Entry, String> {
+    let entry: Entry = serde_json::from_slice(payload).map_err(|error| error.to_string())?;
+    if let Entry::Store(record) = &entry {
+        check_record(record)?;
+    }
+    Ok(entry)
+}
+
+/// What every kept record must satisfy (its id also names a dead letter file).
+fn check_record(record: &SpoolRecord) -> Result<(), String> {
+    let id = &record.message.id;
+    if id.is_empty() || !id.bytes().all(|byte| byte.is_ascii_alphanumeric()) {
+        return Err(format!("invalid message id {id:?}"));
+    }
+    if record.message.recipients.is_empty() {
+        return Err(format!("message {id} has no recipients"));
+    }
+    Ok(())
+}
+
+fn file_name(path: &Path) -> String {
+    path.file_name()
+        .map(|name| name.to_string_lossy().into_owned())
+        .unwrap_or_default()
+}
+
+fn set_aside_file(path: &Path, target: &Path, reason: &str) -> io::Result<()> {
+    log::error!(
+        "spool: {} is unreadable ({reason}); moved to {}",
+        path.display(),
+        target.display()
+    );
+    fs::rename(path, target)
+}
+
+fn write_file_durably(path: &Path, bytes: &[u8]) -> io::Result<()> {
+    let mut file = File::create(path)?;
+    file.write_all(bytes)?;
+    file.sync_all()
 }
 
 fn write_durably(directory: &Path, sub: &str, record: &SpoolRecord) -> io::Result<()> {
@@ -161,24 +369,279 @@ fn write_durably(directory: &Path, sub: &str, record: &SpoolRecord) -> io::Resul
         directory
             .join("tmp")
             .join(format!("{}.{:016x}", record.message.id, random_u64()));
-    let mut file = File::create(&temporary)?;
-    file.write_all(&bytes)?;
-    file.sync_all()?;
-    drop(file);
-    fs::rename(&temporary, record_path(directory, sub, &record.message.id))?;
+    write_file_durably(&temporary, &bytes)?;
+    fs::rename(
+        &temporary,
+        directory
+            .join(sub)
+            .join(format!("{}.json", record.message.id)),
+    )?;
     // The rename is durable only once the directory is.
-    File::open(directory.join(sub))?.sync_all()
+    sync_directory(&directory.join(sub))
 }
 
 fn read_record(path: &Path) -> Result<SpoolRecord, String> {
     let bytes = fs::read(path).map_err(|error| error.to_string())?;
     let record: SpoolRecord = serde_json::from_slice(&bytes).map_err(|error| error.to_string())?;
+    check_record(&record)?;
     let expected = path
         .file_stem()
         .map(|stem| stem.to_string_lossy().into_owned())
         .unwrap_or_default();
-    if record.message.id != expected || record.message.recipients.is_empty() {
+    if record.message.id != expected {
         return Err("content does not match its file name".into());
     }
     Ok(record)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn record(id: &str, attempts: u32) -> SpoolRecord {
+        SpoolRecord {
+            message: OutgoingMessage {
+                id: id.to_string(),
+                envelope_from: "app@example.com".into(),
+                recipients: vec!["user@example.org".into()],
+                content: format!("Subject: {id}\r\n\r\nhello\r\n"),
+            },
+            attempts,
+            created_at_ms: 1_000 + attempts as u64,
+            updated_at_ms: 2_000,
+            next_attempt_at_ms: (attempts > 0).then_some(3_000),
+            last_error: (attempts > 0).then(|| "451 busy".to_string()),
+            idempotency_key: None,
+        }
+    }
+
+    fn empty_directory(name: &str) -> PathBuf {
+        let directory = std::env::temp_dir().join(format!(
+            "mailroom-spool-{}-{name}-{:x}",
+            std::process::id(),
+            random_u64()
+        ));
+        let _ = fs::remove_dir_all(&directory);
+        fs::create_dir_all(&directory).unwrap();
+        directory
+    }
+
+    fn open(directory: &Path) -> (Spool, Recovered) {
+        Spool::open_directory(directory, SEGMENT_BYTES).unwrap()
+    }
+
+    fn pending_ids(recovered: &Recovered) -> Vec<String> {
+        let mut ids: Vec<String> = recovered
+            .pending
+            .iter()
+            .map(|record| record.message.id.clone())
+            .collect();
+        ids.sort();
+        ids
+    }
+
+    fn segments(directory: &Path) -> Vec<PathBuf> {
+        let mut paths: Vec<PathBuf> = fs::read_dir(directory.join("journal"))
+            .unwrap()
+            .map(|entry| entry.unwrap().path())
+            .collect();
+        paths.sort();
+        paths
+    }
+
+    #[test]
+    fn the_latest_record_wins_and_dead_letters_are_kept_apart() {
+        let directory = empty_directory("latest");
+        let (spool, recovered) = open(&directory);
+        assert!(recovered.pending.is_empty() && recovered.dead.is_empty());
+        spool.store(&record("a", 0)).unwrap();
+        spool.store(&record("b", 0)).unwrap();
+        spool.store(&record("c", 0)).unwrap();
+        spool.store(&record("a", 2)).unwrap();
+        spool.remove("b").unwrap();
+        spool.dead_letter(&record("c", 1)).unwrap();
+        drop(spool);
+
+        let (_spool, recovered) = open(&directory);
+        assert_eq!(recovered.pending, vec![record("a", 2)]);
+        assert_eq!(recovered.dead, vec![record("c", 1)]);
+        assert_eq!(recovered.corrupt, 0);
+        assert!(directory.join("dead").join("c.json").is_file());
+    }
+
+    #[test]
+    fn a_dead_letter_beats_the_journal_after_a_crash_in_between() {
+        let directory = empty_directory("dead-wins");
+        let (spool, _) = open(&directory);
+        spool.store(&record("x", 0)).unwrap();
+        drop(spool);
+        // The dead letter was written, the journal's remove was not.
+        write_durably(&directory, "dead", &record("x", 1)).unwrap();
+        let (_spool, recovered) = open(&directory);
+        assert!(recovered.pending.is_empty());
+        assert_eq!(recovered.dead, vec![record("x", 1)]);
+    }
+
+    #[test]
+    fn every_cut_of_a_torn_tail_keeps_the_records_before_it() {
+        let directory = empty_directory("torn-source");
+        let (spool, _) = open(&directory);
+        for id in ["r1", "r2", "r3"] {
+            spool.store(&record(id, 0)).unwrap();
+        }
+        drop(spool);
+        let [segment] = segments(&directory).try_into().unwrap();
+        let data = fs::read(&segment).unwrap();
+        let ends: Vec<usize> = frame::pieces(&data)
+            .map(|piece| match piece {
+                Piece::Frame { offset, length, .. } => offset + length,
+                Piece::Garbage { .. } => panic!("the source segment is clean"),
+            })
+            .collect();
+        assert_eq!(ends.len(), 3);
+
+        // Every third cut point, and every frame boundary and its neighbours.
+        let mut cuts: Vec<usize> = (0..=data.len()).step_by(3).collect();
+        for end in &ends {
+            cuts.extend([end - 1, *end, (end + 1).min(data.len())]);
+        }
+        for cut in cuts {
+            let directory = empty_directory("torn");
+            fs::create_dir_all(directory.join("journal")).unwrap();
+            fs::write(
+                directory.join("journal").join(segment_name(7)),
+                &data[..cut],
+            )
+            .unwrap();
+            let (spool, recovered) = open(&directory);
+            let complete = ends.iter().filter(|end| **end <= cut).count();
+            let expected: Vec<String> = ["r1", "r2", "r3"][..complete]
+                .iter()
+                .map(|id| id.to_string())
+                .collect();
+            assert_eq!(pending_ids(&recovered), expected, "cut at {cut}");
+            let torn = cut > 0 && !ends.contains(&cut);
+            assert_eq!(recovered.corrupt, usize::from(torn), "cut at {cut}");
+            drop(spool);
+            // The torn bytes were set aside once; the next start is clean.
+            let (_spool, again) = open(&directory);
+            assert_eq!(pending_ids(&again), expected, "cut at {cut}");
+            assert_eq!(again.corrupt, 0, "cut at {cut}");
+            let _ = fs::remove_dir_all(&directory);
+        }
+    }
+
+    #[test]
+    fn garbage_between_records_and_stray_files_are_set_aside() {
+        let directory = empty_directory("garbage");
+        let (spool, _) = open(&directory);
+        spool.store(&record("before", 0)).unwrap();
+        drop(spool);
+        let [segment] = segments(&directory).try_into().unwrap();
+        let mut file = File::options().append(true).open(&segment).unwrap();
+        file.write_all(b"\0\0\0 mrj1 garbage \xff\xfe").unwrap();
+        drop(file);
+        let (spool, _) = Spool::open_directory(&directory, SEGMENT_BYTES).unwrap();
+        spool.store(&record("after", 0)).unwrap();
+        drop(spool);
+        // Garbage again, this time in the middle of the newest segment.
+        let newest = segments(&directory).pop().unwrap();
+        let mut data = fs::read(&newest).unwrap();
+        let middle = data.len();
+        data.extend_from_slice(b"more garbage");
+        data.extend_from_slice(
+            &frame::encode(|buffer| {
+                serde_json::to_writer(&mut *buffer, &EntryRef::Store(&record("last", 0)))
+                    .map_err(io::Error::other)
+            })
+            .unwrap(),
+        );
+        fs::write(&newest, &data).unwrap();
+        fs::write(directory.join("journal").join("notes.txt"), b"hello").unwrap();
+        fs::write(directory.join("dead").join("zzz.json"), b"{").unwrap();
+
+        let (_spool, recovered) = open(&directory);
+        assert_eq!(pending_ids(&recovered), vec!["after", "before", "last"]);
+        assert_eq!(
+            recovered.corrupt, 3,
+            "garbage run, stray file, bad dead letter"
+        );
+        let set_aside = fs::read(
+            directory
+                .join("corrupt")
+                .join(format!("{}.{middle}", file_name(&newest))),
+        )
+        .unwrap();
+        assert_eq!(set_aside, b"more garbage");
+        assert!(directory
+            .join("corrupt")
+            .join("journal-notes.txt")
+            .is_file());
+        assert!(directory.join("corrupt").join("dead-zzz.json").is_file());
+    }
+
+    #[test]
+    fn finished_segments_are_deleted_and_pinned_records_copied_forward() {
+        let directory = empty_directory("compact");
+        let (spool, _) = Spool::open_directory(&directory, 2048).unwrap();
+        spool.store(&record("pinned", 0)).unwrap();
+        for round in 0..300 {
+            let id = format!("m{round}");
+            spool.store(&record(&id, 0)).unwrap();
+            spool.remove(&id).unwrap();
+            if round == 150 {
+                spool.store(&record("pinned", 3)).unwrap();
+            }
+            // Sealed segments stay bounded although "pinned" never finishes.
+            assert!(segments(&directory).len() <= 6, "round {round}");
+        }
+        drop(spool);
+        let (_spool, recovered) = open(&directory);
+        assert_eq!(recovered.pending, vec![record("pinned", 3)]);
+        assert_eq!(recovered.corrupt, 0);
+        assert_eq!(segments(&directory).len(), 1);
+    }
+
+    #[test]
+    fn a_crash_during_recovery_changes_nothing() {
+        let directory = empty_directory("recovery-crash");
+        let (spool, _) = open(&directory);
+        for id in ["a", "b", "c"] {
+            spool.store(&record(id, 0)).unwrap();
+        }
+        spool.remove("b").unwrap();
+        spool.store(&record("a", 1)).unwrap();
+        drop(spool);
+        let old: Vec<(PathBuf, Vec<u8>)> = segments(&directory)
+            .into_iter()
+            .map(|path| {
+                let data = fs::read(&path).unwrap();
+                (path, data)
+            })
+            .collect();
+        let (spool, first) = open(&directory);
+        drop(spool);
+        let [rewritten] = segments(&directory).try_into().unwrap();
+        let rewritten_data = fs::read(&rewritten).unwrap();
+
+        // Crash before the old segments were deleted, with the new one
+        // complete, torn, or empty: the same state every time.
+        for cut in [rewritten_data.len(), rewritten_data.len() / 2, 0] {
+            for (path, data) in &old {
+                fs::write(path, data).unwrap();
+            }
+            fs::write(&rewritten, &rewritten_data[..cut]).unwrap();
+            let (spool, again) = open(&directory);
+            assert_eq!(again.pending, first.pending, "cut at {cut}");
+            drop(spool);
+            for path in segments(&directory) {
+                fs::remove_file(path).unwrap();
+            }
+        }
+        assert_eq!(
+            first.pending,
+            vec![record("c", 0), record("a", 1)],
+            "sorted by acceptance time"
+        );
+    }
 }

@@ -437,7 +437,9 @@ fn workers_reuse_their_smtp_connections() {
     }
     relay.wait_for(count);
     let connections = relay.connections();
-    println!("{count} messages over STARTTLS+AUTH used {connections} SMTP connections with 5 workers");
+    println!(
+        "{count} messages over STARTTLS+AUTH used {connections} SMTP connections with 5 workers"
+    );
     assert!(
         connections <= 5,
         "{count} messages used {connections} SMTP connections (5 workers)"

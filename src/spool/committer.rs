@@ -1,0 +1,305 @@
+//! The journal writer: one thread that appends framed records to the active
+//! segment with group commit, and reclaims segments nothing refers to.
+//!
+//! Group commit: writers send a finished frame and wait. The thread takes
+//! every frame waiting at that moment, writes them in one `write`, calls
+//! `fdatasync` once, and only then answers each writer. Whoever arrives
+//! during an fsync rides on the next one, so one fsync serves many requests
+//! and no request is answered before its record is on disk.
+//!
+//! Reclaiming: the index maps each unfinished message to the segment
+//! holding its latest record. A segment is deleted once no message's
+//! latest record is in it *and* every older segment is already gone
+//! (deletion strictly oldest first, each made durable before the next), so
+//! a `remove` record never disappears before the `store` it cancels. When
+//! too many sealed segments remain because a few long-waiting messages pin
+//! them, those messages' latest records are copied (verbatim) into the
+//! active segment, which unpins the oldest one.
+
+use std::collections::{BTreeMap, HashMap};
+use std::fs::{self, File};
+use std::io::{self, Write};
+use std::os::unix::fs::FileExt;
+use std::path::{Path, PathBuf};
+
+use crossbeam_channel::{Receiver, Sender};
+
+use super::frame;
+
+/// What a record does to the live set.
+pub(super) enum Change {
+    /// The message's latest state (accepted, or rescheduled).
+    Store(String),
+    /// The message is finished (sent, or moved to the dead letters).
+    Remove(String),
+}
+
+/// A frame waiting to be committed.
+pub(super) struct Request {
+    pub frame: Vec<u8>,
+    pub change: Change,
+    pub done: Sender<io::Result<()>>,
+}
+
+/// Where a message's latest record is.
+#[derive(Debug, Clone, Copy)]
+struct Location {
+    segment: u64,
+    offset: u64,
+    length: usize,
+}
+
+struct Active {
+    number: u64,
+    file: File,
+    length: u64,
+}
+
+/// Sealed segments beyond this many get their pinned records copied forward.
+const MAX_SEALED: usize = 4;
+
+/// The journal's writer state; owned by its thread once started.
+pub(super) struct Committer {
+    directory: PathBuf,
+    segment_bytes: u64,
+    active: Option<Active>,
+    next_number: u64,
+    /// Every segment on disk, oldest first, with how many messages have
+    /// their latest record in it.
+    live: BTreeMap<u64, usize>,
+    index: HashMap<String, Location>,
+}
+
+/// A segment's file name: its number, zero-padded so names sort in order.
+pub(super) fn segment_name(number: u64) -> String {
+    format!("{number:016}.journal")
+}
+
+/// The number in a segment's file name.
+pub(super) fn segment_number(name: &str) -> Option<u64> {
+    let digits = name.strip_suffix(".journal")?;
+    (digits.len() == 16 && digits.bytes().all(|b| b.is_ascii_digit()))
+        .then(|| digits.parse().ok())
+        .flatten()
+}
+
+impl Committer {
+    /// A writer for `directory`, where `existing` segments (all older than
+    /// any new one) are still on disk and hold nothing live yet.
+    pub(super) fn new(directory: &Path, existing: &[u64], segment_bytes: u64) -> Committer {
+        Committer {
+            directory: directory.to_path_buf(),
+            segment_bytes,
+            active: None,
+            next_number: existing.iter().max().map_or(1, |max| max + 1),
+            live: existing.iter().map(|number| (*number, 0)).collect(),
+            index: HashMap::new(),
+        }
+    }
+
+    /// Appends `records` durably (one write, one fsync) and updates the index.
+    pub(super) fn append<'a>(
+        &mut self,
+        records: impl Iterator<Item = (&'a [u8], &'a Change)>,
+    ) -> io::Result<()> {
+        if self.active.is_none() {
+            self.open_segment()?;
+        }
+        let Some(active) = self.active.as_mut() else {
+            return Err(io::Error::other("no journal segment is open"));
+        };
+        let mut buffer = Vec::new();
+        let mut placed = Vec::new();
+        for (bytes, change) in records {
+            placed.push((change, active.length + buffer.len() as u64, bytes.len()));
+            buffer.extend_from_slice(bytes);
+        }
+        if let Err(error) = active
+            .file
+            .write_all(&buffer)
+            .and_then(|()| active.file.sync_data())
+        {
+            // After a failed write or fsync the file's state is unknown:
+            // never append to it again. Its good records stay indexed.
+            log::error!(
+                "spool: cannot write journal segment {} ({error}); starting a new one",
+                segment_name(active.number)
+            );
+            self.active = None;
+            return Err(error);
+        }
+        active.length += buffer.len() as u64;
+        let segment = active.number;
+        for (change, offset, length) in placed {
+            self.apply(
+                change,
+                Location {
+                    segment,
+                    offset,
+                    length,
+                },
+            );
+        }
+        Ok(())
+    }
+
+    fn apply(&mut self, change: &Change, location: Location) {
+        let previous = match change {
+            Change::Store(id) => {
+                *self.live.entry(location.segment).or_insert(0) += 1;
+                self.index.insert(id.clone(), location)
+            }
+            Change::Remove(id) => self.index.remove(id),
+        };
+        if let Some(previous) = previous {
+            if let Some(count) = self.live.get_mut(&previous.segment) {
+                *count = count.saturating_sub(1);
+            }
+        }
+    }
+
+    fn open_segment(&mut self) -> io::Result<()> {
+        let number = self.next_number;
+        let path = self.directory.join(segment_name(number));
+        let file = File::options().append(true).create_new(true).open(&path)?;
+        // The new name must be durable before any record in it is promised.
+        sync_directory(&self.directory)?;
+        self.next_number += 1;
+        self.live.entry(number).or_insert(0);
+        self.active = Some(Active {
+            number,
+            file,
+            length: 0,
+        });
+        Ok(())
+    }
+
+    /// After a commit: start a new segment when the active one is full,
+    /// unpin old segments, delete the ones nothing refers to.
+    pub(super) fn maintain(&mut self) {
+        if self
+            .active
+            .as_ref()
+            .is_some_and(|active| active.length >= self.segment_bytes)
+        {
+            self.active = None;
+            if let Err(error) = self.open_segment() {
+                log::error!("spool: cannot start a new journal segment: {error}");
+            }
+            self.compact();
+        }
+        self.reclaim();
+    }
+
+    /// Copies the live records of the oldest sealed segment forward when
+    /// too many sealed segments are kept.
+    fn compact(&mut self) {
+        let active = self.active.as_ref().map(|active| active.number);
+        let sealed: Vec<u64> = self
+            .live
+            .keys()
+            .copied()
+            .filter(|number| Some(*number) != active)
+            .collect();
+        let Some(&oldest) = sealed.first() else {
+            return;
+        };
+        if sealed.len() <= MAX_SEALED || self.live.get(&oldest) == Some(&0) {
+            return;
+        }
+        let mut pinned: Vec<(String, Location)> = self
+            .index
+            .iter()
+            .filter(|(_, location)| location.segment == oldest)
+            .map(|(id, location)| (id.clone(), *location))
+            .collect();
+        pinned.sort_by_key(|(_, location)| location.offset);
+        let copies = match read_frames(&self.directory.join(segment_name(oldest)), &pinned) {
+            Ok(copies) => copies,
+            Err(error) => {
+                log::error!(
+                    "spool: cannot read journal segment {} to compact it: {error}",
+                    segment_name(oldest)
+                );
+                return;
+            }
+        };
+        let changes: Vec<Change> = pinned
+            .into_iter()
+            .map(|(id, _)| Change::Store(id))
+            .collect();
+        let count = changes.len();
+        match self.append(copies.iter().map(Vec::as_slice).zip(changes.iter())) {
+            Ok(()) => log::debug!(
+                "spool: copied {count} waiting messages out of journal segment {}",
+                segment_name(oldest)
+            ),
+            Err(error) => log::error!("spool: cannot compact the journal: {error}"),
+        }
+    }
+
+    /// Deletes segments from the oldest while nothing refers to them.
+    fn reclaim(&mut self) {
+        let active = self.active.as_ref().map(|active| active.number);
+        while let Some((&oldest, &count)) = self.live.first_key_value() {
+            if count > 0 || Some(oldest) == active {
+                return;
+            }
+            let path = self.directory.join(segment_name(oldest));
+            let removed = match fs::remove_file(&path) {
+                Err(error) if error.kind() != io::ErrorKind::NotFound => Err(error),
+                _ => sync_directory(&self.directory),
+            };
+            if let Err(error) = removed {
+                log::error!("spool: cannot delete {}: {error}", path.display());
+                return;
+            }
+            self.live.remove(&oldest);
+        }
+    }
+
+    /// Runs the group-commit loop until every sender is gone.
+    pub(super) fn run(mut self, requests: Receiver<Request>) {
+        while let Ok(first) = requests.recv() {
+            let mut batch = vec![first];
+            batch.extend(requests.try_iter());
+            let result = self.append(
+                batch
+                    .iter()
+                    .map(|request| (request.frame.as_slice(), &request.change)),
+            );
+            for request in batch {
+                let answer = match &result {
+                    Ok(()) => Ok(()),
+                    Err(error) => Err(io::Error::new(error.kind(), error.to_string())),
+                };
+                let _ = request.done.send(answer);
+            }
+            self.maintain();
+        }
+    }
+}
+
+/// Reads the frames at `locations`, checking each is still valid.
+fn read_frames(path: &Path, locations: &[(String, Location)]) -> io::Result<Vec<Vec<u8>>> {
+    let file = File::open(path)?;
+    locations
+        .iter()
+        .map(|(id, location)| {
+            let mut bytes = vec![0; location.length];
+            file.read_exact_at(&mut bytes, location.offset)?;
+            if frame::frame_at(&bytes, 0).is_none() {
+                return Err(io::Error::new(
+                    io::ErrorKind::InvalidData,
+                    format!("the record of message {id} no longer matches its checksum"),
+                ));
+            }
+            Ok(bytes)
+        })
+        .collect()
+}
+
+/// Makes creations, renames and deletions in `directory` durable.
+pub(super) fn sync_directory(directory: &Path) -> io::Result<()> {
+    File::open(directory)?.sync_all()
+}

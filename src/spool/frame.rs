@@ -1,0 +1,195 @@
+//! How records sit in a journal segment: `magic (4) | length (u32 LE) |
+//! CRC-32 of length and payload (u32 LE) | payload (JSON)`, back to back.
+//!
+//! Reading never fails: bytes that are not a valid frame (a torn write at
+//! the tail, garbage in the middle) come out as a [`Piece::Garbage`] run up
+//! to the next valid frame, so everything around them is still read.
+
+use std::io;
+
+/// Marks the start of every frame.
+const MAGIC: [u8; 4] = *b"mrj1";
+/// Bytes before the payload.
+pub(super) const HEADER: usize = 12;
+/// The largest payload. Every byte of JSON text is at least 0x20 (serde_json
+/// escapes control characters), so a length field read from inside a
+/// payload is at least 0x2020_2020: with this cap, no text a client sends
+/// can ever be mistaken for a frame when scanning past garbage.
+pub(super) const MAX_PAYLOAD: usize = 0x2020_2020 - 1;
+
+/// Builds one frame; `write_payload` appends the JSON.
+pub(super) fn encode(
+    write_payload: impl FnOnce(&mut Vec<u8>) -> io::Result<()>,
+) -> io::Result<Vec<u8>> {
+    let mut frame = Vec::with_capacity(1024);
+    frame.extend_from_slice(&MAGIC);
+    frame.extend_from_slice(&[0; HEADER - 4]);
+    write_payload(&mut frame)?;
+    let length = frame.len() - HEADER;
+    if length > MAX_PAYLOAD {
+        return Err(io::Error::new(
+            io::ErrorKind::InvalidInput,
+            format!("a spool record of {length} bytes is larger than the journal allows ({MAX_PAYLOAD})"),
+        ));
+    }
+    frame[4..8].copy_from_slice(&(length as u32).to_le_bytes());
+    let checksum = crc32(&frame[4..8], &frame[HEADER..]);
+    frame[8..12].copy_from_slice(&checksum.to_le_bytes());
+    Ok(frame)
+}
+
+/// The payload of a valid frame starting at `at`, if there is one.
+pub(super) fn frame_at(data: &[u8], at: usize) -> Option<&[u8]> {
+    let header = data.get(at..at.checked_add(HEADER)?)?;
+    if header[..4] != MAGIC {
+        return None;
+    }
+    let length = u32::from_le_bytes([header[4], header[5], header[6], header[7]]) as usize;
+    if length > MAX_PAYLOAD {
+        return None;
+    }
+    let payload = data.get(at + HEADER..at + HEADER + length)?;
+    let checksum = u32::from_le_bytes([header[8], header[9], header[10], header[11]]);
+    (crc32(&header[4..8], payload) == checksum).then_some(payload)
+}
+
+/// One part of a segment, in order.
+#[derive(Debug, PartialEq, Eq)]
+pub(super) enum Piece<'a> {
+    /// A valid frame at `offset`, `length` bytes long in all.
+    Frame {
+        offset: usize,
+        length: usize,
+        payload: &'a [u8],
+    },
+    /// Bytes `start..end` that are not frames.
+    Garbage { start: usize, end: usize },
+}
+
+/// Splits a segment into frames and garbage runs.
+pub(super) fn pieces(data: &[u8]) -> impl Iterator<Item = Piece<'_>> {
+    let mut position = 0;
+    std::iter::from_fn(move || {
+        if position >= data.len() {
+            return None;
+        }
+        if let Some(payload) = frame_at(data, position) {
+            let piece = Piece::Frame {
+                offset: position,
+                length: HEADER + payload.len(),
+                payload,
+            };
+            position += HEADER + payload.len();
+            return Some(piece);
+        }
+        // Resynchronise on the next magic that starts a valid frame.
+        let start = position;
+        let mut next = start + 1;
+        while next < data.len() {
+            match data[next..].windows(MAGIC.len()).position(|w| w == MAGIC) {
+                Some(found) if frame_at(data, next + found).is_some() => {
+                    next += found;
+                    break;
+                }
+                Some(found) => next += found + 1,
+                None => next = data.len(),
+            }
+        }
+        let end = next.min(data.len());
+        position = end;
+        Some(Piece::Garbage { start, end })
+    })
+}
+
+/// CRC-32 (IEEE, as in zlib) of `a` followed by `b`.
+fn crc32(a: &[u8], b: &[u8]) -> u32 {
+    static TABLE: std::sync::OnceLock<[u32; 256]> = std::sync::OnceLock::new();
+    let table = TABLE.get_or_init(|| {
+        let mut table = [0u32; 256];
+        for (index, entry) in table.iter_mut().enumerate() {
+            let mut value = index as u32;
+            for _ in 0..8 {
+                value = if value & 1 == 1 {
+                    0xEDB8_8320 ^ (value >> 1)
+                } else {
+                    value >> 1
+                };
+            }
+            *entry = value;
+        }
+        table
+    });
+    let mut crc = !0u32;
+    for byte in a.iter().chain(b) {
+        crc = table[((crc ^ u32::from(*byte)) & 0xff) as usize] ^ (crc >> 8);
+    }
+    !crc
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn frame(text: &str) -> Vec<u8> {
+        encode(|buffer| {
+            buffer.extend_from_slice(text.as_bytes());
+            Ok(())
+        })
+        .unwrap()
+    }
+
+    #[test]
+    fn crc32_matches_the_standard_check_value() {
+        assert_eq!(crc32(b"1234", b"56789"), 0xCBF4_3926);
+    }
+
+    #[test]
+    fn frames_round_trip_and_garbage_is_isolated() {
+        let mut data = frame("{\"a\":1}");
+        let garbage_start = data.len();
+        data.extend_from_slice(b"\0\0garbage mrj1 more");
+        let second = data.len();
+        data.extend_from_slice(&frame("{\"b\":2}"));
+        let torn = data.len();
+        data.extend_from_slice(&frame("{\"c\":3}")[..9]);
+        let found: Vec<Piece> = pieces(&data).collect();
+        assert_eq!(
+            found,
+            vec![
+                Piece::Frame {
+                    offset: 0,
+                    length: garbage_start,
+                    payload: b"{\"a\":1}"
+                },
+                Piece::Garbage {
+                    start: garbage_start,
+                    end: second
+                },
+                Piece::Frame {
+                    offset: second,
+                    length: torn - second,
+                    payload: b"{\"b\":2}"
+                },
+                Piece::Garbage {
+                    start: torn,
+                    end: data.len()
+                },
+            ]
+        );
+    }
+
+    #[test]
+    fn a_frame_inside_json_text_is_never_valid() {
+        // A client puts a whole frame into a message; serde_json escapes
+        // its control bytes, and the printable rest cannot form a length
+        // the reader accepts.
+        let inner = frame("{}");
+        let text = String::from_utf8_lossy(&inner).into_owned();
+        let outer =
+            encode(|buffer| serde_json::to_writer(&mut *buffer, &text).map_err(io::Error::other))
+                .unwrap();
+        let mut data = b"junk".to_vec();
+        data.extend_from_slice(&outer[HEADER..]);
+        assert!(pieces(&data).all(|piece| matches!(piece, Piece::Garbage { .. })));
+    }
+}
