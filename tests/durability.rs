@@ -409,6 +409,11 @@ fn crash_with_five_queued(relay: &TestRelay, directory: &Path) -> (Vec<String>, 
     (ids, segments.pop().expect("a journal segment"))
 }
 
+/// Where the records of a journal segment end (zero-filled space follows).
+fn data_end(segment: &[u8]) -> usize {
+    segment.iter().rposition(|byte| *byte != 0).unwrap() + 1
+}
+
 fn set_aside(directory: &Path) -> Vec<String> {
     let mut names: Vec<String> = std::fs::read_dir(directory.join("spool").join("corrupt"))
         .unwrap()
@@ -424,15 +429,14 @@ fn a_torn_write_at_the_journal_tail_loses_nothing() {
     let directory = temp_dir("torn");
     let (ids, segment) = crash_with_five_queued(&relay, &directory);
     // What a crash in the middle of writing a record (never acknowledged)
-    // leaves: the start of a frame, then nothing or zeros.
-    let mut file = std::fs::OpenOptions::new()
-        .append(true)
-        .open(&segment)
-        .unwrap();
-    file.write_all(b"mrj1\x00\x02\x00\x00\x12\x34\x56\x78{\"store\":{\"mess")
-        .unwrap();
-    file.write_all(&[0; 300]).unwrap();
-    drop(file);
+    // leaves after the last one: the start of a frame, then zeros.
+    let mut data = std::fs::read(&segment).unwrap();
+    let end = data_end(&data);
+    let torn = b"mrj1\x00\x02\x00\x00\x12\x34\x56\x78{\"store\":{\"mess";
+    data.truncate(end);
+    data.extend_from_slice(torn);
+    data.extend_from_slice(&[0; 300]);
+    std::fs::write(&segment, &data).unwrap();
 
     let env = variables(&relay.url(), &directory.join("spool"), &[]);
     let restarted = ChildService::start(&directory, &env);
@@ -463,12 +467,12 @@ fn truncated_and_garbage_spool_data_is_set_aside_and_the_rest_delivered() {
     let spool = directory.join("spool");
     // The last record cut short (as if the disk lost acknowledged data),
     // a garbage segment, a stray file and a garbage dead letter.
-    let length = std::fs::metadata(&segment).unwrap().len();
+    let end = data_end(&std::fs::read(&segment).unwrap());
     std::fs::OpenOptions::new()
         .write(true)
         .open(&segment)
         .unwrap()
-        .set_len(length - 10)
+        .set_len(end as u64 - 10)
         .unwrap();
     std::fs::write(
         spool.join("journal").join("0000000000000000.journal"),

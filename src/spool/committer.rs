@@ -7,6 +7,12 @@
 //! during an fsync rides on the next one, so one fsync serves many requests
 //! and no request is answered before its record is on disk.
 //!
+//! Segments are zero-filled a little ahead of the write position, so that
+//! most commits overwrite blocks that already exist: `fdatasync` then
+//! flushes data only, without a file-system journal commit for the new
+//! size and blocks (on ext4 here: 0.2 ms instead of 0.4 ms, and no stalls
+//! behind other processes' metadata). Recovery reads zeros as unused space.
+//!
 //! Reclaiming: the index maps each unfinished message to the segment
 //! holding its latest record. A segment is deleted once no message's
 //! latest record is in it *and* every older segment is already gone
@@ -18,7 +24,7 @@
 
 use std::collections::{BTreeMap, HashMap};
 use std::fs::{self, File};
-use std::io::{self, Write};
+use std::io;
 use std::os::unix::fs::FileExt;
 use std::path::{Path, PathBuf};
 
@@ -52,11 +58,16 @@ struct Location {
 struct Active {
     number: u64,
     file: File,
+    /// Where the next record goes.
     length: u64,
+    /// Bytes written so far, records and zero-fill.
+    filled: u64,
 }
 
 /// Sealed segments beyond this many get their pinned records copied forward.
 const MAX_SEALED: usize = 4;
+/// Zero-fill this much ahead of the write position at a time.
+const ZERO_FILL: u64 = 2 << 20;
 
 /// The journal's writer state; owned by its thread once started.
 pub(super) struct Committer {
@@ -116,7 +127,7 @@ impl Committer {
         }
         if let Err(error) = active
             .file
-            .write_all(&buffer)
+            .write_all_at(&buffer, active.length)
             .and_then(|()| active.file.sync_data())
         {
             // After a failed write or fsync the file's state is unknown:
@@ -129,6 +140,7 @@ impl Committer {
             return Err(error);
         }
         active.length += buffer.len() as u64;
+        active.filled = active.filled.max(active.length);
         let segment = active.number;
         for (change, offset, length) in placed {
             self.apply(
@@ -161,7 +173,7 @@ impl Committer {
     fn open_segment(&mut self) -> io::Result<()> {
         let number = self.next_number;
         let path = self.directory.join(segment_name(number));
-        let file = File::options().append(true).create_new(true).open(&path)?;
+        let file = File::options().write(true).create_new(true).open(&path)?;
         // The new name must be durable before any record in it is promised.
         sync_directory(&self.directory)?;
         self.next_number += 1;
@@ -170,8 +182,35 @@ impl Committer {
             number,
             file,
             length: 0,
+            filled: 0,
         });
+        self.zero_fill();
         Ok(())
+    }
+
+    /// Keeps zero-filled space ahead of the write position (up to the
+    /// segment size). Only speed depends on it: a commit past the filled
+    /// part is as durable, its fsync just costs more.
+    fn zero_fill(&mut self) {
+        let chunk = ZERO_FILL.min(self.segment_bytes);
+        let Some(active) = self.active.as_mut() else {
+            return;
+        };
+        if active.filled >= active.length + chunk / 2 || active.filled >= self.segment_bytes {
+            return;
+        }
+        let zeros = vec![0; chunk as usize];
+        let filled = active
+            .file
+            .write_all_at(&zeros, active.filled)
+            .and_then(|()| active.file.sync_data());
+        match filled {
+            Ok(()) => active.filled += chunk,
+            Err(error) => log::warn!(
+                "spool: cannot zero-fill journal segment {} ahead of use: {error}",
+                segment_name(active.number)
+            ),
+        }
     }
 
     /// After a commit: start a new segment when the active one is full,
@@ -188,6 +227,7 @@ impl Committer {
             }
             self.compact();
         }
+        self.zero_fill();
         self.reclaim();
     }
 

@@ -3,7 +3,9 @@
 //!
 //! Reading never fails: bytes that are not a valid frame (a torn write at
 //! the tail, garbage in the middle) come out as a [`Piece::Garbage`] run up
-//! to the next valid frame, so everything around them is still read.
+//! to the next valid frame, so everything around them is still read. Runs
+//! of zeros are [`Piece::Unused`]: segments are zero-filled ahead of the
+//! writes (see `committer`).
 
 use std::io;
 
@@ -64,6 +66,8 @@ pub(super) enum Piece<'a> {
     },
     /// Bytes `start..end` that are not frames.
     Garbage { start: usize, end: usize },
+    /// Zeros `start..end`: space written ahead of use, holding nothing.
+    Unused { start: usize, end: usize },
 }
 
 /// Splits a segment into frames and garbage runs.
@@ -72,6 +76,16 @@ pub(super) fn pieces(data: &[u8]) -> impl Iterator<Item = Piece<'_>> {
     std::iter::from_fn(move || {
         if position >= data.len() {
             return None;
+        }
+        let start = position;
+        if data[start] == 0 {
+            // Frames never start with a zero byte.
+            let zeros = data[start..].iter().take_while(|byte| **byte == 0).count();
+            position = start + zeros;
+            return Some(Piece::Unused {
+                start,
+                end: position,
+            });
         }
         if let Some(payload) = frame_at(data, position) {
             let piece = Piece::Frame {
@@ -83,7 +97,6 @@ pub(super) fn pieces(data: &[u8]) -> impl Iterator<Item = Piece<'_>> {
             return Some(piece);
         }
         // Resynchronise on the next magic that starts a valid frame.
-        let start = position;
         let mut next = start + 1;
         while next < data.len() {
             match data[next..].windows(MAGIC.len()).position(|w| w == MAGIC) {
@@ -95,7 +108,11 @@ pub(super) fn pieces(data: &[u8]) -> impl Iterator<Item = Piece<'_>> {
                 None => next = data.len(),
             }
         }
-        let end = next.min(data.len());
+        let mut end = next.min(data.len());
+        // Trailing zeros are unused space, not part of the garbage.
+        while end > start + 1 && data[end - 1] == 0 {
+            end -= 1;
+        }
         position = end;
         Some(Piece::Garbage { start, end })
     })
@@ -147,7 +164,7 @@ mod tests {
     fn frames_round_trip_and_garbage_is_isolated() {
         let mut data = frame("{\"a\":1}");
         let garbage_start = data.len();
-        data.extend_from_slice(b"\0\0garbage mrj1 more");
+        data.extend_from_slice(b"\x01\x02garbage mrj1 more");
         let second = data.len();
         data.extend_from_slice(&frame("{\"b\":2}"));
         let torn = data.len();
@@ -174,6 +191,38 @@ mod tests {
                     start: torn,
                     end: data.len()
                 },
+            ]
+        );
+    }
+
+    #[test]
+    fn zeros_are_unused_space_and_not_garbage() {
+        let mut data = frame("{}");
+        let first = data.len();
+        data.extend_from_slice(&[0; 5]);
+        data.extend_from_slice(&frame("{}"));
+        let torn = data.len();
+        data.extend_from_slice(&frame("{\"torn\":1}")[..10]);
+        let zeros = data.len();
+        data.extend_from_slice(&[0; 100]);
+        let kinds: Vec<(usize, usize, &str)> = pieces(&data)
+            .map(|piece| match piece {
+                Piece::Frame { offset, length, .. } => (offset, offset + length, "frame"),
+                Piece::Garbage { start, end } => (start, end, "garbage"),
+                Piece::Unused { start, end } => (start, end, "unused"),
+            })
+            .collect();
+        // The torn header ends in zero bytes (its length's high bytes):
+        // they count as unused, the rest as garbage.
+        let header_zeros = data[..zeros].iter().rev().take_while(|b| **b == 0).count();
+        assert_eq!(
+            kinds,
+            vec![
+                (0, first, "frame"),
+                (first, first + 5, "unused"),
+                (first + 5, torn, "frame"),
+                (torn, zeros - header_zeros, "garbage"),
+                (zeros - header_zeros, data.len(), "unused"),
             ]
         );
     }
