@@ -25,15 +25,15 @@ use std::collections::HashMap;
 use std::fs::{self, File};
 use std::io::{self, Write};
 use std::path::{Path, PathBuf};
+use std::sync::Arc;
 use std::thread::JoinHandle;
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
-use crossbeam_channel::Sender;
 use serde::{Deserialize, Serialize};
 
 use crate::config::SpoolSetting;
 use crate::message::{random_u64, OutgoingMessage};
-use committer::{segment_name, segment_number, sync_directory, Change, Committer, Request};
+use committer::{segment_name, segment_number, sync_directory, Change, Committer, Queue};
 use frame::Piece;
 
 /// A segment is sealed and a new one started beyond this size.
@@ -103,15 +103,14 @@ pub struct Spool {
 
 struct Journal {
     directory: PathBuf,
-    /// To the committer thread; `None` only while dropping.
-    requests: Option<Sender<Request>>,
+    queue: Arc<Queue>,
     committer: Option<JoinHandle<()>>,
 }
 
 impl Drop for Journal {
     fn drop(&mut self) {
-        // Closing the channel ends the committer after its current batch.
-        self.requests = None;
+        // The committer ends once it has written what is pending.
+        self.queue.close();
         if let Some(committer) = self.committer.take() {
             let _ = committer.join();
         }
@@ -129,13 +128,14 @@ impl Spool {
 
     fn open_directory(directory: &Path, segment_bytes: u64) -> io::Result<(Spool, Recovered)> {
         let (committer, recovered) = recover(directory, segment_bytes)?;
-        let (requests, receiver) = crossbeam_channel::unbounded();
+        let queue = Arc::new(Queue::default());
+        let committer_queue = Arc::clone(&queue);
         let committer = std::thread::Builder::new()
             .name("spool".into())
-            .spawn(move || committer.run(receiver))?;
+            .spawn(move || committer.run(&committer_queue))?;
         let journal = Journal {
             directory: directory.to_path_buf(),
-            requests: Some(requests),
+            queue,
             committer: Some(committer),
         };
         Ok((
@@ -194,18 +194,7 @@ impl Journal {
         let frame = frame::encode(|buffer| {
             serde_json::to_writer(&mut *buffer, entry).map_err(io::Error::other)
         })?;
-        let (done, outcome) = crossbeam_channel::bounded(1);
-        let stopped = || io::Error::other("the spool's journal thread has stopped");
-        self.requests
-            .as_ref()
-            .ok_or_else(stopped)?
-            .send(Request {
-                frame,
-                change,
-                done,
-            })
-            .map_err(|_| stopped())?;
-        outcome.recv().map_err(|_| stopped())?
+        self.queue.commit(frame, change)
     }
 }
 
