@@ -630,3 +630,69 @@ fn random_kills_during_a_burst_lose_no_accepted_message() {
         accepted.len()
     );
 }
+
+#[test]
+fn sigterm_during_a_burst_keeps_every_accepted_message() {
+    use std::sync::atomic::{AtomicUsize, Ordering};
+    use std::sync::Arc;
+
+    let relay = TestRelay::plain();
+    let directory = temp_dir("sigterm-burst");
+    let env = variables(
+        &relay.url(),
+        &directory.join("spool"),
+        &[("MAILROOM_SHUTDOWN_TIMEOUT_MS", "5000")],
+    );
+    let mut service = ChildService::start(&directory, &env);
+    let address = service.address;
+    let count = Arc::new(AtomicUsize::new(0));
+    let clients: Vec<_> = (0..16)
+        .map(|client| {
+            let count = Arc::clone(&count);
+            std::thread::spawn(move || {
+                let mut ids = Vec::new();
+                // Until the service refuses (503) or is gone.
+                for index in 0..2000 {
+                    let subject = format!("client {client} #{index}");
+                    match try_post(address, &seed_body("user@example.org", &subject)) {
+                        Some(id) => {
+                            ids.push(id);
+                            count.fetch_add(1, Ordering::SeqCst);
+                        }
+                        None => break,
+                    }
+                }
+                ids
+            })
+        })
+        .collect();
+    wait_until("a few hundred messages are accepted", || {
+        count.load(Ordering::SeqCst) >= 300
+    });
+    service.signal("TERM");
+    let exit = service.wait_exit(PATIENCE);
+    assert_eq!(exit.code(), Some(0), "{}", service.log_text());
+    let accepted: Vec<String> = clients
+        .into_iter()
+        .flat_map(|client| client.join().unwrap())
+        .collect();
+
+    let _restarted = ChildService::start(&directory, &env);
+    let deadline = Instant::now() + PATIENCE;
+    let counts = loop {
+        let counts = delivered_counts(&relay);
+        if accepted.iter().all(|id| counts.contains_key(id)) {
+            break counts;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "an accepted message never arrived"
+        );
+        std::thread::sleep(Duration::from_millis(50));
+    };
+    // A clean stop finishes what it started: nothing goes twice.
+    assert!(
+        counts.values().all(|count| *count == 1),
+        "duplicates after SIGTERM"
+    );
+}
