@@ -60,7 +60,10 @@ struct QueueState {
     done: u64,
     /// Failed batches: the error, and how many writers have yet to see it.
     failures: HashMap<u64, (io::ErrorKind, String, usize)>,
+    /// No new frames are taken.
     closed: bool,
+    /// The committer thread has ended (normally, or by a panic).
+    stopped: bool,
 }
 
 impl Queue {
@@ -72,9 +75,10 @@ impl Queue {
 
     /// Adds a frame and waits until the batch holding it is on disk.
     pub(super) fn commit(&self, frame: Vec<u8>, change: Change) -> io::Result<()> {
+        let stopped = || io::Error::other("the spool's journal thread has stopped");
         let mut state = self.lock();
-        if state.closed {
-            return Err(io::Error::other("the spool's journal is closed"));
+        if state.closed || state.stopped {
+            return Err(stopped());
         }
         state.pending.push((frame, change));
         if state.pending.len() == 1 {
@@ -82,6 +86,9 @@ impl Queue {
         }
         let batch = state.open;
         while state.done <= batch {
+            if state.stopped {
+                return Err(stopped());
+            }
             state = self.finished[(batch % 2) as usize]
                 .wait(state)
                 .unwrap_or_else(|poisoned| poisoned.into_inner());
@@ -357,6 +364,17 @@ impl Committer {
 
     /// Runs the group-commit loop until the queue is closed.
     pub(super) fn run(mut self, queue: &Queue) {
+        /// However the loop ends, even by a panic, no writer waits forever.
+        struct Stopped<'a>(&'a Queue);
+        impl Drop for Stopped<'_> {
+            fn drop(&mut self) {
+                self.0.lock().stopped = true;
+                for finished in &self.0.finished {
+                    finished.notify_all();
+                }
+            }
+        }
+        let _stopped = Stopped(queue);
         loop {
             let (batch, records) = {
                 let mut state = queue.lock();
