@@ -10,6 +10,7 @@
 //! - `dead/<id>.json`: a permanently failed message (a dead letter).
 //! - `corrupt/`: data that could not be read at start, set aside.
 //! - `tmp/`: dead letters being written; leftovers are removed at start.
+//! - `lock`: locked (flock) by the process using the spool.
 //!
 //! Recovery reads every segment in order and replays it (the last record
 //! of an id wins; `remove` forgets it; a dead letter beats a journal
@@ -105,6 +106,8 @@ struct Journal {
     directory: PathBuf,
     queue: Arc<Queue>,
     committer: Option<JoinHandle<()>>,
+    /// Held while the spool is open (released when closed, or when the process dies).
+    _lock: File,
 }
 
 impl Drop for Journal {
@@ -127,6 +130,7 @@ impl Spool {
     }
 
     fn open_directory(directory: &Path, segment_bytes: u64) -> io::Result<(Spool, Recovered)> {
+        let lock = lock_directory(directory)?;
         let (committer, recovered) = recover(directory, segment_bytes)?;
         let queue = Arc::new(Queue::default());
         let committer_queue = Arc::clone(&queue);
@@ -137,6 +141,7 @@ impl Spool {
             directory: directory.to_path_buf(),
             queue,
             committer: Some(committer),
+            _lock: lock,
         };
         Ok((
             Spool {
@@ -195,6 +200,28 @@ impl Journal {
             serde_json::to_writer(&mut *buffer, entry).map_err(io::Error::other)
         })?;
         self.queue.commit(frame, change)
+    }
+}
+
+/// Takes the spool for this process: two processes replaying, rewriting and
+/// deleting the same journal would lose messages.
+fn lock_directory(directory: &Path) -> io::Result<File> {
+    fs::create_dir_all(directory)?;
+    let lock = File::options()
+        .create(true)
+        .truncate(false)
+        .write(true)
+        .open(directory.join("lock"))?;
+    match lock.try_lock() {
+        Ok(()) => Ok(lock),
+        Err(fs::TryLockError::WouldBlock) => Err(io::Error::new(
+            io::ErrorKind::WouldBlock,
+            format!(
+                "{} is in use by another mailroom process",
+                directory.display()
+            ),
+        )),
+        Err(fs::TryLockError::Error(error)) => Err(error),
     }
 }
 
@@ -460,6 +487,18 @@ mod tests {
         assert_eq!(recovered.dead, vec![record("c", 1)]);
         assert_eq!(recovered.corrupt, 0);
         assert!(directory.join("dead").join("c.json").is_file());
+    }
+
+    #[test]
+    fn one_process_at_a_time() {
+        let directory = empty_directory("lock");
+        let (spool, _) = open(&directory);
+        let error = Spool::open_directory(&directory, TEST_SEGMENT_BYTES)
+            .err()
+            .expect("a second open is refused");
+        assert!(error.to_string().contains("in use"), "{error}");
+        drop(spool);
+        let (_spool, _) = open(&directory);
     }
 
     #[test]

@@ -696,3 +696,45 @@ fn sigterm_during_a_burst_keeps_every_accepted_message() {
         "duplicates after SIGTERM"
     );
 }
+
+#[test]
+fn a_second_process_on_the_same_spool_refuses_to_start() {
+    let relay = TestRelay::plain();
+    let directory = temp_dir("second");
+    let spool = directory.join("spool");
+    let first = ChildService::start(&directory, &variables(&relay.url(), &spool, &[]));
+    let (port, reserved) = unused_port();
+    drop(reserved);
+    let log = directory.join("second.log");
+    // Killed on drop, should it start after all.
+    struct Second(std::process::Child);
+    impl Drop for Second {
+        fn drop(&mut self) {
+            let _ = self.0.kill();
+            let _ = self.0.wait();
+        }
+    }
+    let child = std::process::Command::new(env!("CARGO_BIN_EXE_mailroom"))
+        .current_dir(&directory)
+        .env_clear()
+        .env("MAILROOM_LISTEN", format!("127.0.0.1:{port}"))
+        .env("MAILROOM_SMTP_URL", relay.url())
+        .env("MAILROOM_SPOOL_DIR", &spool)
+        .stderr(std::fs::File::create(&log).unwrap())
+        .spawn()
+        .unwrap();
+    let mut second = Second(child);
+    let mut status = None;
+    wait_until("the second process exits", || {
+        status = second.0.try_wait().unwrap();
+        status.is_some()
+    });
+    assert_eq!(status.unwrap().code(), Some(1));
+    let stderr = std::fs::read_to_string(&log).unwrap();
+    assert!(
+        stderr.contains("MAILROOM_SPOOL_DIR") && stderr.contains("in use by another mailroom"),
+        "{stderr}"
+    );
+    // The first one is unharmed.
+    assert_eq!(accept(first.address, 1, "still here").len(), 1);
+}
