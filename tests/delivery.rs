@@ -440,8 +440,10 @@ fn workers_reuse_their_smtp_connections() {
     println!(
         "{count} messages over STARTTLS+AUTH used {connections} SMTP connections with 5 workers"
     );
+    // One connection per worker; a little slack for a reconnect after a
+    // read timeout on a heavily loaded machine, far below one per message.
     assert!(
-        connections <= 5,
+        connections <= 8,
         "{count} messages used {connections} SMTP connections (5 workers)"
     );
     let metrics = service.get("/metrics").body_text();

@@ -286,7 +286,7 @@ impl TestRelay {
                 .ca_file
                 .as_ref()
                 .map(|file| std::fs::read(file).unwrap()),
-            timeout: Duration::from_secs(10),
+            timeout: Duration::from_secs(30),
         }
     }
 
