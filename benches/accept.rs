@@ -6,7 +6,8 @@
 //!
 //! `cargo bench --bench accept`; BENCH_CLIENTS (default "1,32,128"),
 //! BENCH_SECONDS per run (default 2), BENCH_ROUNDS (default 3),
-//! BENCH_SPOOL=0 to skip the spool-on runs.
+//! BENCH_SPOOL=0 to skip the spool-on runs, BENCH_CLOSE=0 to skip the
+//! ceiling that closes each connection after one request.
 
 mod common;
 
@@ -16,10 +17,15 @@ use std::time::{Duration, Instant};
 
 use common::client::{post_request, run_load, LoadReport};
 use common::sink::{Sink, SinkOptions};
-use common::{config_for, env_number, heading, median, median_duration, ms, rounds, seed_json};
+use common::{
+    config_for, env_number, heading, median, median_duration, ms, process_cpu, rounds, seed_json,
+};
 use mailroom::config::SpoolSetting;
 use mailroom::http::HttpServer;
 use mailroom::Engine;
+
+/// Per server: load reports, messages delivered, CPU microseconds per request.
+type Figures = (Server, Vec<LoadReport>, Vec<u64>, Vec<f64>);
 
 /// Enough room that the queue never fills during a run.
 const CAPACITY: usize = 200_000;
@@ -29,6 +35,8 @@ const MAX_PER_CLIENT: u64 = 1_000_000;
 #[derive(Clone, Copy, PartialEq, Eq)]
 enum Server {
     Ceiling,
+    /// The ceiling, closing each connection after its answer.
+    CeilingClose,
     SpoolNone,
     SpoolOn,
 }
@@ -37,6 +45,7 @@ impl Server {
     fn name(self) -> &'static str {
         match self {
             Server::Ceiling => "bare tiny_http (ceiling)",
+            Server::CeilingClose => "bare tiny_http, conn close",
             Server::SpoolNone => "mailroom, spool none",
             Server::SpoolOn => "mailroom, spool on",
         }
@@ -53,6 +62,9 @@ fn main() {
         .collect();
     let seconds = Duration::from_secs(env_number("BENCH_SECONDS", 2));
     let mut servers = vec![Server::Ceiling, Server::SpoolNone];
+    if env_number("BENCH_CLOSE", 1) == 1 {
+        servers.push(Server::CeilingClose);
+    }
     if env_number("BENCH_SPOOL", 1) == 1 {
         servers.push(Server::SpoolOn);
     }
@@ -66,7 +78,7 @@ fn main() {
         seconds.as_secs(),
     );
     println!(
-        "{:>4} {:<26} {:>9} {:>8} {:>8} {:>8} {:>7} {:>11} {:>9} {:>10}",
+        "{:>4} {:<26} {:>9} {:>8} {:>8} {:>8} {:>7} {:>11} {:>9} {:>10} {:>8}",
         "K",
         "server",
         "req/s",
@@ -76,16 +88,18 @@ fn main() {
         "errors",
         "1st ans ms",
         "of ceil",
-        "delivered"
+        "delivered",
+        "CPU us"
     );
     for &k in &clients {
-        let mut figures: Vec<(Server, Vec<LoadReport>, Vec<u64>)> = servers
+        let mut figures: Vec<Figures> = servers
             .iter()
-            .map(|&server| (server, Vec::new(), Vec::new()))
+            .map(|&server| (server, Vec::new(), Vec::new(), Vec::new()))
             .collect();
         for _ in 0..rounds() {
-            for (server, reports, delivered) in &mut figures {
-                let (report, sent) = run(*server, &sink, k, seconds, &request);
+            for (server, reports, delivered, cpu) in &mut figures {
+                let (report, sent, used) = run(*server, &sink, k, seconds, &request);
+                cpu.push(used.as_secs_f64() * 1e6 / report.ok.max(1) as f64);
                 reports.push(report);
                 delivered.push(sent);
             }
@@ -97,13 +111,13 @@ fn main() {
                 .map(LoadReport::rate)
                 .collect::<Vec<_>>(),
         );
-        for (server, reports, delivered) in &figures {
+        for (server, reports, delivered, cpu) in &figures {
             let rate = median(&reports.iter().map(LoadReport::rate).collect::<Vec<_>>());
             let pick = |f: fn(&LoadReport) -> Duration| {
                 median_duration(&reports.iter().map(f).collect::<Vec<_>>())
             };
             println!(
-                "{:>4} {:<26} {:>9.0} {:>8} {:>8} {:>8} {:>7} {:>11} {:>8.0}% {:>10}",
+                "{:>4} {:<26} {:>9.0} {:>8} {:>8} {:>8} {:>7} {:>11} {:>8.0}% {:>10} {:>8.0}",
                 k,
                 server.name(),
                 rate,
@@ -117,28 +131,32 @@ fn main() {
                     "-".to_string()
                 } else {
                     delivered.iter().max().unwrap_or(&0).to_string()
-                }
+                },
+                median(cpu)
             );
         }
     }
-    println!("figures: medians over rounds; errors: the most in any round; 1st ans: slowest first answer of any connection; delivered: messages the sink got during the run and the drain after it");
+    println!("figures: medians over rounds; errors: the most in any round; 1st ans: slowest first answer of any connection; delivered: messages the sink got during the run and the drain after it; CPU us: CPU time of the whole bench process (clients, server, and for mailroom its workers and the sink until drained) per accepted request");
 }
 
 /// One load run against a fresh server; returns the load report and, for
-/// mailroom, how many messages reached the sink (after draining).
+/// mailroom, how many messages reached the sink (after draining), and the
+/// CPU time the whole bench process used (for mailroom: until drained).
 fn run(
     server: Server,
     sink: &Sink,
     clients: usize,
     seconds: Duration,
     request: &[u8],
-) -> (LoadReport, u64) {
+) -> (LoadReport, u64, Duration) {
+    let cpu = process_cpu();
     match server {
-        Server::Ceiling => {
-            let bare = Bare::start();
+        Server::Ceiling | Server::CeilingClose => {
+            let bare = Bare::start(server == Server::CeilingClose);
             let report = run_load(bare.address, clients, seconds, request, 202, MAX_PER_CLIENT);
+            let cpu = process_cpu() - cpu;
             drop(bare);
-            (report, 0)
+            (report, 0, cpu)
         }
         Server::SpoolNone | Server::SpoolOn => {
             let mut config = config_for(sink, 5, CAPACITY);
@@ -167,11 +185,12 @@ fn run(
                 std::thread::sleep(Duration::from_millis(5));
             }
             let delivered = sink.messages() - before;
+            let cpu = process_cpu() - cpu;
             http.stop();
             let _ = accept.join();
             engine.shutdown();
             let _ = std::fs::remove_dir_all(&spool);
-            (report, delivered)
+            (report, delivered, cpu)
         }
     }
 }
@@ -188,7 +207,9 @@ struct Bare {
 const BARE_THREADS: usize = 2;
 
 impl Bare {
-    fn start() -> Bare {
+    /// With `close`, every answer says `Connection: close` (one request per
+    /// connection), as the ops branch's HTTP layer does.
+    fn start(close: bool) -> Bare {
         let server = Arc::new(tiny_http::Server::http("127.0.0.1:0").expect("bind"));
         let address = server.server_addr().to_ip().expect("an IP address");
         let threads = (0..BARE_THREADS)
@@ -201,12 +222,18 @@ impl Bare {
                         &b"application/json"[..],
                     )
                     .expect("header");
+                    let connection =
+                        tiny_http::Header::from_bytes(&b"Connection"[..], &b"close"[..])
+                            .expect("header");
                     while let Ok(mut request) = server.recv() {
                         let mut body = Vec::new();
                         let _ = request.as_reader().read_to_end(&mut body);
-                        let response = tiny_http::Response::from_data(&answer[..])
+                        let mut response = tiny_http::Response::from_data(&answer[..])
                             .with_status_code(202)
                             .with_header(content_type.clone());
+                        if close {
+                            response.add_header(connection.clone());
+                        }
                         let _ = request.respond(response);
                     }
                 })

@@ -26,7 +26,7 @@ fn main() {
         "message: the seed request, {} bytes as sent; sink: benches/common/sink.rs (thread per connection)",
         message.content.len()
     );
-    println!("N = {count} messages per run; both sides timed from the start signal to the sink's count of N");
+    println!("N = {count} messages per run; both sides timed from the start signal to the sink's count of N; CPU us/msg: CPU time of the whole bench process (sender and sink) per message");
 
     for tls in [false, true] {
         let sink = Sink::start(SinkOptions {
@@ -71,14 +71,24 @@ fn report(kind: &str, threads: usize, ours: &[DeliverRun], raw: &[DeliverRun]) {
         let max = rates.iter().copied().fold(0.0, f64::max);
         format!("{min:.0}..{max:.0}")
     };
+    let cpu = |runs: &[DeliverRun]| {
+        median(
+            &runs
+                .iter()
+                .map(DeliverRun::cpu_per_message)
+                .collect::<Vec<_>>(),
+        )
+    };
     println!(
-        "  {kind:<13} {threads:>2} workers  mailroom {:>8.0} msg/s ({}; {} connections)  raw lettre loop {:>8.0} msg/s ({}; {} connections)  mailroom/raw {:.2} (median of per-round ratios){}",
+        "  {kind:<13} {threads:>2} workers  mailroom {:>8.0} msg/s ({}; {} connections; {:.0} CPU us/msg)  raw lettre loop {:>8.0} msg/s ({}; {} connections; {:.0} CPU us/msg)  mailroom/raw {:.2} (median of per-round ratios){}",
         median(&our_rates),
         spread(&our_rates),
         ours.last().map_or(0, |run| run.connections),
+        cpu(ours),
         median(&raw_rates),
         spread(&raw_rates),
         raw.last().map_or(0, |run| run.connections),
+        cpu(raw),
         median(&ratios),
         if incomplete > 0 {
             format!("  [{incomplete} runs incomplete]")

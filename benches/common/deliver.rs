@@ -24,7 +24,7 @@ use lettre::transport::smtp::extension::ClientId;
 use mailroom::{Engine, MailRequest, OutgoingMessage};
 
 use super::sink::Sink;
-use super::{config_for, PASSWORD, USER};
+use super::{config_for, process_cpu, PASSWORD, USER};
 
 /// How long a delivery run may take before it is reported as stuck.
 const RUN_LIMIT: Duration = Duration::from_secs(300);
@@ -40,12 +40,19 @@ pub struct DeliverRun {
     pub connections: u64,
     /// False when the run hit [`RUN_LIMIT`].
     pub complete: bool,
+    /// CPU time the whole bench process used (both ends of SMTP).
+    pub cpu: Duration,
 }
 
 impl DeliverRun {
     /// Messages per second.
     pub fn rate(&self) -> f64 {
         self.messages as f64 / self.elapsed.as_secs_f64()
+    }
+
+    /// CPU microseconds per message (sender and sink together).
+    pub fn cpu_per_message(&self) -> f64 {
+        self.cpu.as_secs_f64() * 1e6 / self.messages.max(1) as f64
     }
 }
 
@@ -60,10 +67,12 @@ pub fn mailroom(sink: &Sink, workers: usize, count: u64, request: &MailRequest) 
     for _ in 0..count {
         engine.submit(request, None).expect("queued");
     }
+    let cpu = process_cpu();
     let started = Instant::now();
     sink.open_gate();
     let done = sink.wait_for(before + count, RUN_LIMIT);
     let finished = done.unwrap_or_else(Instant::now);
+    let cpu = process_cpu() - cpu;
     // The engine's bookkeeping after the last 250 (bounded wait).
     let deadline = Instant::now() + Duration::from_secs(30);
     while engine.unfinished() > 0 && Instant::now() < deadline {
@@ -74,6 +83,7 @@ pub fn mailroom(sink: &Sink, workers: usize, count: u64, request: &MailRequest) 
         elapsed: finished - started,
         connections: engine.connections_opened(),
         complete: done.is_some(),
+        cpu,
     };
     engine.shutdown();
     run
@@ -166,10 +176,12 @@ fn lettre_loop(
         })
         .collect();
     let before = sink.messages();
+    let cpu = process_cpu();
     start.wait();
     let started = Instant::now();
     let done = sink.wait_for(before + count, RUN_LIMIT);
     let finished = done.unwrap_or_else(Instant::now);
+    let cpu = process_cpu() - cpu;
     for handle in handles {
         let _ = handle.join();
     }
@@ -178,6 +190,7 @@ fn lettre_loop(
         elapsed: finished - started,
         connections: connections.load(Ordering::Relaxed),
         complete: done.is_some(),
+        cpu,
     }
 }
 

@@ -108,6 +108,24 @@ pub fn ms(duration: Duration) -> String {
     format!("{:.2}", duration.as_secs_f64() * 1000.0)
 }
 
+/// CPU time this process has used (all threads: user and system), from
+/// /proc/self/stat. Robust to other load on the machine, unlike rates.
+pub fn process_cpu() -> Duration {
+    let stat = std::fs::read_to_string("/proc/self/stat").unwrap_or_default();
+    // Fields after the command name (which is in parentheses): state is
+    // the 3rd field of the line, utime the 14th, stime the 15th.
+    let after = stat.rsplit_once(')').map_or("", |(_, rest)| rest);
+    let fields: Vec<&str> = after.split_whitespace().collect();
+    let ticks = |index: usize| {
+        fields
+            .get(index)
+            .and_then(|value| value.parse::<u64>().ok())
+            .unwrap_or(0)
+    };
+    // Linux reports clock ticks of 1/100 s (USER_HZ) here.
+    Duration::from_millis((ticks(11) + ticks(12)) * 10)
+}
+
 /// One line about the machine, for the record.
 pub fn machine() -> String {
     let cpu = std::fs::read_to_string("/proc/cpuinfo")
