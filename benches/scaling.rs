@@ -33,7 +33,7 @@ fn main() {
     let request = seed_request();
     let message = deliver::built(&request);
     println!(
-        "sink: benches/common/sink.rs, plain, {} ms per message; {per_worker} messages per worker per run; raw = the raw lettre loop with as many threads",
+        "sink: benches/common/sink.rs, plain, {} ms per message; {per_worker} messages per worker per run; raw = the raw lettre loop with as many threads (at the workers' nice +5)",
         delay.as_millis()
     );
     println!(
