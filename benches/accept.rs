@@ -7,7 +7,9 @@
 //! `cargo bench --bench accept`; BENCH_CLIENTS (default "1,32,128"),
 //! BENCH_SECONDS per run (default 2), BENCH_ROUNDS (default 3),
 //! BENCH_SPOOL=0 to skip the spool-on runs, BENCH_CLOSE=0 to skip the
-//! ceiling that closes each connection after one request.
+//! ceiling that closes each connection after one request, BENCH_HELD=0 to
+//! skip the run where the sink holds deliveries until the load ends (the
+//! accept side alone).
 
 mod common;
 
@@ -37,6 +39,9 @@ enum Server {
     Ceiling,
     /// The ceiling, closing each connection after its answer.
     CeilingClose,
+    /// mailroom, spool none, with the sink holding deliveries until the
+    /// run ends: the accept side alone.
+    SpoolNoneHeld,
     SpoolNone,
     SpoolOn,
 }
@@ -46,6 +51,7 @@ impl Server {
         match self {
             Server::Ceiling => "bare tiny_http (ceiling)",
             Server::CeilingClose => "bare tiny_http, conn close",
+            Server::SpoolNoneHeld => "mailroom, none, held",
             Server::SpoolNone => "mailroom, spool none",
             Server::SpoolOn => "mailroom, spool on",
         }
@@ -64,6 +70,9 @@ fn main() {
     let mut servers = vec![Server::Ceiling, Server::SpoolNone];
     if env_number("BENCH_CLOSE", 1) == 1 {
         servers.push(Server::CeilingClose);
+    }
+    if env_number("BENCH_HELD", 1) == 1 {
+        servers.push(Server::SpoolNoneHeld);
     }
     if env_number("BENCH_SPOOL", 1) == 1 {
         servers.push(Server::SpoolOn);
@@ -136,7 +145,7 @@ fn main() {
             );
         }
     }
-    println!("figures: medians over rounds; errors: the most in any round; 1st ans: slowest first answer of any connection; delivered: messages the sink got during the run and the drain after it; CPU us: CPU time of the whole bench process (clients, server, and for mailroom its workers and the sink until drained) per accepted request");
+    println!("figures: medians over rounds; errors: the most in any round; 1st ans: slowest first answer of any connection; delivered: messages the sink got during the run and the drain after it; CPU us: CPU time of the whole bench process (clients, server, and for mailroom its workers and the sink until drained) per accepted request; held: the sink holds deliveries until the load ends, so the figures (CPU included) are the accept side alone");
 }
 
 /// One load run against a fresh server; returns the load report and, for
@@ -158,7 +167,10 @@ fn run(
             drop(bare);
             (report, 0, cpu)
         }
-        Server::SpoolNone | Server::SpoolOn => {
+        Server::SpoolNone | Server::SpoolOn | Server::SpoolNoneHeld => {
+            if server == Server::SpoolNoneHeld {
+                sink.close_gate();
+            }
             let mut config = config_for(sink, 5, CAPACITY);
             let spool = std::env::temp_dir().join(format!(
                 "mailroom-bench-spool-{}-{}",
@@ -179,13 +191,20 @@ fn run(
             let accept = std::thread::spawn(move || runner.run());
             let before = sink.messages();
             let report = run_load(address, clients, seconds, request, 202, MAX_PER_CLIENT);
+            // CPU of the accept side alone when deliveries were held.
+            let held_cpu = process_cpu() - cpu;
+            sink.open_gate();
             // Drain what was accepted before stopping (bounded).
             let deadline = Instant::now() + Duration::from_secs(120);
             while engine.unfinished() > 0 && Instant::now() < deadline {
                 std::thread::sleep(Duration::from_millis(5));
             }
             let delivered = sink.messages() - before;
-            let cpu = process_cpu() - cpu;
+            let cpu = if server == Server::SpoolNoneHeld {
+                held_cpu
+            } else {
+                process_cpu() - cpu
+            };
             http.stop();
             let _ = accept.join();
             engine.shutdown();
