@@ -200,6 +200,10 @@ fn run(
                 std::thread::sleep(Duration::from_millis(5));
             }
             let delivered = sink.messages() - before;
+            let left = engine.unfinished();
+            if left > 0 {
+                println!("  note: {left} accepted messages still undelivered after the drain");
+            }
             let cpu = if server == Server::SpoolNoneHeld {
                 held_cpu
             } else {
