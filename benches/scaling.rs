@@ -16,7 +16,7 @@ use common::{env_number, heading, median, rounds, seed_request};
 
 fn main() {
     let _ = rustls::crypto::ring::default_provider().install_default();
-    heading("scaling: workers against a relay that takes 20 ms per message");
+    heading("scaling: workers against a slow relay");
     let workers: Vec<usize> = std::env::var("BENCH_WORKERS")
         .unwrap_or_else(|_| "1,2,5,20,50".into())
         .split(',')
