@@ -308,8 +308,11 @@ impl MailRequest {
             Body::Multi(part) => builder.multipart(part),
         }
         .map_err(|error| MessageError::Build(error.to_string()))?;
-        let content = String::from_utf8(message.formatted())
+        let mut content = String::from_utf8(message.formatted())
             .map_err(|_| MessageError::Build("the formatted message is not UTF-8".into()))?;
+        // lettre grows the buffer by doubling; a queued message would keep
+        // up to twice its size for as long as it waits.
+        content.shrink_to_fit();
         Ok(OutgoingMessage {
             id,
             envelope_from: sender.email.to_string(),

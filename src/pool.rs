@@ -20,6 +20,13 @@ use crate::transport::{Delivered, DeliveryError, FailureKind, Transport};
 /// How often an idle worker wakes to close a connection idle too long.
 const IDLE_CHECK: Duration = Duration::from_secs(5);
 
+/// How much lower than the rest of the process the workers run (Linux nice
+/// steps). When the CPU is saturated, answering clients comes first and the
+/// queue absorbs the burst; deliveries catch up as soon as CPU is free. A
+/// relay that is not on this machine leaves the workers waiting on the
+/// network, where priority does not matter. See docs/performance.md.
+const WORKER_NICENESS: i32 = 5;
+
 /// The outcome sent back to a `send_and_wait` caller.
 pub(crate) type Outcome = Result<Delivered, DeliveryError>;
 
@@ -117,6 +124,7 @@ fn run_worker(
     stop: &Receiver<()>,
     mut transport: Transport,
 ) {
+    lower_priority();
     loop {
         select! {
             recv(work) -> job => match job {
@@ -147,6 +155,19 @@ fn run_worker(
         }
     }
     transport.close();
+}
+
+/// Lowers the calling thread's CPU priority by [`WORKER_NICENESS`].
+fn lower_priority() {
+    // Linux keeps a nice value per thread (nice() changes only the caller's),
+    // and raising it needs no privilege. Elsewhere it would be per process.
+    #[cfg(target_os = "linux")]
+    {
+        // SAFETY: a plain system call about the calling thread; no memory
+        // is handed over. A failure leaves the priority as it was, which is
+        // harmless (and -1 is also a valid result), so it is not checked.
+        let _ = unsafe { libc::nice(WORKER_NICENESS) };
+    }
 }
 
 fn deliver(shared: &Shared, transport: &mut Transport, mut job: Job) {

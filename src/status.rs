@@ -145,33 +145,40 @@ impl StatusStore {
             }
         };
         if finished && !was_finished {
-            inner.finished.push_back(id);
-            while inner.finished.len() > self.retention {
-                let Some(oldest) = inner.finished.pop_front() else {
-                    break;
-                };
-                if let Some(entry) = inner.entries.remove(&oldest) {
-                    if let Some(key) = entry.idempotency_key {
-                        inner.idempotency.remove(&key);
-                    }
-                }
-            }
+            self.retire(&mut inner, id);
         }
     }
 
-    /// Changes a live entry in place; does nothing for unknown ids.
+    /// Changes a live entry in place; does nothing for unknown ids. Called
+    /// twice per delivery by every worker, so it takes the lock once and
+    /// copies nothing.
     pub fn update(&self, id: &str, change: impl FnOnce(&mut MessageStatus)) {
-        let snapshot = {
-            let mut inner = self.lock();
-            let Some(entry) = inner.entries.get_mut(id) else {
-                return;
-            };
-            let mut status = entry.status.clone();
-            change(&mut status);
-            status.updated_at = SystemTime::now();
-            status
+        let mut inner = self.lock();
+        let Some(entry) = inner.entries.get_mut(id) else {
+            return;
         };
-        self.put(snapshot);
+        let was_finished = entry.status.state.is_finished();
+        change(&mut entry.status);
+        entry.status.updated_at = SystemTime::now();
+        if entry.status.state.is_finished() && !was_finished {
+            self.retire(&mut inner, id.to_string());
+        }
+    }
+
+    /// A finished entry joins the retention queue; the oldest beyond
+    /// retention are forgotten.
+    fn retire(&self, inner: &mut Inner, id: String) {
+        inner.finished.push_back(id);
+        while inner.finished.len() > self.retention {
+            let Some(oldest) = inner.finished.pop_front() else {
+                break;
+            };
+            if let Some(entry) = inner.entries.remove(&oldest) {
+                if let Some(key) = entry.idempotency_key {
+                    inner.idempotency.remove(&key);
+                }
+            }
+        }
     }
 
     /// The status of a message, if known.
@@ -295,6 +302,30 @@ mod tests {
         assert!(store.get("done0").is_none());
         assert!(store.get("done4").is_some());
         assert_eq!(store.len(), 3);
+    }
+
+    #[test]
+    fn updates_change_in_place_and_finished_ones_are_bounded() {
+        let store = StatusStore::new(1);
+        store.put(status("a", State::Queued));
+        store.put(status("b", State::Queued));
+        store.update("a", |status| {
+            status.state = State::Sending;
+            status.attempts = 1;
+        });
+        let a = store.get("a").unwrap();
+        assert_eq!((a.state, a.attempts), (State::Sending, 1));
+        assert!(a.updated_at > UNIX_EPOCH);
+        store.update("a", |status| status.state = State::Sent);
+        store.update("a", |status| status.last_error = Some("late".into()));
+        store.update("b", |status| status.state = State::Failed);
+        assert!(
+            store.get("a").is_none(),
+            "retention 1 keeps the newest finished"
+        );
+        assert_eq!(store.get("b").unwrap().state, State::Failed);
+        store.update("unknown", |status| status.state = State::Sent);
+        assert_eq!(store.len(), 1);
     }
 
     #[test]

@@ -507,6 +507,12 @@ struct DataBody<'a>(&'a str);
 
 impl fmt::Display for DataBody<'_> {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        // Most messages have no line starting with '.': copy them whole
+        // instead of line by line (this runs for every delivery).
+        if !self.0.starts_with('.') && !self.0.contains("\n.") {
+            f.write_str(self.0)?;
+            return f.write_str("\r\n.\r\n");
+        }
         let mut at_line_start = true;
         let mut rest = self.0;
         while !rest.is_empty() {
@@ -590,5 +596,9 @@ mod tests {
             "a\r\n..b\r\n...c\r\n\r\n.\r\n"
         );
         assert_eq!(DataBody(".x").to_string(), "..x\r\n.\r\n");
+        assert_eq!(
+            DataBody("a\r\nb. c\r\n").to_string(),
+            "a\r\nb. c\r\n\r\n.\r\n"
+        );
     }
 }
