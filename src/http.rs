@@ -4,18 +4,21 @@
 //! requests from tiny_http and hands each to a handler thread: it never
 //! reads, answers or drops a request itself, because each of those can
 //! block on a slow client (dropping an unread request makes tiny_http read
-//! the rest of its body).
+//! the rest of its body). What tiny_http does not limit on its connections
+//! is limited by [`crate::connections`]; each connection serves one request.
 
-use std::io::{Cursor, Read};
+use std::io::{Cursor, ErrorKind};
 use std::net::{SocketAddr, TcpListener};
 use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use crossbeam_channel::{Receiver, RecvTimeoutError, Sender};
 use serde_json::{json, Value};
 use tiny_http::{Header, Method, Request, Response, Server};
 
+use crate::allocator;
+use crate::connections::{Connections, HEAD_DEADLINE, READ_TIMEOUT};
 use crate::engine::{Engine, Readiness, SendError, SubmitError};
 use crate::message::MailRequest;
 
@@ -23,25 +26,54 @@ use crate::message::MailRequest;
 const MAX_HANDLERS: usize = 1024;
 /// An idle handler thread ends after this long.
 const HANDLER_IDLE: Duration = Duration::from_secs(30);
+/// Longest request line (the SPEC's 8 KiB), answered 414 beyond.
+const MAX_REQUEST_LINE: usize = 8 * 1024;
+/// Largest request head without the request line, answered 431 beyond.
+const MAX_HEADERS: usize = 64 * 1024;
+/// Time a client has to send a request body it declared.
+const BODY_DEADLINE: Duration = Duration::from_secs(30);
+/// An unread body up to this size is received and discarded for up to
+/// [`LINGER`] after a refusal, so the client reads the answer instead of a
+/// reset connection; larger ones are cut off at once.
+const LINGER_MAX_BYTES: u64 = 64 * 1024 * 1024;
+/// See [`LINGER_MAX_BYTES`].
+const LINGER: Duration = Duration::from_secs(2);
+/// Declared bodies from this size on are huge: discarding one makes
+/// tiny_http allocate (untouched) memory as large as the declared size.
+const HUGE_BODY: u64 = allocator::HUGE as u64;
+/// Largest declared body whose unread rest may be discarded the usual way
+/// when the program runs on [`allocator::HugeAllocator`].
+const MAX_DISCARDED: u64 = 1 << 40;
+/// A retired acceptor is drained for this long after its last request: by
+/// then each of its connections has delivered its request or been closed.
+const RETIRED_GRACE: Duration = Duration::from_secs(HEAD_DEADLINE.as_secs() + READ_TIMEOUT.as_secs() + 10);
+
+/// One huge discard at a time, so their mappings cannot exhaust the address space.
+static HUGE_DISCARD: Mutex<()> = Mutex::new(());
+/// Connections closed without an answer because their declared body was
+/// too large to discard (each keeps a tiny_http thread and two descriptors).
+static ABANDONED: AtomicUsize = AtomicUsize::new(0);
 
 /// The HTTP front of an [`Engine`].
 pub struct HttpServer {
     listener: TcpListener,
-    server: Mutex<Arc<Server>>,
+    /// The tiny_http server accepting connections now.
+    acceptor: Mutex<Arc<Server>>,
     stopping: AtomicBool,
-    handlers: HandlerPool,
+    handlers: Arc<HandlerPool>,
 }
 
 impl HttpServer {
     /// Binds the listen address. Requests are served once [`HttpServer::run`] is called.
     pub fn bind(engine: Engine, address: SocketAddr) -> std::io::Result<HttpServer> {
         let listener = TcpListener::bind(address)?;
-        let server = serve_on(&listener)?;
+        let acceptor = serve_on(&listener)?;
+        let connections = Connections::start(listener.local_addr()?);
         Ok(HttpServer {
             listener,
-            server: Mutex::new(server),
+            acceptor: Mutex::new(acceptor),
             stopping: AtomicBool::new(false),
-            handlers: HandlerPool::new(Arc::new(engine)),
+            handlers: Arc::new(HandlerPool::new(Arc::new(engine), connections)),
         })
     }
 
@@ -50,36 +82,59 @@ impl HttpServer {
         self.listener.local_addr()
     }
 
+    fn acceptor(&self) -> std::sync::MutexGuard<'_, Arc<Server>> {
+        self.acceptor
+            .lock()
+            .unwrap_or_else(|poisoned| poisoned.into_inner())
+    }
+
     /// The accept loop: runs until [`HttpServer::stop`].
     pub fn run(&self) {
+        let mut started = Instant::now();
+        let mut backoff = Duration::from_millis(100);
         loop {
-            let server = Arc::clone(
-                &self
-                    .server
-                    .lock()
-                    .unwrap_or_else(|poisoned| poisoned.into_inner()),
-            );
-            match server.recv() {
-                Ok(request) => self.handlers.dispatch(request),
+            let acceptor = Arc::clone(&self.acceptor());
+            match acceptor.recv() {
+                Ok(request) => self.handlers.accept(request),
                 Err(_) if self.stopping.load(Ordering::SeqCst) => return,
                 Err(error) => {
-                    // tiny_http stops accepting for good after an accept
-                    // error (e.g. out of file descriptors). Start a new
-                    // acceptor on the same listening socket so the service
-                    // never goes deaf; pause briefly so a persistent error
-                    // does not spin.
-                    log::error!("HTTP accept failed ({error}); restarting the acceptor");
-                    std::thread::sleep(Duration::from_millis(100));
-                    match serve_on(&self.listener) {
-                        Ok(fresh) => {
-                            *self
-                                .server
-                                .lock()
-                                .unwrap_or_else(|poisoned| poisoned.into_inner()) = fresh
-                        }
-                        Err(error) => log::error!("cannot restart the HTTP acceptor: {error}"),
+                    // tiny_http's acceptor stops for good after an accept
+                    // error (e.g. out of file descriptors). Its open
+                    // connections still deliver requests to it, so it is
+                    // drained aside while a new acceptor takes over the
+                    // listening socket. Back off while acceptors keep dying.
+                    log::error!("HTTP accept failed ({error}); starting a new acceptor");
+                    retire(acceptor, Arc::clone(&self.handlers));
+                    backoff = if started.elapsed() < Duration::from_secs(10) {
+                        (backoff * 2).min(Duration::from_secs(2))
+                    } else {
+                        Duration::from_millis(100)
+                    };
+                    if !self.replace_acceptor(backoff) {
+                        return;
                     }
+                    started = Instant::now();
                 }
+            }
+        }
+    }
+
+    /// Starts a new acceptor, retrying until it works; false when stopping.
+    fn replace_acceptor(&self, backoff: Duration) -> bool {
+        loop {
+            // Pacing retries against a persistent error, not synchronisation.
+            std::thread::sleep(backoff);
+            let fresh = serve_on(&self.listener);
+            let mut acceptor = self.acceptor();
+            if self.stopping.load(Ordering::SeqCst) {
+                return false;
+            }
+            match fresh {
+                Ok(fresh) => {
+                    *acceptor = fresh;
+                    return true;
+                }
+                Err(error) => log::error!("cannot start an HTTP acceptor: {error}"),
             }
         }
     }
@@ -87,18 +142,35 @@ impl HttpServer {
     /// Makes [`HttpServer::run`] return. Requests being handled still get their answer.
     pub fn stop(&self) {
         self.stopping.store(true, Ordering::SeqCst);
-        self.server
-            .lock()
-            .unwrap_or_else(|poisoned| poisoned.into_inner())
-            .unblock();
+        self.acceptor().unblock();
     }
 }
 
 fn serve_on(listener: &TcpListener) -> std::io::Result<Arc<Server>> {
     let clone = listener.try_clone()?;
-    Server::from_listener(clone, None)
-        .map(Arc::new)
-        .map_err(|error| std::io::Error::other(error.to_string()))
+    // tiny_http panics when the OS refuses it a thread.
+    std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
+        Server::from_listener(clone, None)
+    }))
+    .map_err(|_| std::io::Error::other("tiny_http could not start its threads"))?
+    .map(Arc::new)
+    .map_err(|error| std::io::Error::other(error.to_string()))
+}
+
+/// Hands the requests that a dead acceptor's connections still deliver to
+/// the handlers, until it has been quiet for [`RETIRED_GRACE`].
+fn retire(acceptor: Arc<Server>, handlers: Arc<HandlerPool>) {
+    let spawned = std::thread::Builder::new()
+        .name("http-retired".into())
+        .stack_size(256 * 1024)
+        .spawn(move || {
+            while let Ok(Some(request)) = acceptor.recv_timeout(RETIRED_GRACE) {
+                handlers.accept(request);
+            }
+        });
+    if let Err(error) = spawned {
+        log::error!("cannot drain a retired HTTP acceptor: {error}");
+    }
 }
 
 /// Handler threads, started on demand so that every request gets a thread
@@ -106,15 +178,16 @@ fn serve_on(listener: &TcpListener) -> std::io::Result<Arc<Server>> {
 struct HandlerPool {
     sender: Sender<Request>,
     receiver: Receiver<Request>,
-    /// Threads waiting for a request. Only the accept loop takes from it,
-    /// so a request dispatched after a successful take always finds a thread.
+    /// Threads waiting for a request. Each dispatch takes one (or starts a
+    /// thread), so a dispatched request always finds a thread.
     idle: Arc<AtomicUsize>,
     threads: Arc<AtomicUsize>,
     engine: Arc<Engine>,
+    connections: Arc<Connections>,
 }
 
 impl HandlerPool {
-    fn new(engine: Arc<Engine>) -> HandlerPool {
+    fn new(engine: Arc<Engine>, connections: Arc<Connections>) -> HandlerPool {
         let (sender, receiver) = crossbeam_channel::unbounded();
         HandlerPool {
             sender,
@@ -122,7 +195,16 @@ impl HandlerPool {
             idle: Arc::new(AtomicUsize::new(0)),
             threads: Arc::new(AtomicUsize::new(0)),
             engine,
+            connections,
         }
+    }
+
+    /// A request's head is complete: note it and hand it to a handler.
+    fn accept(&self, request: Request) {
+        if let Some(peer) = request.remote_addr() {
+            self.connections.request_arrived(*peer);
+        }
+        self.dispatch(request);
     }
 
     fn dispatch(&self, request: Request) {
@@ -144,6 +226,7 @@ impl HandlerPool {
         let idle = Arc::clone(&self.idle);
         let threads = Arc::clone(&self.threads);
         let engine = Arc::clone(&self.engine);
+        let connections = Arc::clone(&self.connections);
         threads.fetch_add(1, Ordering::SeqCst);
         let spawned = std::thread::Builder::new()
             .name("http".into())
@@ -152,7 +235,7 @@ impl HandlerPool {
                 loop {
                     match receiver.recv_timeout(HANDLER_IDLE) {
                         Ok(request) => {
-                            handle(&engine, request);
+                            handle(&engine, &connections, request);
                             idle.fetch_add(1, Ordering::SeqCst);
                         }
                         Err(RecvTimeoutError::Timeout) => {
@@ -218,8 +301,20 @@ impl Reply {
     }
 }
 
-fn handle(engine: &Engine, mut request: Request) {
-    let reply = route(engine, &mut request);
+/// What became of a request's body while it was routed.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Body {
+    /// Not read (a refusal before the body mattered).
+    Unread,
+    /// Read to its end.
+    Read,
+    /// Reading stopped early: over the limit, too slow, or broken.
+    Abandoned,
+}
+
+fn handle(engine: &Engine, connections: &Connections, mut request: Request) {
+    let mut body = Body::Unread;
+    let reply = route(engine, &mut request, &mut body);
     engine.record_http(reply.code);
     let length = reply.body.len();
     let mut response = Response::new(
@@ -233,9 +328,57 @@ fn handle(engine: &Engine, mut request: Request) {
     for (name, value) in &reply.headers {
         response.add_header(header(name, value));
     }
+    let Some(peer) = request.remote_addr().copied() else {
+        let _ = request.respond(response);
+        return;
+    };
+    // Answering drops the request, and tiny_http then discards what is
+    // left of the body by reading it: bound that first.
+    let declared = request.body_length().map_or(0, |length| length as u64);
+    let has = |name: &'static str| request.headers().iter().any(|header| header.field.equiv(name));
+    // tiny_http has already read bodies of up to 1 KiB sent without Expect.
+    let expects_continue = has("Expect");
+    let pending = body == Body::Abandoned
+        || (body == Body::Unread
+            && (declared > 1024 || expects_continue || has("Transfer-Encoding")));
+    let huge = pending && declared >= HUGE_BODY;
+    if pending {
+        if huge || expects_continue || body == Body::Abandoned || declared > LINGER_MAX_BYTES {
+            // Nothing worth waiting for: the discard ends at once.
+            let cut = connections.shut_read(peer);
+            if huge && (!cut || !allocator::in_use() || declared > MAX_DISCARDED) {
+                abandon(connections, request, peer, declared);
+                return;
+            }
+        } else {
+            connections.close_at(peer, Instant::now() + LINGER);
+        }
+    }
+    let serial = huge.then(|| {
+        HUGE_DISCARD
+            .lock()
+            .unwrap_or_else(|poisoned| poisoned.into_inner())
+    });
     if let Err(error) = request.respond(response) {
         log::debug!("HTTP answer not delivered: {error}");
     }
+    drop(serial);
+    connections.finish(peer);
+}
+
+/// Closes a connection whose declared body is too large for tiny_http to
+/// discard (it would allocate the declared size, and abort the process when
+/// that fails), without answering, and keeps the request forever instead of
+/// dropping it. SPEC allows a closed connection for this; the cost is one
+/// tiny_http thread and two descriptors per such connection.
+fn abandon(connections: &Connections, request: Request, peer: SocketAddr, declared: u64) {
+    connections.finish(peer);
+    std::mem::forget(request);
+    let count = ABANDONED.fetch_add(1, Ordering::Relaxed) + 1;
+    log::warn!(
+        "HTTP connection from {peer} declared a {declared}-byte body: closed without an answer \
+         ({count} such connections so far, each keeping a thread and two descriptors)"
+    );
 }
 
 fn header(name: &str, value: &str) -> Header {
@@ -245,7 +388,26 @@ fn header(name: &str, value: &str) -> Header {
     })
 }
 
-fn route(engine: &Engine, request: &mut Request) -> Reply {
+fn route(engine: &Engine, request: &mut Request, body: &mut Body) -> Reply {
+    if request.url().len() > MAX_REQUEST_LINE {
+        return Reply::error(
+            414,
+            "request line too long",
+            &format!("the limit is {MAX_REQUEST_LINE} bytes"),
+        );
+    }
+    let head: usize = request
+        .headers()
+        .iter()
+        .map(|header| header.field.as_str().as_str().len() + header.value.as_str().len() + 4)
+        .sum();
+    if head > MAX_HEADERS {
+        return Reply::error(
+            431,
+            "request headers too large",
+            &format!("the limit is {MAX_HEADERS} bytes in all"),
+        );
+    }
     let path = request.url().split('?').next().unwrap_or("").to_string();
     let method = request.method().clone();
     let is = |allowed: &Method| {
@@ -266,8 +428,8 @@ fn route(engine: &Engine, request: &mut Request) -> Reply {
                 return refusal;
             }
             match path.as_str() {
-                "/api/mail" if method == Method::Post => submit(engine, request),
-                "/api/mail/v2" if method == Method::Post => send_and_wait(engine, request),
+                "/api/mail" if method == Method::Post => submit(engine, request, body),
+                "/api/mail/v2" if method == Method::Post => send_and_wait(engine, request, body),
                 "/api/mail" | "/api/mail/v2" => method_not_allowed("POST"),
                 _ => match path
                     .strip_prefix("/api/mail/")
@@ -332,7 +494,7 @@ fn constant_time_equal(given: &[u8], expected: &[u8]) -> bool {
     difference == 0
 }
 
-fn read_body(engine: &Engine, request: &mut Request) -> Result<Vec<u8>, Reply> {
+fn read_body(engine: &Engine, request: &mut Request, body: &mut Body) -> Result<Vec<u8>, Reply> {
     let limit = engine.config().max_body_bytes;
     let too_large = || {
         Reply::error(
@@ -340,30 +502,60 @@ fn read_body(engine: &Engine, request: &mut Request) -> Result<Vec<u8>, Reply> {
             "request body too large",
             &format!("the limit is {limit} bytes (MAILROOM_MAX_BODY_BYTES)"),
         )
-        .with_header("Connection", "close")
     };
     let declared = request.body_length();
     if declared.is_some_and(|length| length as u64 > limit) {
         return Err(too_large());
     }
-    let mut body = Vec::with_capacity(declared.unwrap_or(0).min(64 * 1024));
-    // A client that sends more than it declared, or a chunked body, is cut at the limit.
-    if let Err(error) = request.as_reader().take(limit + 1).read_to_end(&mut body) {
-        return Err(Reply::error(
-            400,
-            "cannot read the request body",
-            &error.to_string(),
-        ));
+    let deadline = Instant::now() + BODY_DEADLINE;
+    let mut content = Vec::with_capacity(declared.unwrap_or(0).min(64 * 1024));
+    let mut chunk = [0u8; 16 * 1024];
+    let reader = request.as_reader();
+    loop {
+        // A chunked body (no declared length) is cut at the limit.
+        let room = (limit + 1).saturating_sub(content.len() as u64);
+        let wanted = chunk.len().min(usize::try_from(room).unwrap_or(usize::MAX));
+        match reader.read(&mut chunk[..wanted]) {
+            Ok(0) => break,
+            Ok(read) => content.extend_from_slice(&chunk[..read]),
+            Err(error) if error.kind() == ErrorKind::Interrupted => continue,
+            Err(error) => {
+                *body = Body::Abandoned;
+                return Err(if matches!(error.kind(), ErrorKind::WouldBlock | ErrorKind::TimedOut) {
+                    Reply::error(
+                        408,
+                        "request body not received in time",
+                        &format!("nothing arrived for {} s", READ_TIMEOUT.as_secs()),
+                    )
+                } else {
+                    Reply::error(400, "cannot read the request body", &error.to_string())
+                });
+            }
+        }
+        if content.len() as u64 > limit {
+            *body = Body::Abandoned;
+            return Err(too_large());
+        }
+        if Instant::now() > deadline {
+            *body = Body::Abandoned;
+            return Err(Reply::error(
+                408,
+                "request body not received in time",
+                &format!("the body must arrive within {} s", BODY_DEADLINE.as_secs()),
+            ));
+        }
     }
-    if body.len() as u64 > limit {
-        return Err(too_large());
-    }
-    Ok(body)
+    *body = Body::Read;
+    Ok(content)
 }
 
-fn parse_request(engine: &Engine, request: &mut Request) -> Result<MailRequest, Reply> {
-    let body = read_body(engine, request)?;
-    MailRequest::from_json(&body).map_err(|error| invalid(&error.to_string()))
+fn parse_request(
+    engine: &Engine,
+    request: &mut Request,
+    body: &mut Body,
+) -> Result<MailRequest, Reply> {
+    let content = read_body(engine, request, body)?;
+    MailRequest::from_json(&content).map_err(|error| invalid(&error.to_string()))
 }
 
 fn invalid(detail: &str) -> Reply {
@@ -379,8 +571,8 @@ fn refusal(error: &SubmitError) -> Reply {
     }
 }
 
-fn submit(engine: &Engine, request: &mut Request) -> Reply {
-    let mail = match parse_request(engine, request) {
+fn submit(engine: &Engine, request: &mut Request, body: &mut Body) -> Reply {
+    let mail = match parse_request(engine, request, body) {
         Ok(mail) => mail,
         Err(reply) => return reply,
     };
@@ -398,8 +590,8 @@ fn submit(engine: &Engine, request: &mut Request) -> Reply {
     }
 }
 
-fn send_and_wait(engine: &Engine, request: &mut Request) -> Reply {
-    let mail = match parse_request(engine, request) {
+fn send_and_wait(engine: &Engine, request: &mut Request, body: &mut Body) -> Reply {
+    let mail = match parse_request(engine, request, body) {
         Ok(mail) => mail,
         Err(reply) => return reply,
     };

@@ -1,0 +1,394 @@
+//! Limits on the HTTP connections tiny_http accepts, applied from outside
+//! it, through the sockets' file descriptors (Linux).
+//!
+//! tiny_http 0.12 reads each connection on a thread of its own pool with
+//! no timeout and no limit on the request head, and gives its user no
+//! handle on the socket. So a janitor thread looks at the process's open
+//! sockets every [`JANITOR_INTERVAL`] (`/proc/self/fd`), picks those
+//! accepted on our listening address, and:
+//! - gives each a read and a write timeout ([`READ_TIMEOUT`],
+//!   [`WRITE_TIMEOUT`]), so a silent client releases its thread;
+//! - shuts down a connection that has not delivered a complete request
+//!   head within [`HEAD_DEADLINE`] (idle and slowloris clients), or that
+//!   sent more than [`MAX_HEAD_BYTES`] without one (endless header lines,
+//!   garbage);
+//! - shuts down a connection at a deadline a handler asked for.
+//!
+//! Handlers close each connection after answering its request
+//! ([`Connections::finish`]): tiny_http serves a keep-alive connection on
+//! one pool thread until the client leaves, and its pool queues a burst of
+//! new connections behind the busy threads, so a lingering keep-alive
+//! client would keep new ones waiting.
+//!
+//! Every action goes through a duplicate of the descriptor whose inode was
+//! checked first, so a descriptor number that tiny_http closed and the
+//! kernel reused for something else is never acted on.
+
+use std::collections::HashMap;
+use std::net::{Shutdown, SocketAddr};
+use std::sync::{Arc, Mutex, MutexGuard, Weak};
+use std::time::{Duration, Instant};
+
+/// A read on an accepted connection fails after this long without data.
+pub const READ_TIMEOUT: Duration = Duration::from_secs(10);
+/// A write to an accepted connection fails after this long without progress.
+pub const WRITE_TIMEOUT: Duration = Duration::from_secs(10);
+/// Time a client has, from connecting, to send its request line and headers.
+pub const HEAD_DEADLINE: Duration = Duration::from_secs(10);
+/// Bytes a client may send before its request head is complete: an 8 KiB
+/// request line and 64 KiB of headers, with some slack.
+pub const MAX_HEAD_BYTES: u64 = 8 * 1024 + 64 * 1024 + 4 * 1024;
+/// How often the janitor looks at the connections.
+pub const JANITOR_INTERVAL: Duration = Duration::from_millis(100);
+
+/// The accepted connections of one listening address.
+pub struct Connections {
+    listen: SocketAddr,
+    registry: Mutex<Registry>,
+}
+
+#[derive(Default)]
+struct Registry {
+    /// Accepted sockets by inode.
+    sockets: HashMap<u64, Socket>,
+    /// Peers whose request a handler holds, and when it arrived.
+    requests: HashMap<SocketAddr, Instant>,
+    /// Peers to shut down at a given time.
+    deadlines: HashMap<SocketAddr, Instant>,
+    /// Scans done, to tell which sockets the last one saw.
+    scans: u64,
+    /// When the last scan began: a connection older than that and not
+    /// found is closed.
+    last_scan: Option<Instant>,
+}
+
+struct Socket {
+    peer: SocketAddr,
+    /// tiny_http's descriptors for it (it keeps two per connection).
+    fds: Vec<i32>,
+    first_seen: Instant,
+    seen_in: u64,
+    /// Consecutive passes that found the head limit exceeded.
+    over_limit: u8,
+}
+
+impl Connections {
+    /// Watches the connections accepted on `listen` until the returned
+    /// value is dropped. Without `/proc/self/fd` (not Linux) it does nothing.
+    pub fn start(listen: SocketAddr) -> Arc<Connections> {
+        let connections = Arc::new(Connections {
+            listen,
+            registry: Mutex::new(Registry::default()),
+        });
+        if cfg!(target_os = "linux") {
+            let watched = Arc::downgrade(&connections);
+            let spawned = std::thread::Builder::new()
+                .name("http-janitor".into())
+                .stack_size(256 * 1024)
+                .spawn(move || janitor(&watched));
+            if let Err(error) = spawned {
+                log::error!("cannot start the HTTP connection janitor: {error}; slow or idle clients are not cut off");
+            }
+        }
+        connections
+    }
+
+    fn lock(&self) -> MutexGuard<'_, Registry> {
+        self.registry
+            .lock()
+            .unwrap_or_else(|poisoned| poisoned.into_inner())
+    }
+
+    /// A request from `peer` was handed to a handler: its head is complete.
+    pub fn request_arrived(&self, peer: SocketAddr) {
+        self.lock().requests.insert(peer, Instant::now());
+    }
+
+    /// Shut the connection down at `at` if it is still open then (bounds
+    /// how long tiny_http may spend discarding an unread body).
+    pub fn close_at(&self, peer: SocketAddr, at: Instant) {
+        self.lock().deadlines.insert(peer, at);
+    }
+
+    /// Makes reads on the connection return end-of-file now; writing still
+    /// works. False when the socket was not found.
+    pub fn shut_read(&self, peer: SocketAddr) -> bool {
+        self.shutdown(peer, Shutdown::Read)
+    }
+
+    /// The request from `peer` has been answered: close the connection.
+    pub fn finish(&self, peer: SocketAddr) {
+        self.shutdown(peer, Shutdown::Both);
+        let mut registry = self.lock();
+        registry.requests.remove(&peer);
+        registry.deadlines.remove(&peer);
+    }
+
+    fn shutdown(&self, peer: SocketAddr, how: Shutdown) -> bool {
+        let mut registry = self.lock();
+        let arrived = registry.requests.get(&peer).copied();
+        if find(&registry, peer).is_none() {
+            // New since the last scan (a request usually arrives right
+            // after its connection); scan again unless a scan that began
+            // after the request arrived missed it (then it is gone).
+            let scanned_since = match (registry.last_scan, arrived) {
+                (Some(scan), Some(arrived)) => scan > arrived,
+                _ => false,
+            };
+            if !scanned_since {
+                self.scan(&mut registry);
+            }
+        }
+        match find(&registry, peer) {
+            Some((inode, socket)) => sys::shutdown(socket.fds.iter().copied(), Some(inode), how),
+            None => false,
+        }
+    }
+
+    /// Brings the registry up to date with the open descriptors; new
+    /// sockets of ours get their timeouts.
+    fn scan(&self, registry: &mut Registry) {
+        let started = Instant::now();
+        let Some(fds) = sys::open_descriptors() else {
+            return;
+        };
+        registry.scans += 1;
+        let scan = registry.scans;
+        for fd in fds {
+            let Some(inode) = sys::socket_inode(fd) else {
+                continue;
+            };
+            if let Some(socket) = registry.sockets.get_mut(&inode) {
+                if socket.seen_in != scan {
+                    socket.seen_in = scan;
+                    socket.fds.clear();
+                }
+                socket.fds.push(fd);
+                continue;
+            }
+            let Some((inode, peer)) = sys::accepted_on(fd, self.listen) else {
+                continue;
+            };
+            registry.sockets.insert(
+                inode,
+                Socket {
+                    peer,
+                    fds: vec![fd],
+                    first_seen: started,
+                    seen_in: scan,
+                    over_limit: 0,
+                },
+            );
+        }
+        registry.sockets.retain(|_, socket| socket.seen_in == scan);
+        // Forget requests and deadlines of connections that are gone.
+        let live: std::collections::HashSet<SocketAddr> =
+            registry.sockets.values().map(|socket| socket.peer).collect();
+        registry
+            .requests
+            .retain(|peer, arrived| live.contains(peer) || *arrived >= started);
+        registry.deadlines.retain(|peer, _| live.contains(peer));
+        registry.last_scan = Some(started);
+    }
+
+    /// One janitor pass: scan, then cut off what is over its limits.
+    fn pass(&self) {
+        let mut registry = self.lock();
+        self.scan(&mut registry);
+        let now = Instant::now();
+        let mut cut = Vec::new();
+        let Registry {
+            sockets,
+            requests,
+            deadlines,
+            ..
+        } = &mut *registry;
+        for (inode, socket) in sockets.iter_mut() {
+            let reason = if deadlines.get(&socket.peer).is_some_and(|at| now >= *at) {
+                "its deadline passed"
+            } else if requests.contains_key(&socket.peer) {
+                continue;
+            } else if now.duration_since(socket.first_seen) > HEAD_DEADLINE {
+                "no complete request head in time"
+            } else if socket
+                .fds
+                .iter()
+                .find_map(|fd| sys::bytes_received(*fd))
+                .is_some_and(|bytes| bytes > MAX_HEAD_BYTES)
+            {
+                // Twice in a row: a request head that just arrived in full
+                // may not have reached a handler yet.
+                socket.over_limit += 1;
+                if socket.over_limit < 2 {
+                    continue;
+                }
+                "request head too large"
+            } else {
+                socket.over_limit = 0;
+                continue;
+            };
+            cut.push((*inode, socket.peer, reason));
+        }
+        for (inode, peer, reason) in cut {
+            if let Some(socket) = sockets.remove(&inode) {
+                sys::shutdown(socket.fds.into_iter(), Some(inode), Shutdown::Both);
+                deadlines.remove(&peer);
+                log::debug!("HTTP connection from {peer} closed: {reason}");
+            }
+        }
+    }
+}
+
+/// The socket connected to `peer`, with its inode.
+fn find(registry: &Registry, peer: SocketAddr) -> Option<(u64, &Socket)> {
+    registry
+        .sockets
+        .iter()
+        .find(|(_, socket)| socket.peer == peer)
+        .map(|(inode, socket)| (*inode, socket))
+}
+
+fn janitor(watched: &Weak<Connections>) {
+    loop {
+        // Pacing a periodic check, not synchronisation.
+        std::thread::sleep(JANITOR_INTERVAL);
+        match watched.upgrade() {
+            Some(connections) => connections.pass(),
+            None => return,
+        }
+    }
+}
+
+#[cfg(target_os = "linux")]
+mod sys {
+    //! The descriptor-level operations, each through a checked duplicate.
+
+    use std::net::{Shutdown, SocketAddr};
+    use std::os::fd::{AsRawFd, FromRawFd, OwnedFd};
+    use std::os::unix::fs::{FileTypeExt, MetadataExt};
+
+    use socket2::SockRef;
+
+    use super::{READ_TIMEOUT, WRITE_TIMEOUT};
+
+    /// The process's open descriptor numbers.
+    pub fn open_descriptors() -> Option<Vec<i32>> {
+        let entries = std::fs::read_dir("/proc/self/fd").ok()?;
+        Some(
+            entries
+                .filter_map(|entry| entry.ok()?.file_name().to_str()?.parse().ok())
+                .collect(),
+        )
+    }
+
+    /// The inode of the socket behind `fd`, if it is one.
+    pub fn socket_inode(fd: i32) -> Option<u64> {
+        let metadata = std::fs::metadata(format!("/proc/self/fd/{fd}")).ok()?;
+        metadata.file_type().is_socket().then(|| metadata.ino())
+    }
+
+    /// A descriptor of our own for whatever `fd` refers to now, with its inode.
+    fn duplicate(fd: i32) -> Option<(OwnedFd, u64)> {
+        // SAFETY: F_DUPFD_CLOEXEC only reads the descriptor table; if `fd`
+        // was closed it fails, if it was reused we get (and then identify)
+        // the new file. Nothing else owns the new descriptor.
+        let owned = unsafe {
+            let duplicate = libc::fcntl(fd, libc::F_DUPFD_CLOEXEC, 0);
+            if duplicate < 0 {
+                return None;
+            }
+            OwnedFd::from_raw_fd(duplicate)
+        };
+        let metadata = std::fs::metadata(format!("/proc/self/fd/{}", owned.as_raw_fd())).ok()?;
+        let inode = metadata.ino();
+        metadata.file_type().is_socket().then_some((owned, inode))
+    }
+
+    /// A duplicate of the first of `fds` that is still the socket `inode`.
+    fn checked(fds: impl Iterator<Item = i32>, inode: Option<u64>) -> Option<OwnedFd> {
+        let inode = inode?;
+        fds.filter_map(duplicate)
+            .find(|(_, found)| *found == inode)
+            .map(|(owned, _)| owned)
+    }
+
+    /// If `fd` is a connection accepted on `listen`: its inode and peer,
+    /// after giving it its timeouts.
+    pub fn accepted_on(fd: i32, listen: SocketAddr) -> Option<(u64, SocketAddr)> {
+        let (owned, inode) = duplicate(fd)?;
+        let socket = SockRef::from(&owned);
+        let local = socket.local_addr().ok()?.as_socket()?;
+        let ours = local.port() == listen.port()
+            && (listen.ip().is_unspecified() || local.ip() == listen.ip());
+        if !ours {
+            return None;
+        }
+        // The listening socket itself has no peer.
+        let peer = socket.peer_addr().ok()?.as_socket()?;
+        if let Err(error) = socket
+            .set_read_timeout(Some(READ_TIMEOUT))
+            .and_then(|()| socket.set_write_timeout(Some(WRITE_TIMEOUT)))
+        {
+            log::debug!("cannot set timeouts on the connection from {peer}: {error}");
+        }
+        Some((inode, peer))
+    }
+
+    /// Shuts the socket down; false when it is gone.
+    pub fn shutdown(fds: impl Iterator<Item = i32>, inode: Option<u64>, how: Shutdown) -> bool {
+        match checked(fds, inode) {
+            // Not connected any more is fine: the goal is reached.
+            Some(owned) => {
+                let _ = SockRef::from(&owned).shutdown(how);
+                true
+            }
+            None => false,
+        }
+    }
+
+    /// Bytes received on the connection behind `fd` since it was accepted.
+    /// Only a reading: if `fd` was just reused, the figure is another
+    /// socket's, which is why the janitor acts only on two in a row.
+    pub fn bytes_received(fd: i32) -> Option<u64> {
+        // SAFETY: getsockopt only reads the socket's state into `info`
+        // (plain integers, for which all zeroes is valid), writing at most
+        // `length` bytes; a stale `fd` makes it fail or read another socket.
+        unsafe {
+            let mut info: libc::tcp_info = std::mem::zeroed();
+            let mut length = std::mem::size_of::<libc::tcp_info>() as libc::socklen_t;
+            let result = libc::getsockopt(
+                fd,
+                libc::IPPROTO_TCP,
+                libc::TCP_INFO,
+                (&mut info as *mut libc::tcp_info).cast(),
+                &mut length,
+            );
+            // Older kernels fill a shorter structure without the counter.
+            let needed = std::mem::offset_of!(libc::tcp_info, tcpi_bytes_received) + 8;
+            (result == 0 && length as usize >= needed).then_some(info.tcpi_bytes_received)
+        }
+    }
+}
+
+#[cfg(not(target_os = "linux"))]
+mod sys {
+    //! Elsewhere the connections are left to tiny_http alone.
+
+    use std::net::{Shutdown, SocketAddr};
+
+    pub fn open_descriptors() -> Option<Vec<i32>> {
+        None
+    }
+    pub fn socket_inode(_fd: i32) -> Option<u64> {
+        None
+    }
+    pub fn accepted_on(_fd: i32, _listen: SocketAddr) -> Option<(u64, SocketAddr)> {
+        None
+    }
+    pub fn shutdown(_fds: impl Iterator<Item = i32>, _inode: Option<u64>, _how: Shutdown) -> bool {
+        false
+    }
+    pub fn bytes_received(_fd: i32) -> Option<u64> {
+        None
+    }
+}
