@@ -74,8 +74,9 @@ struct Socket {
 
 impl Connections {
     /// Watches the connections accepted on `listen` until the returned
-    /// value is dropped. Without `/proc/self/fd` (not Linux) it does nothing.
-    pub fn start(listen: SocketAddr) -> Arc<Connections> {
+    /// value is dropped; `each_pass` runs after every pass (the HTTP server
+    /// checks its acceptor there). Not on Linux, it does nothing.
+    pub fn start(listen: SocketAddr, each_pass: impl Fn() + Send + 'static) -> Arc<Connections> {
         let connections = Arc::new(Connections {
             listen,
             registry: Mutex::new(Registry::default()),
@@ -85,7 +86,7 @@ impl Connections {
             let spawned = std::thread::Builder::new()
                 .name("http-janitor".into())
                 .stack_size(256 * 1024)
-                .spawn(move || janitor(&watched));
+                .spawn(move || janitor(&watched, each_pass));
             if let Err(error) = spawned {
                 log::error!("cannot start the HTTP connection janitor: {error}; slow or idle clients are not cut off");
             }
@@ -182,8 +183,11 @@ impl Connections {
         }
         registry.sockets.retain(|_, socket| socket.seen_in == scan);
         // Forget requests and deadlines of connections that are gone.
-        let live: std::collections::HashSet<SocketAddr> =
-            registry.sockets.values().map(|socket| socket.peer).collect();
+        let live: std::collections::HashSet<SocketAddr> = registry
+            .sockets
+            .values()
+            .map(|socket| socket.peer)
+            .collect();
         registry
             .requests
             .retain(|peer, arrived| live.contains(peer) || *arrived >= started);
@@ -248,7 +252,7 @@ fn find(registry: &Registry, peer: SocketAddr) -> Option<(u64, &Socket)> {
         .map(|(inode, socket)| (*inode, socket))
 }
 
-fn janitor(watched: &Weak<Connections>) {
+fn janitor(watched: &Weak<Connections>, each_pass: impl Fn()) {
     loop {
         // Pacing a periodic check, not synchronisation.
         std::thread::sleep(JANITOR_INTERVAL);
@@ -256,7 +260,13 @@ fn janitor(watched: &Weak<Connections>) {
             Some(connections) => connections.pass(),
             None => return,
         }
+        each_pass();
     }
+}
+
+/// The inode of the socket behind descriptor `fd`, if it is one (Linux).
+pub fn socket_inode(fd: i32) -> Option<u64> {
+    sys::socket_inode(fd)
 }
 
 #[cfg(target_os = "linux")]

@@ -9,6 +9,7 @@
 
 use std::io::{Cursor, ErrorKind};
 use std::net::{SocketAddr, TcpListener};
+use std::os::fd::AsRawFd;
 use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
@@ -18,7 +19,7 @@ use serde_json::{json, Value};
 use tiny_http::{Header, Method, Request, Response, Server};
 
 use crate::allocator;
-use crate::connections::{Connections, HEAD_DEADLINE, READ_TIMEOUT};
+use crate::connections::{self, Connections, HEAD_DEADLINE, READ_TIMEOUT};
 use crate::engine::{Engine, Readiness, SendError, SubmitError};
 use crate::message::MailRequest;
 
@@ -46,7 +47,8 @@ const HUGE_BODY: u64 = allocator::HUGE as u64;
 const MAX_DISCARDED: u64 = 1 << 40;
 /// A retired acceptor is drained for this long after its last request: by
 /// then each of its connections has delivered its request or been closed.
-const RETIRED_GRACE: Duration = Duration::from_secs(HEAD_DEADLINE.as_secs() + READ_TIMEOUT.as_secs() + 10);
+const RETIRED_GRACE: Duration =
+    Duration::from_secs(HEAD_DEADLINE.as_secs() + READ_TIMEOUT.as_secs() + 10);
 
 /// One huge discard at a time, so their mappings cannot exhaust the address space.
 static HUGE_DISCARD: Mutex<()> = Mutex::new(());
@@ -58,20 +60,46 @@ static ABANDONED: AtomicUsize = AtomicUsize::new(0);
 pub struct HttpServer {
     listener: TcpListener,
     /// The tiny_http server accepting connections now.
-    acceptor: Mutex<Arc<Server>>,
+    acceptor: Arc<Mutex<Acceptor>>,
     stopping: AtomicBool,
     handlers: Arc<HandlerPool>,
+}
+
+/// A tiny_http server and what tells whether its accept thread still runs.
+struct Acceptor {
+    server: Arc<Server>,
+    /// tiny_http's copy of the listening socket, owned by its accept
+    /// thread: closed when that thread ends, whether by an error (after
+    /// which it accepts nothing more) or by a panic (e.g. it unwraps a
+    /// failed descriptor copy when out of descriptors, and `recv` then
+    /// blocks forever).
+    fd: i32,
+    /// Cleared once its end has been reported to the accept loop.
+    watched: bool,
 }
 
 impl HttpServer {
     /// Binds the listen address. Requests are served once [`HttpServer::run`] is called.
     pub fn bind(engine: Engine, address: SocketAddr) -> std::io::Result<HttpServer> {
         let listener = TcpListener::bind(address)?;
-        let acceptor = serve_on(&listener)?;
-        let connections = Connections::start(listener.local_addr()?);
+        let acceptor = Arc::new(Mutex::new(serve_on(&listener)?));
+        let listening = connections::socket_inode(listener.as_raw_fd());
+        let watched = Arc::clone(&acceptor);
+        // Each janitor pass: a dead accept thread wakes the accept loop,
+        // which starts a new one.
+        let connections = Connections::start(listener.local_addr()?, move || {
+            let mut acceptor = lock(&watched);
+            if acceptor.watched
+                && listening.is_some()
+                && connections::socket_inode(acceptor.fd) != listening
+            {
+                acceptor.watched = false;
+                acceptor.server.unblock();
+            }
+        });
         Ok(HttpServer {
             listener,
-            acceptor: Mutex::new(acceptor),
+            acceptor,
             stopping: AtomicBool::new(false),
             handlers: Arc::new(HandlerPool::new(Arc::new(engine), connections)),
         })
@@ -82,19 +110,13 @@ impl HttpServer {
         self.listener.local_addr()
     }
 
-    fn acceptor(&self) -> std::sync::MutexGuard<'_, Arc<Server>> {
-        self.acceptor
-            .lock()
-            .unwrap_or_else(|poisoned| poisoned.into_inner())
-    }
-
     /// The accept loop: runs until [`HttpServer::stop`].
     pub fn run(&self) {
         let mut started = Instant::now();
         let mut backoff = Duration::from_millis(100);
         loop {
-            let acceptor = Arc::clone(&self.acceptor());
-            match acceptor.recv() {
+            let server = Arc::clone(&lock(&self.acceptor).server);
+            match server.recv() {
                 Ok(request) => self.handlers.accept(request),
                 Err(_) if self.stopping.load(Ordering::SeqCst) => return,
                 Err(error) => {
@@ -103,8 +125,14 @@ impl HttpServer {
                     // connections still deliver requests to it, so it is
                     // drained aside while a new acceptor takes over the
                     // listening socket. Back off while acceptors keep dying.
-                    log::error!("HTTP accept failed ({error}); starting a new acceptor");
-                    retire(acceptor, Arc::clone(&self.handlers));
+                    let reported = !std::mem::replace(&mut lock(&self.acceptor).watched, false);
+                    let why = if reported {
+                        "its accept thread ended".to_string()
+                    } else {
+                        error.to_string()
+                    };
+                    log::error!("HTTP acceptor stopped ({why}); starting a new acceptor");
+                    retire(server, Arc::clone(&self.handlers));
                     backoff = if started.elapsed() < Duration::from_secs(10) {
                         (backoff * 2).min(Duration::from_secs(2))
                     } else {
@@ -125,13 +153,14 @@ impl HttpServer {
             // Pacing retries against a persistent error, not synchronisation.
             std::thread::sleep(backoff);
             let fresh = serve_on(&self.listener);
-            let mut acceptor = self.acceptor();
+            let mut acceptor = lock(&self.acceptor);
             if self.stopping.load(Ordering::SeqCst) {
                 return false;
             }
             match fresh {
                 Ok(fresh) => {
                     *acceptor = fresh;
+                    log::info!("HTTP acceptor restarted");
                     return true;
                 }
                 Err(error) => log::error!("cannot start an HTTP acceptor: {error}"),
@@ -142,30 +171,46 @@ impl HttpServer {
     /// Makes [`HttpServer::run`] return. Requests being handled still get their answer.
     pub fn stop(&self) {
         self.stopping.store(true, Ordering::SeqCst);
-        self.acceptor().unblock();
+        lock(&self.acceptor).server.unblock();
     }
 }
 
-fn serve_on(listener: &TcpListener) -> std::io::Result<Arc<Server>> {
+fn lock<T>(mutex: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
+    mutex
+        .lock()
+        .unwrap_or_else(|poisoned| poisoned.into_inner())
+}
+
+fn serve_on(listener: &TcpListener) -> std::io::Result<Acceptor> {
     let clone = listener.try_clone()?;
+    let fd = clone.as_raw_fd();
     // tiny_http panics when the OS refuses it a thread.
-    std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
+    let server = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
         Server::from_listener(clone, None)
     }))
     .map_err(|_| std::io::Error::other("tiny_http could not start its threads"))?
-    .map(Arc::new)
-    .map_err(|error| std::io::Error::other(error.to_string()))
+    .map_err(|error| std::io::Error::other(error.to_string()))?;
+    Ok(Acceptor {
+        server: Arc::new(server),
+        fd,
+        watched: true,
+    })
 }
 
 /// Hands the requests that a dead acceptor's connections still deliver to
 /// the handlers, until it has been quiet for [`RETIRED_GRACE`].
-fn retire(acceptor: Arc<Server>, handlers: Arc<HandlerPool>) {
+fn retire(server: Arc<Server>, handlers: Arc<HandlerPool>) {
     let spawned = std::thread::Builder::new()
         .name("http-retired".into())
         .stack_size(256 * 1024)
-        .spawn(move || {
-            while let Ok(Some(request)) = acceptor.recv_timeout(RETIRED_GRACE) {
-                handlers.accept(request);
+        .spawn(move || loop {
+            let waiting = Instant::now();
+            match server.recv_timeout(RETIRED_GRACE) {
+                Ok(Some(request)) => handlers.accept(request),
+                // An early `None` is a wake-up, not the end of the grace period.
+                Ok(None) if waiting.elapsed() < RETIRED_GRACE => {}
+                Ok(None) => return,
+                Err(error) => log::debug!("retired HTTP acceptor: {error}"),
             }
         });
     if let Err(error) = spawned {
@@ -335,7 +380,12 @@ fn handle(engine: &Engine, connections: &Connections, mut request: Request) {
     // Answering drops the request, and tiny_http then discards what is
     // left of the body by reading it: bound that first.
     let declared = request.body_length().map_or(0, |length| length as u64);
-    let has = |name: &'static str| request.headers().iter().any(|header| header.field.equiv(name));
+    let has = |name: &'static str| {
+        request
+            .headers()
+            .iter()
+            .any(|header| header.field.equiv(name))
+    };
     // tiny_http has already read bodies of up to 1 KiB sent without Expect.
     let expects_continue = has("Expect");
     let pending = body == Body::Abandoned
@@ -471,8 +521,10 @@ fn check_token(engine: &Engine, request: &Request) -> Option<Reply> {
         .headers()
         .iter()
         .find(|header| header.field.equiv("Authorization"))
-        .and_then(|header| header.value.as_str().strip_prefix("Bearer "))
-        .map(str::trim);
+        .and_then(|header| header.value.as_str().trim().split_once(' '))
+        // The scheme name is case-insensitive (RFC 9110 section 11.1).
+        .filter(|(scheme, _)| scheme.eq_ignore_ascii_case("Bearer"))
+        .map(|(_, token)| token.trim());
     match given {
         Some(token) if constant_time_equal(token.as_bytes(), expected.expose().as_bytes()) => None,
         Some(_) => Some(unauthorized("wrong bearer token")),
@@ -521,15 +573,17 @@ fn read_body(engine: &Engine, request: &mut Request, body: &mut Body) -> Result<
             Err(error) if error.kind() == ErrorKind::Interrupted => continue,
             Err(error) => {
                 *body = Body::Abandoned;
-                return Err(if matches!(error.kind(), ErrorKind::WouldBlock | ErrorKind::TimedOut) {
-                    Reply::error(
-                        408,
-                        "request body not received in time",
-                        &format!("nothing arrived for {} s", READ_TIMEOUT.as_secs()),
-                    )
-                } else {
-                    Reply::error(400, "cannot read the request body", &error.to_string())
-                });
+                return Err(
+                    if matches!(error.kind(), ErrorKind::WouldBlock | ErrorKind::TimedOut) {
+                        Reply::error(
+                            408,
+                            "request body not received in time",
+                            &format!("nothing arrived for {} s", READ_TIMEOUT.as_secs()),
+                        )
+                    } else {
+                        Reply::error(400, "cannot read the request body", &error.to_string())
+                    },
+                );
             }
         }
         if content.len() as u64 > limit {
