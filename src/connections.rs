@@ -12,7 +12,11 @@
 //!   head within [`HEAD_DEADLINE`] (idle and slowloris clients), or that
 //!   sent more than [`MAX_HEAD_BYTES`] without one (endless header lines,
 //!   garbage);
-//! - shuts down a connection at a deadline a handler asked for.
+//! - shuts down a connection at a deadline a handler asked for;
+//! - when a connection's request waits unread (tiny_http's pool queued it
+//!   behind busy threads), shuts down the connections that hold threads
+//!   without sending: silent ones, and heads older than
+//!   [`CROWDED_HEAD_DEADLINE`].
 //!
 //! Handlers close each connection after answering its request
 //! ([`Connections::finish`]): tiny_http serves a keep-alive connection on
@@ -26,6 +30,7 @@
 
 use std::collections::HashMap;
 use std::net::{Shutdown, SocketAddr};
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard, Weak};
 use std::time::{Duration, Instant};
 
@@ -38,6 +43,9 @@ pub const HEAD_DEADLINE: Duration = Duration::from_secs(10);
 /// Bytes a client may send before its request head is complete: an 8 KiB
 /// request line and 64 KiB of headers, with some slack.
 pub const MAX_HEAD_BYTES: u64 = 8 * 1024 + 64 * 1024 + 4 * 1024;
+/// While requests wait for a tiny_http thread, the time a client has to
+/// send its request head.
+pub const CROWDED_HEAD_DEADLINE: Duration = Duration::from_secs(1);
 /// How often the janitor looks at the connections.
 pub const JANITOR_INTERVAL: Duration = Duration::from_millis(100);
 
@@ -45,14 +53,22 @@ pub const JANITOR_INTERVAL: Duration = Duration::from_millis(100);
 pub struct Connections {
     listen: SocketAddr,
     registry: Mutex<Registry>,
+    /// Peers whose request a handler holds, and when it arrived. Apart
+    /// from the registry so that the accept loop never waits for a scan;
+    /// taken after the registry when both are needed.
+    requests: Mutex<HashMap<SocketAddr, Instant>>,
+    /// Set when the listening socket closes: its port may then belong to
+    /// someone else, whose sockets must not be touched.
+    stopped: AtomicBool,
 }
 
 #[derive(Default)]
 struct Registry {
     /// Accepted sockets by inode.
     sockets: HashMap<u64, Socket>,
-    /// Peers whose request a handler holds, and when it arrived.
-    requests: HashMap<SocketAddr, Instant>,
+    /// Other sockets of the process (relay connections, the listening
+    /// socket...), by inode, with the scan that last saw them.
+    foreign: HashMap<u64, u64>,
     /// Peers to shut down at a given time.
     deadlines: HashMap<SocketAddr, Instant>,
     /// Scans done, to tell which sockets the last one saw.
@@ -60,9 +76,14 @@ struct Registry {
     /// When the last scan began: a connection older than that and not
     /// found is closed.
     last_scan: Option<Instant>,
+    /// Connections closed because requests waited, not yet logged, and
+    /// when that was last logged (at most every [`HEAD_DEADLINE`]).
+    crowded_cuts: usize,
+    crowded_logged: Option<Instant>,
 }
 
 struct Socket {
+    inode: u64,
     peer: SocketAddr,
     /// tiny_http's descriptors for it (it keeps two per connection).
     fds: Vec<i32>,
@@ -70,6 +91,10 @@ struct Socket {
     seen_in: u64,
     /// Consecutive passes that found the head limit exceeded.
     over_limit: u8,
+    /// Consecutive passes that found received bytes nobody read.
+    unread: u8,
+    /// Already shut down by the janitor; waiting for tiny_http to close it.
+    cut: bool,
 }
 
 impl Connections {
@@ -80,6 +105,8 @@ impl Connections {
         let connections = Arc::new(Connections {
             listen,
             registry: Mutex::new(Registry::default()),
+            requests: Mutex::new(HashMap::new()),
+            stopped: AtomicBool::new(false),
         });
         if cfg!(target_os = "linux") {
             let watched = Arc::downgrade(&connections);
@@ -100,15 +127,47 @@ impl Connections {
             .unwrap_or_else(|poisoned| poisoned.into_inner())
     }
 
+    fn requests(&self) -> MutexGuard<'_, HashMap<SocketAddr, Instant>> {
+        self.requests
+            .lock()
+            .unwrap_or_else(|poisoned| poisoned.into_inner())
+    }
+
+    /// Stops watching and acting, for good: call before the listening
+    /// socket closes.
+    pub fn stop(&self) {
+        // Under the lock: a pass in progress finishes first.
+        let _registry = self.lock();
+        self.stopped.store(true, Ordering::SeqCst);
+    }
+
+    fn stopped(&self) -> bool {
+        self.stopped.load(Ordering::SeqCst)
+    }
+
     /// A request from `peer` was handed to a handler: its head is complete.
     pub fn request_arrived(&self, peer: SocketAddr) {
-        self.lock().requests.insert(peer, Instant::now());
+        self.requests().insert(peer, Instant::now());
+    }
+
+    /// Makes sure the connection from `peer` is watched and has its
+    /// timeouts, before a handler reads from it.
+    pub fn track(&self, peer: SocketAddr) {
+        let mut registry = self.lock();
+        if !self.stopped() {
+            self.find_or_scan(&mut registry, peer);
+        }
     }
 
     /// Shut the connection down at `at` if it is still open then (bounds
-    /// how long tiny_http may spend discarding an unread body).
+    /// how long reading or discarding a body may take).
     pub fn close_at(&self, peer: SocketAddr, at: Instant) {
         self.lock().deadlines.insert(peer, at);
+    }
+
+    /// Cancels [`Connections::close_at`].
+    pub fn keep_open(&self, peer: SocketAddr) {
+        self.lock().deadlines.remove(&peer);
     }
 
     /// Makes reads on the connection return end-of-file now; writing still
@@ -120,30 +179,37 @@ impl Connections {
     /// The request from `peer` has been answered: close the connection.
     pub fn finish(&self, peer: SocketAddr) {
         self.shutdown(peer, Shutdown::Both);
-        let mut registry = self.lock();
-        registry.requests.remove(&peer);
-        registry.deadlines.remove(&peer);
+        self.lock().deadlines.remove(&peer);
+        self.requests().remove(&peer);
     }
 
     fn shutdown(&self, peer: SocketAddr, how: Shutdown) -> bool {
         let mut registry = self.lock();
-        let arrived = registry.requests.get(&peer).copied();
-        if find(&registry, peer).is_none() {
-            // New since the last scan (a request usually arrives right
-            // after its connection); scan again unless a scan that began
-            // after the request arrived missed it (then it is gone).
+        if self.stopped() {
+            return false;
+        }
+        match self.find_or_scan(&mut registry, peer) {
+            Some((inode, fds)) => sys::shutdown(fds.into_iter(), Some(inode), how),
+            None => false,
+        }
+    }
+
+    /// The socket connected to `peer` (inode and descriptors), scanning
+    /// if it is new since the last scan (a request usually arrives right
+    /// after its connection) unless a scan that began after the request
+    /// arrived missed it (then it is gone).
+    fn find_or_scan(&self, registry: &mut Registry, peer: SocketAddr) -> Option<(u64, Vec<i32>)> {
+        if find(registry, peer).is_none() {
+            let arrived = self.requests().get(&peer).copied();
             let scanned_since = match (registry.last_scan, arrived) {
                 (Some(scan), Some(arrived)) => scan > arrived,
                 _ => false,
             };
             if !scanned_since {
-                self.scan(&mut registry);
+                self.scan(registry);
             }
         }
-        match find(&registry, peer) {
-            Some((inode, socket)) => sys::shutdown(socket.fds.iter().copied(), Some(inode), how),
-            None => false,
-        }
+        find(registry, peer).map(|(inode, socket)| (inode, socket.fds.clone()))
     }
 
     /// Brings the registry up to date with the open descriptors; new
@@ -167,29 +233,41 @@ impl Connections {
                 socket.fds.push(fd);
                 continue;
             }
-            let Some((inode, peer)) = sys::accepted_on(fd, self.listen) else {
+            if let Some(seen_in) = registry.foreign.get_mut(&inode) {
+                *seen_in = scan;
                 continue;
+            }
+            let (inode, peer) = match sys::accepted_on(fd, self.listen) {
+                Found::Ours(inode, peer) => (inode, peer),
+                Found::Foreign => {
+                    registry.foreign.insert(inode, scan);
+                    continue;
+                }
+                Found::Unknown => continue,
             };
             registry.sockets.insert(
                 inode,
                 Socket {
+                    inode,
                     peer,
                     fds: vec![fd],
                     first_seen: started,
                     seen_in: scan,
                     over_limit: 0,
+                    unread: 0,
+                    cut: false,
                 },
             );
         }
         registry.sockets.retain(|_, socket| socket.seen_in == scan);
+        registry.foreign.retain(|_, seen_in| *seen_in == scan);
         // Forget requests and deadlines of connections that are gone.
         let live: std::collections::HashSet<SocketAddr> = registry
             .sockets
             .values()
             .map(|socket| socket.peer)
             .collect();
-        registry
-            .requests
+        self.requests()
             .retain(|peer, arrived| live.contains(peer) || *arrived >= started);
         registry.deadlines.retain(|peer, _| live.contains(peer));
         registry.last_scan = Some(started);
@@ -198,49 +276,97 @@ impl Connections {
     /// One janitor pass: scan, then cut off what is over its limits.
     fn pass(&self) {
         let mut registry = self.lock();
+        if self.stopped() {
+            return;
+        }
         self.scan(&mut registry);
+        let requests = self.requests().clone();
         let now = Instant::now();
-        let mut cut = Vec::new();
         let Registry {
             sockets,
-            requests,
             deadlines,
+            crowded_cuts,
+            crowded_logged,
             ..
         } = &mut *registry;
-        for (inode, socket) in sockets.iter_mut() {
+        let mut crowded = false;
+        let mut idle = std::collections::HashSet::new();
+        for socket in sockets.values_mut().filter(|socket| !socket.cut) {
+            let age = now.duration_since(socket.first_seen);
             let reason = if deadlines.get(&socket.peer).is_some_and(|at| now >= *at) {
                 "its deadline passed"
             } else if requests.contains_key(&socket.peer) {
                 continue;
-            } else if now.duration_since(socket.first_seen) > HEAD_DEADLINE {
+            } else if age > HEAD_DEADLINE {
                 "no complete request head in time"
-            } else if socket
-                .fds
-                .iter()
-                .find_map(|fd| sys::bytes_received(*fd))
-                .is_some_and(|bytes| bytes > MAX_HEAD_BYTES)
-            {
-                // Twice in a row: a request head that just arrived in full
-                // may not have reached a handler yet.
-                socket.over_limit += 1;
+            } else {
+                let (received, unread) = socket
+                    .fds
+                    .iter()
+                    .find_map(|fd| sys::reading(*fd))
+                    .unwrap_or((0, 0));
+                // Twice in a row, for these two: a request head that just
+                // arrived may not have reached a handler yet.
+                socket.unread = if unread > 0 { socket.unread + 1 } else { 0 };
+                crowded |= socket.unread >= 2;
+                socket.over_limit = if received > MAX_HEAD_BYTES {
+                    socket.over_limit + 1
+                } else {
+                    0
+                };
                 if socket.over_limit < 2 {
+                    if unread == 0 && (received == 0 || age > CROWDED_HEAD_DEADLINE) {
+                        idle.insert(socket.inode);
+                    }
                     continue;
                 }
                 "request head too large"
-            } else {
-                socket.over_limit = 0;
-                continue;
             };
-            cut.push((*inode, socket.peer, reason));
+            cut(socket, deadlines, reason);
         }
-        for (inode, peer, reason) in cut {
-            if let Some(socket) = sockets.remove(&inode) {
-                sys::shutdown(socket.fds.into_iter(), Some(inode), Shutdown::Both);
-                deadlines.remove(&peer);
-                log::debug!("HTTP connection from {peer} closed: {reason}");
+        if crowded {
+            // Requests wait for a thread: free the threads that silent and
+            // slow clients hold (already a pass old, so not just connected).
+            let idle: Vec<&mut Socket> = sockets
+                .values_mut()
+                .filter(|socket| idle.contains(&socket.inode))
+                .filter(|socket| now.duration_since(socket.first_seen) >= JANITOR_INTERVAL)
+                .collect();
+            *crowded_cuts += idle.len();
+            if *crowded_cuts > 0 && crowded_logged.is_none_or(|at| now >= at + HEAD_DEADLINE) {
+                log::warn!(
+                    "HTTP requests were waiting for a thread: closed {crowded_cuts} silent or slow connections"
+                );
+                *crowded_cuts = 0;
+                *crowded_logged = Some(now);
+            }
+            for socket in idle {
+                cut(socket, deadlines, "silent or slow while requests wait");
             }
         }
     }
+}
+
+/// Shuts a connection down for `reason`; tiny_http then closes it.
+fn cut(socket: &mut Socket, deadlines: &mut HashMap<SocketAddr, Instant>, reason: &str) {
+    socket.cut = true;
+    deadlines.remove(&socket.peer);
+    sys::shutdown(
+        socket.fds.iter().copied(),
+        Some(socket.inode),
+        Shutdown::Both,
+    );
+    log::debug!("HTTP connection from {} closed: {reason}", socket.peer);
+}
+
+/// What a descriptor turned out to be.
+enum Found {
+    /// A connection accepted on our address: its inode and peer.
+    Ours(u64, SocketAddr),
+    /// A socket on another address.
+    Foreign,
+    /// Not known yet (closed meanwhile, or no descriptor to spare).
+    Unknown,
 }
 
 /// The socket connected to `peer`, with its inode.
@@ -257,8 +383,8 @@ fn janitor(watched: &Weak<Connections>, each_pass: impl Fn()) {
         // Pacing a periodic check, not synchronisation.
         std::thread::sleep(JANITOR_INTERVAL);
         match watched.upgrade() {
-            Some(connections) => connections.pass(),
-            None => return,
+            Some(connections) if !connections.stopped() => connections.pass(),
+            _ => return,
         }
         each_pass();
     }
@@ -279,7 +405,7 @@ mod sys {
 
     use socket2::SockRef;
 
-    use super::{READ_TIMEOUT, WRITE_TIMEOUT};
+    use super::{Found, READ_TIMEOUT, WRITE_TIMEOUT};
 
     /// The process's open descriptor numbers.
     pub fn open_descriptors() -> Option<Vec<i32>> {
@@ -322,26 +448,32 @@ mod sys {
             .map(|(owned, _)| owned)
     }
 
-    /// If `fd` is a connection accepted on `listen`: its inode and peer,
-    /// after giving it its timeouts.
-    pub fn accepted_on(fd: i32, listen: SocketAddr) -> Option<(u64, SocketAddr)> {
-        let (owned, inode) = duplicate(fd)?;
+    /// Whether `fd` is a connection accepted on `listen`; if so, gives it
+    /// its timeouts.
+    pub fn accepted_on(fd: i32, listen: SocketAddr) -> Found {
+        let Some((owned, inode)) = duplicate(fd) else {
+            return Found::Unknown;
+        };
         let socket = SockRef::from(&owned);
-        let local = socket.local_addr().ok()?.as_socket()?;
+        let Some(local) = socket.local_addr().ok().and_then(|local| local.as_socket()) else {
+            return Found::Foreign;
+        };
         let ours = local.port() == listen.port()
             && (listen.ip().is_unspecified() || local.ip() == listen.ip());
         if !ours {
-            return None;
+            return Found::Foreign;
         }
-        // The listening socket itself has no peer.
-        let peer = socket.peer_addr().ok()?.as_socket()?;
+        // The listening socket itself, or a connection already reset.
+        let Some(peer) = socket.peer_addr().ok().and_then(|peer| peer.as_socket()) else {
+            return Found::Unknown;
+        };
         if let Err(error) = socket
             .set_read_timeout(Some(READ_TIMEOUT))
             .and_then(|()| socket.set_write_timeout(Some(WRITE_TIMEOUT)))
         {
             log::debug!("cannot set timeouts on the connection from {peer}: {error}");
         }
-        Some((inode, peer))
+        Found::Ours(inode, peer)
     }
 
     /// Shuts the socket down; false when it is gone.
@@ -356,13 +488,15 @@ mod sys {
         }
     }
 
-    /// Bytes received on the connection behind `fd` since it was accepted.
-    /// Only a reading: if `fd` was just reused, the figure is another
-    /// socket's, which is why the janitor acts only on two in a row.
-    pub fn bytes_received(fd: i32) -> Option<u64> {
-        // SAFETY: getsockopt only reads the socket's state into `info`
-        // (plain integers, for which all zeroes is valid), writing at most
-        // `length` bytes; a stale `fd` makes it fail or read another socket.
+    /// Bytes received on the connection behind `fd` since it was
+    /// accepted, and bytes received but not read yet. Only a reading: if
+    /// `fd` was just reused the figures are another socket's, which is why
+    /// the janitor acts only on two passes in a row.
+    pub fn reading(fd: i32) -> Option<(u64, u64)> {
+        // SAFETY: getsockopt and ioctl(FIONREAD) only read the socket's
+        // state into `info` (plain integers, for which all zeroes is valid;
+        // at most `length` bytes) and `unread`; a stale `fd` makes them fail
+        // or read another socket.
         unsafe {
             let mut info: libc::tcp_info = std::mem::zeroed();
             let mut length = std::mem::size_of::<libc::tcp_info>() as libc::socklen_t;
@@ -375,7 +509,14 @@ mod sys {
             );
             // Older kernels fill a shorter structure without the counter.
             let needed = std::mem::offset_of!(libc::tcp_info, tcpi_bytes_received) + 8;
-            (result == 0 && length as usize >= needed).then_some(info.tcpi_bytes_received)
+            if result != 0 || (length as usize) < needed {
+                return None;
+            }
+            let mut unread: libc::c_int = 0;
+            if libc::ioctl(fd, libc::FIONREAD, &mut unread) != 0 {
+                return None;
+            }
+            Some((info.tcpi_bytes_received, unread.max(0) as u64))
         }
     }
 }
@@ -392,13 +533,13 @@ mod sys {
     pub fn socket_inode(_fd: i32) -> Option<u64> {
         None
     }
-    pub fn accepted_on(_fd: i32, _listen: SocketAddr) -> Option<(u64, SocketAddr)> {
-        None
+    pub fn accepted_on(_fd: i32, _listen: SocketAddr) -> super::Found {
+        super::Found::Unknown
     }
     pub fn shutdown(_fds: impl Iterator<Item = i32>, _inode: Option<u64>, _how: Shutdown) -> bool {
         false
     }
-    pub fn bytes_received(_fd: i32) -> Option<u64> {
+    pub fn reading(_fd: i32) -> Option<(u64, u64)> {
         None
     }
 }

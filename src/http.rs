@@ -23,6 +23,8 @@ use crate::connections::{self, Connections, HEAD_DEADLINE, READ_TIMEOUT};
 use crate::engine::{Engine, Readiness, SendError, SubmitError};
 use crate::message::MailRequest;
 
+/// Connections the kernel holds for tiny_http to accept.
+const LISTEN_BACKLOG: i32 = 1024;
 /// Handler threads beyond this wait for a free one.
 const MAX_HANDLERS: usize = 1024;
 /// An idle handler thread ends after this long.
@@ -82,6 +84,10 @@ impl HttpServer {
     /// Binds the listen address. Requests are served once [`HttpServer::run`] is called.
     pub fn bind(engine: Engine, address: SocketAddr) -> std::io::Result<HttpServer> {
         let listener = TcpListener::bind(address)?;
+        // std listens with a backlog of 128: a burst of connections beyond
+        // what tiny_http has accepted yet would see its SYNs dropped and
+        // retried a second later. The kernel caps this at somaxconn.
+        socket2::SockRef::from(&listener).listen(LISTEN_BACKLOG)?;
         let acceptor = Arc::new(Mutex::new(serve_on(&listener)?));
         let listening = connections::socket_inode(listener.as_raw_fd());
         let watched = Arc::clone(&acceptor);
@@ -172,6 +178,13 @@ impl HttpServer {
     pub fn stop(&self) {
         self.stopping.store(true, Ordering::SeqCst);
         lock(&self.acceptor).server.unblock();
+    }
+}
+
+impl Drop for HttpServer {
+    fn drop(&mut self) {
+        // Handler threads may outlive the server; its port may not stay ours.
+        self.handlers.connections.stop();
     }
 }
 
@@ -346,6 +359,14 @@ impl Reply {
     }
 }
 
+/// What a handler works with while routing one request.
+struct Exchange<'a> {
+    engine: &'a Engine,
+    connections: &'a Connections,
+    /// What became of the request body.
+    body: Body,
+}
+
 /// What became of a request's body while it was routed.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 enum Body {
@@ -358,8 +379,17 @@ enum Body {
 }
 
 fn handle(engine: &Engine, connections: &Connections, mut request: Request) {
-    let mut body = Body::Unread;
-    let reply = route(engine, &mut request, &mut body);
+    if let Some(peer) = request.remote_addr() {
+        // Its timeouts must be in place before anything reads from it.
+        connections.track(*peer);
+    }
+    let mut exchange = Exchange {
+        engine,
+        connections,
+        body: Body::Unread,
+    };
+    let reply = route(&mut exchange, &mut request);
+    let body = exchange.body;
     engine.record_http(reply.code);
     let length = reply.body.len();
     let mut response = Response::new(
@@ -438,7 +468,8 @@ fn header(name: &str, value: &str) -> Header {
     })
 }
 
-fn route(engine: &Engine, request: &mut Request, body: &mut Body) -> Reply {
+fn route(exchange: &mut Exchange<'_>, request: &mut Request) -> Reply {
+    let engine = exchange.engine;
     if request.url().len() > MAX_REQUEST_LINE {
         return Reply::error(
             414,
@@ -478,8 +509,8 @@ fn route(engine: &Engine, request: &mut Request, body: &mut Body) -> Reply {
                 return refusal;
             }
             match path.as_str() {
-                "/api/mail" if method == Method::Post => submit(engine, request, body),
-                "/api/mail/v2" if method == Method::Post => send_and_wait(engine, request, body),
+                "/api/mail" if method == Method::Post => submit(exchange, request),
+                "/api/mail/v2" if method == Method::Post => send_and_wait(exchange, request),
                 "/api/mail" | "/api/mail/v2" => method_not_allowed("POST"),
                 _ => match path
                     .strip_prefix("/api/mail/")
@@ -546,8 +577,8 @@ fn constant_time_equal(given: &[u8], expected: &[u8]) -> bool {
     difference == 0
 }
 
-fn read_body(engine: &Engine, request: &mut Request, body: &mut Body) -> Result<Vec<u8>, Reply> {
-    let limit = engine.config().max_body_bytes;
+fn read_body(exchange: &mut Exchange<'_>, request: &mut Request) -> Result<Vec<u8>, Reply> {
+    let limit = exchange.engine.config().max_body_bytes;
     let too_large = || {
         Reply::error(
             413,
@@ -555,60 +586,93 @@ fn read_body(engine: &Engine, request: &mut Request, body: &mut Body) -> Result<
             &format!("the limit is {limit} bytes (MAILROOM_MAX_BODY_BYTES)"),
         )
     };
+    let late = || {
+        Reply::error(
+            408,
+            "request body not received in time",
+            &format!(
+                "the body must arrive within {} s, with no pause over {} s",
+                BODY_DEADLINE.as_secs(),
+                READ_TIMEOUT.as_secs()
+            ),
+        )
+    };
     let declared = request.body_length();
     if declared.is_some_and(|length| length as u64 > limit) {
         return Err(too_large());
     }
-    let deadline = Instant::now() + BODY_DEADLINE;
+    // A read blocked past the deadline is ended by closing the connection.
+    let peer = request.remote_addr().copied();
+    let started = Instant::now();
+    if let Some(peer) = peer {
+        exchange.connections.close_at(peer, started + BODY_DEADLINE);
+    }
+    let result = read_within(request, limit, declared);
+    if let Some(peer) = peer {
+        exchange.connections.keep_open(peer);
+    }
+    let outcome = match result {
+        Ok(content) if content.len() as u64 > limit => Err(too_large()),
+        Ok(content) if declared.is_some_and(|length| content.len() < length) => {
+            Err(if started.elapsed() >= BODY_DEADLINE {
+                late()
+            } else {
+                Reply::error(
+                    400,
+                    "cannot read the request body",
+                    "the connection ended before the declared Content-Length",
+                )
+            })
+        }
+        Ok(content) if started.elapsed() > BODY_DEADLINE => {
+            drop(content);
+            Err(late())
+        }
+        Ok(content) => Ok(content),
+        Err(error) if matches!(error.kind(), ErrorKind::WouldBlock | ErrorKind::TimedOut) => {
+            Err(late())
+        }
+        Err(error) => Err(Reply::error(
+            400,
+            "cannot read the request body",
+            &error.to_string(),
+        )),
+    };
+    exchange.body = if outcome.is_ok() {
+        Body::Read
+    } else {
+        Body::Abandoned
+    };
+    outcome
+}
+
+/// Reads the body, stopping one byte past `limit` (a chunked body has no
+/// declared length to refuse early).
+fn read_within(
+    request: &mut Request,
+    limit: u64,
+    declared: Option<usize>,
+) -> std::io::Result<Vec<u8>> {
     let mut content = Vec::with_capacity(declared.unwrap_or(0).min(64 * 1024));
     let mut chunk = [0u8; 16 * 1024];
     let reader = request.as_reader();
     loop {
-        // A chunked body (no declared length) is cut at the limit.
         let room = (limit + 1).saturating_sub(content.len() as u64);
+        if room == 0 {
+            return Ok(content);
+        }
         let wanted = chunk.len().min(usize::try_from(room).unwrap_or(usize::MAX));
         match reader.read(&mut chunk[..wanted]) {
-            Ok(0) => break,
+            Ok(0) => return Ok(content),
             Ok(read) => content.extend_from_slice(&chunk[..read]),
-            Err(error) if error.kind() == ErrorKind::Interrupted => continue,
-            Err(error) => {
-                *body = Body::Abandoned;
-                return Err(
-                    if matches!(error.kind(), ErrorKind::WouldBlock | ErrorKind::TimedOut) {
-                        Reply::error(
-                            408,
-                            "request body not received in time",
-                            &format!("nothing arrived for {} s", READ_TIMEOUT.as_secs()),
-                        )
-                    } else {
-                        Reply::error(400, "cannot read the request body", &error.to_string())
-                    },
-                );
-            }
-        }
-        if content.len() as u64 > limit {
-            *body = Body::Abandoned;
-            return Err(too_large());
-        }
-        if Instant::now() > deadline {
-            *body = Body::Abandoned;
-            return Err(Reply::error(
-                408,
-                "request body not received in time",
-                &format!("the body must arrive within {} s", BODY_DEADLINE.as_secs()),
-            ));
+            Err(error) if error.kind() == ErrorKind::Interrupted => {}
+            Err(error) => return Err(error),
         }
     }
-    *body = Body::Read;
-    Ok(content)
 }
 
-fn parse_request(
-    engine: &Engine,
-    request: &mut Request,
-    body: &mut Body,
-) -> Result<MailRequest, Reply> {
-    let content = read_body(engine, request, body)?;
+fn parse_request(exchange: &mut Exchange<'_>, request: &mut Request) -> Result<MailRequest, Reply> {
+    let content = read_body(exchange, request)?;
     MailRequest::from_json(&content).map_err(|error| invalid(&error.to_string()))
 }
 
@@ -625,8 +689,9 @@ fn refusal(error: &SubmitError) -> Reply {
     }
 }
 
-fn submit(engine: &Engine, request: &mut Request, body: &mut Body) -> Reply {
-    let mail = match parse_request(engine, request, body) {
+fn submit(exchange: &mut Exchange<'_>, request: &mut Request) -> Reply {
+    let engine = exchange.engine;
+    let mail = match parse_request(exchange, request) {
         Ok(mail) => mail,
         Err(reply) => return reply,
     };
@@ -644,8 +709,9 @@ fn submit(engine: &Engine, request: &mut Request, body: &mut Body) -> Reply {
     }
 }
 
-fn send_and_wait(engine: &Engine, request: &mut Request, body: &mut Body) -> Reply {
-    let mail = match parse_request(engine, request, body) {
+fn send_and_wait(exchange: &mut Exchange<'_>, request: &mut Request) -> Reply {
+    let engine = exchange.engine;
+    let mail = match parse_request(exchange, request) {
         Ok(mail) => mail,
         Err(reply) => return reply,
     };
