@@ -57,8 +57,9 @@ pub struct Connections {
     /// from the registry so that the accept loop never waits for a scan;
     /// taken after the registry when both are needed.
     requests: Mutex<HashMap<SocketAddr, Instant>>,
-    /// Set when the listening socket closes: its port may then belong to
-    /// someone else, whose sockets must not be touched.
+    /// Set by [`Connections::stop`] before the listening socket closes:
+    /// its port may then belong to someone else, whose sockets must not be
+    /// touched.
     stopped: AtomicBool,
 }
 
@@ -99,8 +100,8 @@ struct Socket {
 
 impl Connections {
     /// Watches the connections accepted on `listen` until the returned
-    /// value is dropped; `each_pass` runs after every pass (the HTTP server
-    /// checks its acceptor there). Not on Linux, it does nothing.
+    /// value is dropped or stopped; `each_pass` runs after every pass (the
+    /// HTTP server checks its acceptor there). Not on Linux, it does nothing.
     pub fn start(listen: SocketAddr, each_pass: impl Fn() + Send + 'static) -> Arc<Connections> {
         let connections = Arc::new(Connections {
             listen,
@@ -401,7 +402,6 @@ mod sys {
 
     use std::net::{Shutdown, SocketAddr};
     use std::os::fd::{AsRawFd, FromRawFd, OwnedFd};
-    use std::os::unix::fs::{FileTypeExt, MetadataExt};
 
     use socket2::SockRef;
 
@@ -419,8 +419,14 @@ mod sys {
 
     /// The inode of the socket behind `fd`, if it is one.
     pub fn socket_inode(fd: i32) -> Option<u64> {
-        let metadata = std::fs::metadata(format!("/proc/self/fd/{fd}")).ok()?;
-        metadata.file_type().is_socket().then(|| metadata.ino())
+        // SAFETY: fstat only reads the file's metadata into `status` (plain
+        // integers, for which all zeroes is valid); a closed `fd` makes it
+        // fail, a reused one describes the new file (identified by inode).
+        unsafe {
+            let mut status: libc::stat = std::mem::zeroed();
+            (libc::fstat(fd, &mut status) == 0 && status.st_mode & libc::S_IFMT == libc::S_IFSOCK)
+                .then_some(status.st_ino)
+        }
     }
 
     /// A descriptor of our own for whatever `fd` refers to now, with its inode.
@@ -435,9 +441,8 @@ mod sys {
             }
             OwnedFd::from_raw_fd(duplicate)
         };
-        let metadata = std::fs::metadata(format!("/proc/self/fd/{}", owned.as_raw_fd())).ok()?;
-        let inode = metadata.ino();
-        metadata.file_type().is_socket().then_some((owned, inode))
+        let inode = socket_inode(owned.as_raw_fd())?;
+        Some((owned, inode))
     }
 
     /// A duplicate of the first of `fds` that is still the socket `inode`.

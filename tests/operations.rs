@@ -1235,6 +1235,7 @@ fn check_validates_the_configuration_and_smtp_logs_in_without_showing_the_passwo
 
     let output = run_binary(&directory, &["--check", "--smtp"], &variables);
     let said = text(&output);
+    println!("{said}");
     assert!(output.status.success(), "{said}");
     let steps = ["connected to localhost", "STARTTLS: ok", "AUTH: ok", "QUIT"];
     let mut position = 0;
