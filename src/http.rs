@@ -657,7 +657,7 @@ fn read_within(
     let mut chunk = [0u8; 16 * 1024];
     let reader = request.as_reader();
     loop {
-        let room = (limit + 1).saturating_sub(content.len() as u64);
+        let room = limit.saturating_add(1).saturating_sub(content.len() as u64);
         if room == 0 {
             return Ok(content);
         }
