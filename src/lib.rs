@@ -25,9 +25,13 @@
 //! validated email), [`engine`] (the API), `pool` (workers), `retry`
 //! (scheduler), [`transport`] (SMTP/outbox and error classification),
 //! [`spool`] (durable queue), [`status`], [`metrics`], [`http`] (the API over
-//! HTTP), [`systemd`] (readiness notification).
+//! HTTP), [`connections`] (limits on HTTP connections that tiny_http lacks),
+//! [`allocator`] (the binary's allocator, for huge declared bodies),
+//! [`systemd`] (readiness notification).
 
+pub mod allocator;
 pub mod config;
+pub mod connections;
 pub mod engine;
 pub mod http;
 pub mod message;
