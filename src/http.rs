@@ -379,9 +379,22 @@ enum Body {
 }
 
 fn handle(engine: &Engine, connections: &Connections, mut request: Request) {
-    if let Some(peer) = request.remote_addr() {
-        // Its timeouts must be in place before anything reads from it.
-        connections.track(*peer);
+    let declared = request.body_length().map_or(0, |length| length as u64);
+    let has = |name: &'static str| {
+        request
+            .headers()
+            .iter()
+            .any(|header| header.field.equiv(name))
+    };
+    // tiny_http has already read bodies of up to 1 KiB sent without Expect;
+    // only larger ones are read from the socket by this thread.
+    let expects_continue = has("Expect");
+    let reads_socket = declared > 1024 || expects_continue || has("Transfer-Encoding");
+    if reads_socket {
+        if let Some(peer) = request.remote_addr() {
+            // Its timeouts must be in place before anything reads from it.
+            connections.track(*peer);
+        }
     }
     let mut exchange = Exchange {
         engine,
@@ -405,24 +418,16 @@ fn handle(engine: &Engine, connections: &Connections, mut request: Request) {
             response.add_header(header);
         }
     }
+    if let Some(header) = header("Cache-Control", CLOSE_AFTER_ANSWER) {
+        response.add_header(header);
+    }
     let Some(peer) = request.remote_addr().copied() else {
         let _ = request.respond(response);
         return;
     };
     // Answering drops the request, and tiny_http then discards what is
     // left of the body by reading it: bound that first.
-    let declared = request.body_length().map_or(0, |length| length as u64);
-    let has = |name: &'static str| {
-        request
-            .headers()
-            .iter()
-            .any(|header| header.field.equiv(name))
-    };
-    // tiny_http has already read bodies of up to 1 KiB sent without Expect.
-    let expects_continue = has("Expect");
-    let pending = body == Body::Abandoned
-        || (body == Body::Unread
-            && (declared > 1024 || expects_continue || has("Transfer-Encoding")));
+    let pending = body == Body::Abandoned || (body == Body::Unread && reads_socket);
     let huge = pending && declared >= HUGE_BODY;
     if pending {
         if huge || expects_continue || body == Body::Abandoned || declared > LINGER_MAX_BYTES {
@@ -445,7 +450,9 @@ fn handle(engine: &Engine, connections: &Connections, mut request: Request) {
         log::debug!("HTTP answer not delivered: {error}");
     }
     drop(serial);
-    connections.finish(peer);
+    // The client was told to close; the janitor closes the connection
+    // itself if the client lingers (no descriptor scan on this path).
+    connections.close_at(peer, Instant::now() + CLOSE_GRACE);
 }
 
 /// Closes a connection whose declared body is too large for tiny_http to
@@ -462,6 +469,21 @@ fn abandon(connections: &Connections, request: Request, peer: SocketAddr, declar
          ({count} such connections so far, each keeping a thread and two descriptors)"
     );
 }
+
+/// One request per connection: tiny_http serves a keep-alive connection on
+/// one thread of its pool until the client leaves, and that pool queues a
+/// burst of new connections behind busy threads (a first answer could wait
+/// indefinitely). So every answer asks the client to close.
+///
+/// tiny_http drops a `Connection` header set by the server (`add_header`
+/// ignores it), so it rides in the value of a harmless header; the text is
+/// this constant, never anything a client sent. Should a later tiny_http
+/// refuse line breaks in values, `header` skips it and the janitor's
+/// [`CLOSE_GRACE`] still closes the connection.
+const CLOSE_AFTER_ANSWER: &str = "no-store\r\nConnection: close";
+
+/// How long a client told to close may keep its connection open.
+const CLOSE_GRACE: Duration = Duration::from_secs(1);
 
 /// Our header names and values are ASCII constants and numbers; anything
 /// else would be skipped rather than break the answer.
