@@ -257,13 +257,7 @@ fn attempts_run_out_after_max_attempts() {
 
 #[test]
 fn relay_down_then_up_delivers_without_losing_anything() {
-    let (port, reserved) = unused_port();
-    let relay_address = reserved.local_addr().unwrap();
-    drop(reserved); // nothing listens: connections are refused
-    let mut config = Config::for_outbox(temp_dir("x"));
-    let mut settings = TestRelay::plain().settings();
-    settings.port = port;
-    config.relay = Relay::Smtp(settings);
+    let (mut config, relay_address) = config_with_relay_down();
     config.retry_base = Duration::from_millis(50);
     config.retry_max = Duration::from_millis(200);
     config.max_attempts = 1000;
@@ -310,12 +304,7 @@ fn relay_down_then_up_delivers_without_losing_anything() {
 
 #[test]
 fn full_queue_answers_503_at_once_and_never_blocks() {
-    let (port, reserved) = unused_port();
-    drop(reserved);
-    let mut config = Config::for_outbox(temp_dir("x"));
-    let mut settings = TestRelay::plain().settings();
-    settings.port = port;
-    config.relay = Relay::Smtp(settings);
+    let (mut config, _) = config_with_relay_down();
     config.queue_capacity = 3;
     config.retry_base = Duration::from_secs(60);
     config.retry_max = Duration::from_secs(60);
@@ -390,12 +379,7 @@ fn v2_reports_success_and_failure() {
 
 #[test]
 fn v2_without_smtp_reply_omits_the_code() {
-    let (port, reserved) = unused_port();
-    drop(reserved);
-    let mut config = Config::for_outbox(temp_dir("x"));
-    let mut settings = TestRelay::plain().settings();
-    settings.port = port;
-    config.relay = Relay::Smtp(settings);
+    let (config, _) = config_with_relay_down();
     let service = Service::start(config);
     let reply = service.post(
         "/api/mail/v2",

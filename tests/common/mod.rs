@@ -380,6 +380,28 @@ pub fn config_for(relay: &TestRelay) -> Config {
     config
 }
 
+/// Test configuration pointing at a loopback port where nothing listens
+/// (connections are refused), with quick retries; returns that address so
+/// a test can start a relay there later.
+pub fn config_with_relay_down() -> (Config, SocketAddr) {
+    let (_, reserved) = unused_port();
+    let address = reserved.local_addr().unwrap();
+    drop(reserved);
+    let mut config = Config::for_outbox(temp_dir("unused-outbox"));
+    config.relay = Relay::Smtp(SmtpSettings {
+        host: "127.0.0.1".into(),
+        port: address.port(),
+        tls: TlsMode::None,
+        credentials: None,
+        hello_name: None,
+        extra_root_pem: None,
+        timeout: Duration::from_secs(30),
+    });
+    config.retry_base = Duration::from_millis(20);
+    config.retry_max = Duration::from_millis(200);
+    (config, address)
+}
+
 /// The service running in this process, on a loopback port.
 pub struct Service {
     pub engine: Engine,
