@@ -450,9 +450,9 @@ fn handle(engine: &Engine, connections: &Connections, mut request: Request) {
         log::debug!("HTTP answer not delivered: {error}");
     }
     drop(serial);
-    // The client was told to close; the janitor closes the connection
-    // itself if the client lingers (no descriptor scan on this path).
-    connections.close_at(peer, Instant::now() + CLOSE_GRACE);
+    // The client was told to close; close it now anyway, so a client that
+    // lingers cannot hold one of tiny_http's threads while others wait.
+    connections.finish(peer);
 }
 
 /// Closes a connection whose declared body is too large for tiny_http to
@@ -478,12 +478,9 @@ fn abandon(connections: &Connections, request: Request, peer: SocketAddr, declar
 /// tiny_http drops a `Connection` header set by the server (`add_header`
 /// ignores it), so it rides in the value of a harmless header; the text is
 /// this constant, never anything a client sent. Should a later tiny_http
-/// refuse line breaks in values, `header` skips it and the janitor's
-/// [`CLOSE_GRACE`] still closes the connection.
+/// refuse line breaks in values, `header` skips it and the connection is
+/// still closed after the answer (the client then sees the close only).
 const CLOSE_AFTER_ANSWER: &str = "no-store\r\nConnection: close";
-
-/// How long a client told to close may keep its connection open.
-const CLOSE_GRACE: Duration = Duration::from_secs(1);
 
 /// Our header names and values are ASCII constants and numbers; anything
 /// else would be skipped rather than break the answer.
