@@ -450,9 +450,11 @@ fn handle(engine: &Engine, connections: &Connections, mut request: Request) {
         log::debug!("HTTP answer not delivered: {error}");
     }
     drop(serial);
-    // The client was told to close; close it now anyway, so a client that
-    // lingers cannot hold one of tiny_http's threads while others wait.
-    connections.finish(peer);
+    // The client was told to close. One that lingers is closed by the
+    // janitor's next pass (at most JANITOR_INTERVAL later), so it cannot hold
+    // one of tiny_http's threads while others wait; doing it here would cost
+    // a descriptor scan per request.
+    connections.close_at(peer, Instant::now());
 }
 
 /// Closes a connection whose declared body is too large for tiny_http to
