@@ -15,7 +15,7 @@
 //! - shuts down a connection at a deadline a handler asked for;
 //! - when a connection's request waits unread (tiny_http's pool queued it
 //!   behind busy threads), shuts down the connections that hold threads
-//!   without sending: silent ones, and heads older than
+//!   without sending: silent ones and heads, once older than
 //!   [`CROWDED_HEAD_DEADLINE`].
 //!
 //! Handlers close each connection after answering its request
@@ -316,7 +316,10 @@ impl Connections {
                     0
                 };
                 if socket.over_limit < 2 {
-                    if unread == 0 && (received == 0 || age > CROWDED_HEAD_DEADLINE) {
+                    // A connection that has sent nothing yet gets the same
+                    // second as a partial head: a client thread can be
+                    // descheduled between connect and write on a busy host.
+                    if unread == 0 && age > CROWDED_HEAD_DEADLINE {
                         idle.insert(socket.inode);
                     }
                     continue;

@@ -450,12 +450,11 @@ fn handle(engine: &Engine, connections: &Connections, mut request: Request) {
         log::debug!("HTTP answer not delivered: {error}");
     }
     drop(serial);
-    // The client was told to close; close it now anyway, so a client that
-    // lingers cannot hold one of tiny_http's threads while a burst of new
-    // connections waits. (Leaving it to the janitor's next pass is cheaper
-    // but lets crowding build up, and the janitor then cuts clients that
-    // have connected but not yet written.)
-    connections.finish(peer);
+    // The client was told to close. One that lingers is closed by the
+    // janitor's next pass (at most JANITOR_INTERVAL later), so it cannot
+    // hold one of tiny_http's threads for long while others wait. Closing it
+    // here would need a descriptor scan per request (half the accept rate).
+    connections.close_at(peer, Instant::now());
 }
 
 /// Closes a connection whose declared body is too large for tiny_http to
