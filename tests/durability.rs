@@ -109,23 +109,57 @@ fn ids_in_state(address: SocketAddr, ids: &[String], state: &str) -> HashSet<Str
         .collect()
 }
 
-#[test]
-fn kill_9_with_queued_and_in_flight_messages_loses_nothing() {
+/// A service (real binary) whose `workers` workers each hold one of
+/// `messages` accepted messages at a stalled relay.
+struct InFlight {
+    relay: TestRelay,
+    directory: PathBuf,
+    env: Vec<(&'static str, String)>,
+    service: ChildService,
+    ids: Vec<String>,
+    in_flight: HashSet<String>,
+}
+
+fn start_with_deliveries_in_flight(
+    name: &str,
+    workers: usize,
+    messages: usize,
+    extra: &[(&str, &str)],
+) -> InFlight {
     let relay = TestRelay::plain();
     relay.stall(true);
-    let directory = temp_dir("kill9");
-    let env = variables(
-        &relay.url(),
-        &directory.join("spool"),
-        &[("MAILROOM_WORKERS", "3")],
-    );
-    let mut service = ChildService::start(&directory, &env);
-    let ids = accept(service.address, 20, "kill -9");
+    let directory = temp_dir(name);
+    let workers_text = workers.to_string();
+    let mut settings = vec![("MAILROOM_WORKERS", workers_text.as_str())];
+    settings.extend_from_slice(extra);
+    let env = variables(&relay.url(), &directory.join("spool"), &settings);
+    let service = ChildService::start(&directory, &env);
+    let ids = accept(service.address, messages, name);
     wait_until("every worker holds a message at the stalled relay", || {
-        relay.stalled_sessions() >= 3
+        relay.stalled_sessions() >= workers
     });
     let in_flight = ids_in_state(service.address, &ids, "sending");
-    assert_eq!(in_flight.len(), 3, "one message per worker in flight");
+    assert_eq!(in_flight.len(), workers, "one message per worker in flight");
+    InFlight {
+        relay,
+        directory,
+        env,
+        service,
+        ids,
+        in_flight,
+    }
+}
+
+#[test]
+fn kill_9_with_queued_and_in_flight_messages_loses_nothing() {
+    let InFlight {
+        relay,
+        directory,
+        env,
+        mut service,
+        ids,
+        in_flight,
+    } = start_with_deliveries_in_flight("kill9", 3, 20, &[]);
     service.kill_hard();
     // The stalled sessions now complete: the relay got the in-flight
     // messages, but the dead process never learnt it.
@@ -148,21 +182,14 @@ fn kill_9_with_queued_and_in_flight_messages_loses_nothing() {
 
 #[test]
 fn sigterm_finishes_deliveries_in_flight_and_keeps_the_rest() {
-    let relay = TestRelay::plain();
-    relay.stall(true);
-    let directory = temp_dir("sigterm");
-    let env = variables(
-        &relay.url(),
-        &directory.join("spool"),
-        &[("MAILROOM_WORKERS", "2")],
-    );
-    let mut service = ChildService::start(&directory, &env);
-    let ids = accept(service.address, 10, "sigterm");
-    wait_until("both workers hold a message", || {
-        relay.stalled_sessions() >= 2
-    });
-    let in_flight = ids_in_state(service.address, &ids, "sending");
-    assert_eq!(in_flight.len(), 2);
+    let InFlight {
+        relay,
+        directory,
+        env,
+        mut service,
+        ids,
+        in_flight,
+    } = start_with_deliveries_in_flight("sigterm", 2, 10, &[]);
 
     service.signal("TERM");
     wait_until("/readyz says 503", || {
@@ -197,23 +224,14 @@ fn sigterm_finishes_deliveries_in_flight_and_keeps_the_rest() {
 
 #[test]
 fn sigterm_with_a_stuck_relay_exits_at_the_shutdown_timeout() {
-    let relay = TestRelay::plain();
-    relay.stall(true);
-    let directory = temp_dir("stuck");
-    let env = variables(
-        &relay.url(),
-        &directory.join("spool"),
-        &[
-            ("MAILROOM_WORKERS", "2"),
-            ("MAILROOM_SHUTDOWN_TIMEOUT_MS", "1000"),
-        ],
-    );
-    let mut service = ChildService::start(&directory, &env);
-    let ids = accept(service.address, 6, "stuck");
-    wait_until("both workers hold a message", || {
-        relay.stalled_sessions() >= 2
-    });
-    let in_flight = ids_in_state(service.address, &ids, "sending");
+    let InFlight {
+        relay,
+        directory,
+        env,
+        mut service,
+        ids,
+        in_flight,
+    } = start_with_deliveries_in_flight("stuck", 2, 6, &[("MAILROOM_SHUTDOWN_TIMEOUT_MS", "1000")]);
 
     let signalled = Instant::now();
     service.signal("TERM");
