@@ -9,20 +9,20 @@
 //! - gives each a read and a write timeout ([`READ_TIMEOUT`],
 //!   [`WRITE_TIMEOUT`]), so a silent client releases its thread;
 //! - shuts down a connection that has not delivered a complete request
-//!   head within [`HEAD_DEADLINE`] (idle and slowloris clients), or that
-//!   sent more than [`MAX_HEAD_BYTES`] without one (endless header lines,
-//!   garbage);
+//!   head within [`HEAD_DEADLINE`] of connecting or of its last answer
+//!   (idle keep-alive and slowloris clients), or that sent more than
+//!   [`MAX_HEAD_BYTES`] without one (endless header lines, garbage);
 //! - shuts down a connection at a deadline a handler asked for;
 //! - when a connection's request waits unread (tiny_http's pool queued it
 //!   behind busy threads), shuts down the connections that hold threads
 //!   without sending: silent ones and heads, once older than
 //!   [`CROWDED_HEAD_DEADLINE`].
 //!
-//! Handlers close each connection after answering its request
-//! ([`Connections::finish`]): tiny_http serves a keep-alive connection on
-//! one pool thread until the client leaves, and its pool queues a burst of
-//! new connections behind the busy threads, so a lingering keep-alive
-//! client would keep new ones waiting.
+//! tiny_http serves a keep-alive connection on one thread of its pool until
+//! the client leaves; its pool starts a thread for every connection that
+//! finds none idle (with the fix in vendor/tiny_http), so a new connection
+//! does not wait behind keep-alive ones, and the crowded case above is a
+//! last resort for when the system refuses threads.
 //!
 //! Every action goes through a duplicate of the descriptor whose inode was
 //! checked first, so a descriptor number that tiny_http closed and the
@@ -53,10 +53,10 @@ pub const JANITOR_INTERVAL: Duration = Duration::from_millis(100);
 pub struct Connections {
     listen: SocketAddr,
     registry: Mutex<Registry>,
-    /// Peers whose request a handler holds, and when it arrived. Apart
+    /// What each peer's connection is doing, as handlers report it. Apart
     /// from the registry so that the accept loop never waits for a scan;
     /// taken after the registry when both are needed.
-    requests: Mutex<HashMap<SocketAddr, Instant>>,
+    requests: Mutex<HashMap<SocketAddr, Activity>>,
     /// Set by [`Connections::stop`] before the listening socket closes:
     /// its port may then belong to someone else, whose sockets must not be
     /// touched.
@@ -83,6 +83,17 @@ struct Registry {
     crowded_logged: Option<Instant>,
 }
 
+/// A connection's requests, as the handlers report them.
+#[derive(Clone, Copy)]
+struct Activity {
+    /// A handler holds a request from it.
+    handling: bool,
+    /// When its current request arrived, or its last one was answered.
+    since: Instant,
+    /// Requests answered on it.
+    answered: u64,
+}
+
 struct Socket {
     inode: u64,
     peer: SocketAddr,
@@ -90,6 +101,11 @@ struct Socket {
     fds: Vec<i32>,
     first_seen: Instant,
     seen_in: u64,
+    /// Bytes received before its current request head began (as of the
+    /// first pass after its last answer).
+    head_start: u64,
+    /// Answers counted when `head_start` was taken.
+    answers_seen: u64,
     /// Consecutive passes that found the head limit exceeded.
     over_limit: u8,
     /// Consecutive passes that found received bytes nobody read.
@@ -128,7 +144,7 @@ impl Connections {
             .unwrap_or_else(|poisoned| poisoned.into_inner())
     }
 
-    fn requests(&self) -> MutexGuard<'_, HashMap<SocketAddr, Instant>> {
+    fn requests(&self) -> MutexGuard<'_, HashMap<SocketAddr, Activity>> {
         self.requests
             .lock()
             .unwrap_or_else(|poisoned| poisoned.into_inner())
@@ -148,7 +164,28 @@ impl Connections {
 
     /// A request from `peer` was handed to a handler: its head is complete.
     pub fn request_arrived(&self, peer: SocketAddr) {
-        self.requests().insert(peer, Instant::now());
+        let now = Instant::now();
+        self.requests()
+            .entry(peer)
+            .and_modify(|activity| {
+                activity.handling = true;
+                activity.since = now;
+            })
+            .or_insert(Activity {
+                handling: true,
+                since: now,
+                answered: 0,
+            });
+    }
+
+    /// The request from `peer` has been answered; the connection may carry
+    /// another one, whose head has [`HEAD_DEADLINE`] from now.
+    pub fn answered(&self, peer: SocketAddr) {
+        if let Some(activity) = self.requests().get_mut(&peer) {
+            activity.handling = false;
+            activity.since = Instant::now();
+            activity.answered += 1;
+        }
     }
 
     /// Makes sure the connection from `peer` is watched and has its
@@ -177,7 +214,7 @@ impl Connections {
         self.shutdown(peer, Shutdown::Read)
     }
 
-    /// The request from `peer` has been answered: close the connection.
+    /// Closes the connection from `peer` now.
     pub fn finish(&self, peer: SocketAddr) {
         self.shutdown(peer, Shutdown::Both);
         self.lock().deadlines.remove(&peer);
@@ -201,7 +238,7 @@ impl Connections {
     /// arrived missed it (then it is gone).
     fn find_or_scan(&self, registry: &mut Registry, peer: SocketAddr) -> Option<(u64, Vec<i32>)> {
         if find(registry, peer).is_none() {
-            let arrived = self.requests().get(&peer).copied();
+            let arrived = self.requests().get(&peer).map(|activity| activity.since);
             let scanned_since = match (registry.last_scan, arrived) {
                 (Some(scan), Some(arrived)) => scan > arrived,
                 _ => false,
@@ -254,6 +291,8 @@ impl Connections {
                     fds: vec![fd],
                     first_seen: started,
                     seen_in: scan,
+                    head_start: 0,
+                    answers_seen: 0,
                     over_limit: 0,
                     unread: 0,
                     cut: false,
@@ -269,7 +308,7 @@ impl Connections {
             .map(|socket| socket.peer)
             .collect();
         self.requests()
-            .retain(|peer, arrived| live.contains(peer) || *arrived >= started);
+            .retain(|peer, activity| live.contains(peer) || activity.since >= started);
         registry.deadlines.retain(|peer, _| live.contains(peer));
         registry.last_scan = Some(started);
     }
@@ -293,10 +332,16 @@ impl Connections {
         let mut crowded = false;
         let mut idle = std::collections::HashSet::new();
         for socket in sockets.values_mut().filter(|socket| !socket.cut) {
-            let age = now.duration_since(socket.first_seen);
+            let activity = requests.get(&socket.peer);
+            // Waiting for a request head since it connected or since its
+            // last answer (a keep-alive connection between requests).
+            let waiting_since = activity.map_or(socket.first_seen, |activity| {
+                activity.since.max(socket.first_seen)
+            });
+            let age = now.duration_since(waiting_since);
             let reason = if deadlines.get(&socket.peer).is_some_and(|at| now >= *at) {
                 "its deadline passed"
-            } else if requests.contains_key(&socket.peer) {
+            } else if activity.is_some_and(|activity| activity.handling) {
                 continue;
             } else if age > HEAD_DEADLINE {
                 "no complete request head in time"
@@ -306,11 +351,20 @@ impl Connections {
                     .iter()
                     .find_map(|fd| sys::reading(*fd))
                     .unwrap_or((0, 0));
+                let answered = activity.map_or(0, |activity| activity.answered);
+                if answered != socket.answers_seen {
+                    // A new head begins after the last answer; what it has
+                    // sent by now counts as already in its limit's slack.
+                    socket.answers_seen = answered;
+                    socket.head_start = received;
+                    socket.over_limit = 0;
+                }
+                let head_bytes = received.saturating_sub(socket.head_start);
                 // Twice in a row, for these two: a request head that just
                 // arrived may not have reached a handler yet.
                 socket.unread = if unread > 0 { socket.unread + 1 } else { 0 };
                 crowded |= socket.unread >= 2;
-                socket.over_limit = if received > MAX_HEAD_BYTES {
+                socket.over_limit = if head_bytes > MAX_HEAD_BYTES {
                     socket.over_limit + 1
                 } else {
                     0
@@ -319,6 +373,7 @@ impl Connections {
                     // A connection that has sent nothing yet gets the same
                     // second as a partial head: a client thread can be
                     // descheduled between connect and write on a busy host.
+                    // An idle keep-alive connection is one of these.
                     if unread == 0 && age > CROWDED_HEAD_DEADLINE {
                         idle.insert(socket.inode);
                     }

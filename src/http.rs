@@ -1,11 +1,14 @@
 //! The HTTP API: routes, the JSON envelope, auth and limits, over tiny_http.
 //!
-//! The accept loop (the thread calling [`HttpServer::run`]) only takes
-//! requests from tiny_http and hands each to a handler thread: it never
-//! reads, answers or drops a request itself, because each of those can
-//! block on a slow client (dropping an unread request makes tiny_http read
-//! the rest of its body). What tiny_http does not limit on its connections
-//! is limited by [`crate::connections`]; each connection serves one request.
+//! Requests are received by a pool of handler threads in turn (leader and
+//! followers): a thread that takes a request from tiny_http starts another
+//! receiving thread first if none is left, then reads, routes and answers
+//! the request itself. So some thread is always receiving, a slow client
+//! holds only the thread answering it, and a request costs no hand-off
+//! between threads. The main thread ([`HttpServer::run`]) supervises: it
+//! replaces tiny_http's accept thread when that dies. What tiny_http does
+//! not limit on its connections is limited by [`crate::connections`].
+//! Connections are kept alive across requests unless a body was left unread.
 
 use std::io::{Cursor, ErrorKind};
 use std::net::{SocketAddr, TcpListener};
@@ -14,7 +17,7 @@ use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
-use crossbeam_channel::{Receiver, RecvTimeoutError, Sender};
+use crossbeam_channel::{Receiver, Sender};
 use serde_json::{json, Value};
 use tiny_http::{Header, Method, Request, Response, Server};
 
@@ -25,9 +28,11 @@ use crate::message::MailRequest;
 
 /// Connections the kernel holds for tiny_http to accept.
 const LISTEN_BACKLOG: i32 = 1024;
-/// Handler threads beyond this wait for a free one.
+/// Handler threads beyond this are not started: requests then wait for a
+/// thread to finish its request.
 const MAX_HANDLERS: usize = 1024;
-/// An idle handler thread ends after this long.
+/// A handler thread that received nothing for this long ends, unless it is
+/// the last one receiving.
 const HANDLER_IDLE: Duration = Duration::from_secs(30);
 /// Longest request line (the SPEC's 8 KiB), answered 414 beyond.
 const MAX_REQUEST_LINE: usize = 8 * 1024;
@@ -47,8 +52,9 @@ const HUGE_BODY: u64 = allocator::HUGE as u64;
 /// Largest declared body whose unread rest may be discarded the usual way
 /// when the program runs on [`allocator::HugeAllocator`].
 const MAX_DISCARDED: u64 = 1 << 40;
-/// A retired acceptor is drained for this long after its last request: by
-/// then each of its connections has delivered its request or been closed.
+/// A retired tiny_http server is drained for this long after its last
+/// request: by then each of its connections has delivered its request or
+/// been closed.
 const RETIRED_GRACE: Duration =
     Duration::from_secs(HEAD_DEADLINE.as_secs() + READ_TIMEOUT.as_secs() + 10);
 
@@ -61,23 +67,44 @@ static ABANDONED: AtomicUsize = AtomicUsize::new(0);
 /// The HTTP front of an [`Engine`].
 pub struct HttpServer {
     listener: TcpListener,
-    /// The tiny_http server accepting connections now.
-    acceptor: Arc<Mutex<Acceptor>>,
-    stopping: AtomicBool,
-    handlers: Arc<HandlerPool>,
+    handlers: Arc<Handlers>,
+    events: Receiver<Event>,
 }
 
-/// A tiny_http server and what tells whether its accept thread still runs.
-struct Acceptor {
-    server: Arc<Server>,
+/// One tiny_http server (an accept thread and its connections) and the
+/// handler threads receiving its requests.
+struct Intake {
+    server: Server,
     /// tiny_http's copy of the listening socket, owned by its accept
     /// thread: closed when that thread ends, whether by an error (after
     /// which it accepts nothing more) or by a panic (e.g. it unwraps a
-    /// failed descriptor copy when out of descriptors, and `recv` then
-    /// blocks forever).
+    /// failed descriptor copy when out of descriptors, and no error reaches
+    /// the receivers).
     fd: i32,
-    /// Cleared once its end has been reported to the accept loop.
-    watched: bool,
+    /// Handler threads waiting for its next request (or about to).
+    receiving: AtomicUsize,
+    /// Replaced by a newer intake: drained until quiet, then left.
+    retired: AtomicBool,
+    /// Its end has been reported to the supervisor.
+    reported: AtomicBool,
+}
+
+/// What the supervisor ([`HttpServer::run`]) hears about.
+enum Event {
+    /// An intake's accept thread ended (why).
+    AcceptorEnded(Arc<Intake>, String),
+    Stop,
+}
+
+/// The handler threads and what they share.
+struct Handlers {
+    /// The intake whose accept thread owns the listening socket now.
+    current: Arc<Mutex<Arc<Intake>>>,
+    events: Sender<Event>,
+    stopping: AtomicBool,
+    threads: AtomicUsize,
+    engine: Engine,
+    connections: Arc<Connections>,
 }
 
 impl HttpServer {
@@ -88,26 +115,29 @@ impl HttpServer {
         // what tiny_http has accepted yet would see its SYNs dropped and
         // retried a second later. The kernel caps this at somaxconn.
         socket2::SockRef::from(&listener).listen(LISTEN_BACKLOG)?;
-        let acceptor = Arc::new(Mutex::new(serve_on(&listener)?));
+        let current = Arc::new(Mutex::new(serve_on(&listener)?));
+        let (events, heard) = crossbeam_channel::unbounded();
         let listening = connections::socket_inode(listener.as_raw_fd());
-        let watched = Arc::clone(&acceptor);
-        // Each janitor pass: a dead accept thread wakes the accept loop,
-        // which starts a new one.
+        let (watched, reports) = (Arc::clone(&current), events.clone());
+        // Each janitor pass: a dead accept thread is reported to the
+        // supervisor, which starts a new one.
         let connections = Connections::start(listener.local_addr()?, move || {
-            let mut acceptor = lock(&watched);
-            if acceptor.watched
-                && listening.is_some()
-                && connections::socket_inode(acceptor.fd) != listening
-            {
-                acceptor.watched = false;
-                acceptor.server.unblock();
+            let intake = Arc::clone(&lock(&watched));
+            if listening.is_some() && connections::socket_inode(intake.fd) != listening {
+                report_end(&reports, intake, "its accept thread ended".into());
             }
         });
         Ok(HttpServer {
             listener,
-            acceptor,
-            stopping: AtomicBool::new(false),
-            handlers: Arc::new(HandlerPool::new(Arc::new(engine), connections)),
+            handlers: Arc::new(Handlers {
+                current,
+                events,
+                stopping: AtomicBool::new(false),
+                threads: AtomicUsize::new(0),
+                engine,
+                connections,
+            }),
+            events: heard,
         })
     }
 
@@ -116,40 +146,40 @@ impl HttpServer {
         self.listener.local_addr()
     }
 
-    /// The accept loop: runs until [`HttpServer::stop`].
+    /// Serves requests until [`HttpServer::stop`]; the calling thread
+    /// supervises tiny_http's accept thread meanwhile.
     pub fn run(&self) {
+        let first = Arc::clone(&lock(&self.handlers.current));
+        Handlers::start_receiver(&self.handlers, &first);
         let mut started = Instant::now();
         let mut backoff = Duration::from_millis(100);
         loop {
-            let server = Arc::clone(&lock(&self.acceptor).server);
-            match server.recv() {
-                Ok(request) => self.handlers.accept(request),
-                Err(_) if self.stopping.load(Ordering::SeqCst) => return,
-                Err(error) => {
-                    // tiny_http's acceptor stops for good after an accept
-                    // error (e.g. out of file descriptors). Its open
-                    // connections still deliver requests to it, so it is
-                    // drained aside while a new acceptor takes over the
-                    // listening socket. Back off while acceptors keep dying.
-                    let reported = !std::mem::replace(&mut lock(&self.acceptor).watched, false);
-                    let why = if reported {
-                        "its accept thread ended".to_string()
-                    } else {
-                        error.to_string()
-                    };
-                    log::error!("HTTP acceptor stopped ({why}); starting a new acceptor");
-                    retire(server, Arc::clone(&self.handlers));
-                    backoff = if started.elapsed() < Duration::from_secs(10) {
-                        (backoff * 2).min(Duration::from_secs(2))
-                    } else {
-                        Duration::from_millis(100)
-                    };
-                    if !self.replace_acceptor(backoff) {
-                        return;
-                    }
-                    started = Instant::now();
-                }
+            let (intake, why) = match self.events.recv() {
+                Ok(Event::AcceptorEnded(intake, why)) => (intake, why),
+                Ok(Event::Stop) | Err(_) => return,
+            };
+            if self.handlers.stopping() {
+                return;
             }
+            if !Arc::ptr_eq(&intake, &lock(&self.handlers.current)) {
+                continue;
+            }
+            // tiny_http's acceptor stops for good after an accept error
+            // (e.g. out of file descriptors). Its open connections still
+            // deliver requests to it, so its receivers drain it while a new
+            // acceptor takes over the listening socket. Back off while
+            // acceptors keep dying.
+            log::error!("HTTP acceptor stopped ({why}); starting a new acceptor");
+            intake.retired.store(true, Ordering::SeqCst);
+            backoff = if started.elapsed() < Duration::from_secs(10) {
+                (backoff * 2).min(Duration::from_secs(2))
+            } else {
+                Duration::from_millis(100)
+            };
+            if !self.replace_acceptor(backoff) {
+                return;
+            }
+            started = Instant::now();
         }
     }
 
@@ -159,13 +189,15 @@ impl HttpServer {
             // Pacing retries against a persistent error, not synchronisation.
             std::thread::sleep(backoff);
             let fresh = serve_on(&self.listener);
-            let mut acceptor = lock(&self.acceptor);
-            if self.stopping.load(Ordering::SeqCst) {
+            let mut current = lock(&self.handlers.current);
+            if self.handlers.stopping() {
                 return false;
             }
             match fresh {
                 Ok(fresh) => {
-                    *acceptor = fresh;
+                    *current = Arc::clone(&fresh);
+                    drop(current);
+                    Handlers::start_receiver(&self.handlers, &fresh);
                     log::info!("HTTP acceptor restarted");
                     return true;
                 }
@@ -174,10 +206,16 @@ impl HttpServer {
         }
     }
 
-    /// Makes [`HttpServer::run`] return. Requests being handled still get their answer.
+    /// Makes [`HttpServer::run`] return and the receiving threads leave.
+    /// Requests being handled still get their answer.
     pub fn stop(&self) {
-        self.stopping.store(true, Ordering::SeqCst);
-        lock(&self.acceptor).server.unblock();
+        self.handlers.stopping.store(true, Ordering::SeqCst);
+        let _ = self.handlers.events.send(Event::Stop);
+        let current = Arc::clone(&lock(&self.handlers.current));
+        // Each wake-up ends one receiver's wait.
+        for _ in 0..self.handlers.threads.load(Ordering::SeqCst) {
+            current.server.unblock();
+        }
     }
 }
 
@@ -194,7 +232,7 @@ fn lock<T>(mutex: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
         .unwrap_or_else(|poisoned| poisoned.into_inner())
 }
 
-fn serve_on(listener: &TcpListener) -> std::io::Result<Acceptor> {
+fn serve_on(listener: &TcpListener) -> std::io::Result<Arc<Intake>> {
     let clone = listener.try_clone()?;
     let fd = clone.as_raw_fd();
     // tiny_http panics when the OS refuses it a thread.
@@ -203,119 +241,87 @@ fn serve_on(listener: &TcpListener) -> std::io::Result<Acceptor> {
     }))
     .map_err(|_| std::io::Error::other("tiny_http could not start its threads"))?
     .map_err(|error| std::io::Error::other(error.to_string()))?;
-    Ok(Acceptor {
-        server: Arc::new(server),
+    Ok(Arc::new(Intake {
+        server,
         fd,
-        watched: true,
-    })
+        receiving: AtomicUsize::new(0),
+        retired: AtomicBool::new(false),
+        reported: AtomicBool::new(false),
+    }))
 }
 
-/// Hands the requests that a dead acceptor's connections still deliver to
-/// the handlers, until it has been quiet for [`RETIRED_GRACE`].
-fn retire(server: Arc<Server>, handlers: Arc<HandlerPool>) {
-    let spawned = std::thread::Builder::new()
-        .name("http-retired".into())
-        .stack_size(256 * 1024)
-        .spawn(move || loop {
-            let waiting = Instant::now();
-            match server.recv_timeout(RETIRED_GRACE) {
-                Ok(Some(request)) => handlers.accept(request),
-                // An early `None` is a wake-up, not the end of the grace period.
-                Ok(None) if waiting.elapsed() < RETIRED_GRACE => {}
-                Ok(None) => return,
-                Err(error) => log::debug!("retired HTTP acceptor: {error}"),
-            }
-        });
-    if let Err(error) = spawned {
-        log::error!("cannot drain a retired HTTP acceptor: {error}");
+/// Tells the supervisor, once per intake, that its accept thread ended.
+fn report_end(events: &Sender<Event>, intake: Arc<Intake>, why: String) {
+    if !intake.reported.swap(true, Ordering::SeqCst) {
+        let _ = events.send(Event::AcceptorEnded(intake, why));
     }
 }
 
-/// Handler threads, started on demand so that every request gets a thread
-/// at once (a slow client holds only its own).
-struct HandlerPool {
-    sender: Sender<Request>,
-    receiver: Receiver<Request>,
-    /// Threads waiting for a request. Each dispatch takes one (or starts a
-    /// thread), so a dispatched request always finds a thread.
-    idle: Arc<AtomicUsize>,
-    threads: Arc<AtomicUsize>,
-    engine: Arc<Engine>,
-    connections: Arc<Connections>,
-}
-
-impl HandlerPool {
-    fn new(engine: Arc<Engine>, connections: Arc<Connections>) -> HandlerPool {
-        let (sender, receiver) = crossbeam_channel::unbounded();
-        HandlerPool {
-            sender,
-            receiver,
-            idle: Arc::new(AtomicUsize::new(0)),
-            threads: Arc::new(AtomicUsize::new(0)),
-            engine,
-            connections,
-        }
+impl Handlers {
+    fn stopping(&self) -> bool {
+        self.stopping.load(Ordering::SeqCst)
     }
 
-    /// A request's head is complete: note it and hand it to a handler.
-    fn accept(&self, request: Request) {
-        if let Some(peer) = request.remote_addr() {
-            self.connections.request_arrived(*peer);
+    /// Starts a thread receiving from `intake`, unless there are too many.
+    fn start_receiver(handlers: &Arc<Handlers>, intake: &Arc<Intake>) {
+        if handlers.threads.fetch_add(1, Ordering::SeqCst) >= MAX_HANDLERS {
+            handlers.threads.fetch_sub(1, Ordering::SeqCst);
+            return;
         }
-        self.dispatch(request);
-    }
-
-    fn dispatch(&self, request: Request) {
-        let took_idle = self
-            .idle
-            .fetch_update(Ordering::SeqCst, Ordering::SeqCst, |idle| {
-                idle.checked_sub(1)
-            })
-            .is_ok();
-        if !took_idle && self.threads.load(Ordering::SeqCst) < MAX_HANDLERS {
-            self.spawn();
-        }
-        // Unbounded: never blocks the accept loop.
-        let _ = self.sender.send(request);
-    }
-
-    fn spawn(&self) {
-        let receiver = self.receiver.clone();
-        let idle = Arc::clone(&self.idle);
-        let threads = Arc::clone(&self.threads);
-        let engine = Arc::clone(&self.engine);
-        let connections = Arc::clone(&self.connections);
-        threads.fetch_add(1, Ordering::SeqCst);
+        intake.receiving.fetch_add(1, Ordering::SeqCst);
+        let (shared, source) = (Arc::clone(handlers), Arc::clone(intake));
         let spawned = std::thread::Builder::new()
             .name("http".into())
             .stack_size(512 * 1024)
             .spawn(move || {
-                loop {
-                    match receiver.recv_timeout(HANDLER_IDLE) {
-                        Ok(request) => {
-                            handle(&engine, &connections, request);
-                            idle.fetch_add(1, Ordering::SeqCst);
-                        }
-                        Err(RecvTimeoutError::Timeout) => {
-                            // Leave only if still counted idle: otherwise a
-                            // request was dispatched to this thread's share.
-                            if idle
-                                .fetch_update(Ordering::SeqCst, Ordering::SeqCst, |n| {
-                                    n.checked_sub(1)
-                                })
-                                .is_ok()
-                            {
-                                break;
-                            }
-                        }
-                        Err(RecvTimeoutError::Disconnected) => break,
-                    }
-                }
-                threads.fetch_sub(1, Ordering::SeqCst);
+                shared.receive(&source);
+                shared.threads.fetch_sub(1, Ordering::SeqCst);
             });
         if let Err(error) = spawned {
-            self.threads.fetch_sub(1, Ordering::SeqCst);
+            intake.receiving.fetch_sub(1, Ordering::SeqCst);
+            handlers.threads.fetch_sub(1, Ordering::SeqCst);
             log::error!("cannot start an HTTP handler thread: {error}");
+        }
+    }
+
+    /// One handler thread: receive a request, make sure another thread is
+    /// receiving, answer it; until idle for long, retired and quiet, or stopping.
+    fn receive(self: &Arc<Handlers>, intake: &Arc<Intake>) {
+        let leave = || {
+            intake.receiving.fetch_sub(1, Ordering::SeqCst);
+        };
+        loop {
+            let retired = intake.retired.load(Ordering::SeqCst);
+            let patience = if retired { RETIRED_GRACE } else { HANDLER_IDLE };
+            let waiting = Instant::now();
+            match intake.server.recv_timeout(patience) {
+                Ok(Some(request)) => {
+                    if intake.receiving.fetch_sub(1, Ordering::SeqCst) == 1 {
+                        Handlers::start_receiver(self, intake);
+                    }
+                    if let Some(peer) = request.remote_addr() {
+                        self.connections.request_arrived(*peer);
+                    }
+                    handle(&self.engine, &self.connections, request);
+                    intake.receiving.fetch_add(1, Ordering::SeqCst);
+                }
+                // A wake-up from `stop`, or the wait ran out.
+                Ok(None) if self.stopping() => return leave(),
+                Ok(None) if waiting.elapsed() < patience => {}
+                Ok(None) if retired => return leave(),
+                Ok(None) => {
+                    // Leave only if another thread stays receiving.
+                    let others = intake.receiving.fetch_update(
+                        Ordering::SeqCst,
+                        Ordering::SeqCst,
+                        |receiving| (receiving > 1).then(|| receiving - 1),
+                    );
+                    if others.is_ok() {
+                        return;
+                    }
+                }
+                Err(error) => report_end(&self.events, Arc::clone(intake), error.to_string()),
+            }
         }
     }
 }
@@ -418,16 +424,19 @@ fn handle(engine: &Engine, connections: &Connections, mut request: Request) {
             response.add_header(header);
         }
     }
-    if let Some(header) = header("Cache-Control", CLOSE_AFTER_ANSWER) {
-        response.add_header(header);
+    // Answering drops the request, and tiny_http then discards what is
+    // left of the body by reading it: that is bounded below, and the
+    // connection closes after it.
+    let pending = body == Body::Abandoned || (body == Body::Unread && reads_socket);
+    if pending {
+        if let Some(header) = header("Cache-Control", CLOSE_AFTER_ANSWER) {
+            response.add_header(header);
+        }
     }
     let Some(peer) = request.remote_addr().copied() else {
         let _ = request.respond(response);
         return;
     };
-    // Answering drops the request, and tiny_http then discards what is
-    // left of the body by reading it: bound that first.
-    let pending = body == Body::Abandoned || (body == Body::Unread && reads_socket);
     let huge = pending && declared >= HUGE_BODY;
     if pending {
         if huge || expects_continue || body == Body::Abandoned || declared > LINGER_MAX_BYTES {
@@ -450,11 +459,7 @@ fn handle(engine: &Engine, connections: &Connections, mut request: Request) {
         log::debug!("HTTP answer not delivered: {error}");
     }
     drop(serial);
-    // The client was told to close. One that lingers is closed by the
-    // janitor's next pass (at most JANITOR_INTERVAL later), so it cannot
-    // hold one of tiny_http's threads for long while others wait. Closing it
-    // here would need a descriptor scan per request (half the accept rate).
-    connections.close_at(peer, Instant::now());
+    connections.answered(peer);
 }
 
 /// Closes a connection whose declared body is too large for tiny_http to
@@ -472,10 +477,8 @@ fn abandon(connections: &Connections, request: Request, peer: SocketAddr, declar
     );
 }
 
-/// One request per connection: tiny_http serves a keep-alive connection on
-/// one thread of its pool until the client leaves, and that pool queues a
-/// burst of new connections behind busy threads (a first answer could wait
-/// indefinitely). So every answer asks the client to close.
+/// Tells the client that the connection closes after this answer, when the
+/// rest of its request body is not read (SPEC: refused, then closed).
 ///
 /// tiny_http drops a `Connection` header set by the server (`add_header`
 /// ignores it), so it rides in the value of a harmless header; the text is
