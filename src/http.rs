@@ -10,7 +10,7 @@
 //! not limit on its connections is limited by [`crate::connections`].
 //! Connections are kept alive across requests unless a body was left unread.
 
-use std::io::{Cursor, ErrorKind};
+use std::io::{Cursor, ErrorKind, Read};
 use std::net::{SocketAddr, TcpListener};
 use std::os::fd::AsRawFd;
 use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
@@ -679,21 +679,12 @@ fn read_within(
     declared: Option<usize>,
 ) -> std::io::Result<Vec<u8>> {
     let mut content = Vec::with_capacity(declared.unwrap_or(0).min(64 * 1024));
-    let mut chunk = [0u8; 16 * 1024];
-    let reader = request.as_reader();
-    loop {
-        let room = limit.saturating_add(1).saturating_sub(content.len() as u64);
-        if room == 0 {
-            return Ok(content);
-        }
-        let wanted = chunk.len().min(usize::try_from(room).unwrap_or(usize::MAX));
-        match reader.read(&mut chunk[..wanted]) {
-            Ok(0) => return Ok(content),
-            Ok(read) => content.extend_from_slice(&chunk[..read]),
-            Err(error) if error.kind() == ErrorKind::Interrupted => {}
-            Err(error) => return Err(error),
-        }
-    }
+    // Straight into the vector: no zeroed buffer to copy through.
+    request
+        .as_reader()
+        .take(limit.saturating_add(1))
+        .read_to_end(&mut content)?;
+    Ok(content)
 }
 
 fn parse_request(exchange: &mut Exchange<'_>, request: &mut Request) -> Result<MailRequest, Reply> {

@@ -900,12 +900,61 @@ fn slowloris_and_idle_connections_are_cut_off() {
         }
         panic!("a slowloris client was never cut off");
     });
+    // A keep-alive connection that idles after its answer.
+    let mut kept = connect(child.address);
+    kept.write_all(b"GET /healthz HTTP/1.1\r\nHost: t\r\n\r\n")
+        .unwrap();
+    let mut kept = BufReader::new(kept);
+    assert_eq!(read_reply(&mut kept).code, 200);
+    let answered = Instant::now();
     assert_eq!(outcome(idle), None, "an idle connection is closed");
     let idle_closed = began.elapsed();
     let slow_closed = trickler.join().unwrap().duration_since(began);
-    println!("idle connection closed after {idle_closed:?}, slowloris after {slow_closed:?}");
+    let mut rest = Vec::new();
+    let kept_end = kept.read_to_end(&mut rest);
+    let kept_closed = answered.elapsed();
+    println!(
+        "idle connection closed after {idle_closed:?}, slowloris after {slow_closed:?}, \
+         idle keep-alive connection {kept_closed:?} after its answer"
+    );
     assert!(idle_closed >= Duration::from_secs(9), "{idle_closed:?}");
     assert!(slow_closed <= Duration::from_secs(15), "{slow_closed:?}");
+    assert!(
+        matches!(kept_end, Ok(0) | Err(_)) && rest.is_empty(),
+        "{kept_end:?}"
+    );
+    assert!(
+        kept_closed >= Duration::from_secs(9) && kept_closed <= Duration::from_secs(15),
+        "{kept_closed:?}"
+    );
+}
+
+#[test]
+fn a_long_keep_alive_session_is_not_mistaken_for_an_oversized_head() {
+    let _turn = light();
+    let mut child = child_in("long-session", &[]);
+    let padding = "p".repeat(4000);
+    let request = format!("GET /healthz HTTP/1.1\r\nHost: t\r\nX-Padding: {padding}\r\n\r\n");
+    let stream = connect(child.address);
+    let mut writer = stream.try_clone().unwrap();
+    let mut reader = BufReader::new(stream);
+    // Twice one head's limit in all (76 KiB), with pauses between requests
+    // so that the janitor's passes find the connection between requests.
+    let began = Instant::now();
+    let mut answered = 0;
+    while answered < 40 {
+        writer.write_all(request.as_bytes()).unwrap();
+        assert_eq!(read_reply(&mut reader).code, 200, "request {answered}");
+        answered += 1;
+        // A client's think time, not synchronisation.
+        std::thread::sleep(Duration::from_millis(25));
+    }
+    println!(
+        "{answered} requests ({} KiB of heads) on one connection in {:?}",
+        answered * request.len() / 1024,
+        began.elapsed()
+    );
+    alive(&mut child);
 }
 
 #[test]
