@@ -221,6 +221,8 @@ impl HttpServer {
 
 impl Drop for HttpServer {
     fn drop(&mut self) {
+        // The receiving threads would otherwise keep the port open.
+        self.stop();
         // Handler threads may outlive the server; its port may not stay ours.
         self.handlers.connections.stop();
     }

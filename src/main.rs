@@ -106,7 +106,7 @@ fn run(config: Config) -> ExitCode {
 }
 
 /// On SIGTERM or SIGINT: refuse new work (503), let deliveries in flight
-/// finish, keep the rest in the spool, then stop the accept loop.
+/// finish, keep the rest in the spool, then stop serving HTTP.
 fn watch_signals(engine: Engine, server: Arc<HttpServer>) -> std::io::Result<()> {
     use signal_hook::consts::{SIGINT, SIGTERM};
     let mut signals = signal_hook::iterator::Signals::new([SIGTERM, SIGINT])?;
