@@ -33,8 +33,9 @@ fn main() {
     let request = seed_request();
     let message = deliver::built(&request);
     println!(
-        "sink: benches/common/sink.rs, plain, {} ms per message; {per_worker} messages per worker per run; raw = the raw lettre loop with as many threads (at the workers' nice +5)",
-        delay.as_millis()
+        "sink: benches/common/sink.rs, plain, {} ms per message; {per_worker} messages per worker per run; raw = the raw lettre loop with as many threads (at the workers' nice +{})",
+        delay.as_millis(),
+        mailroom::WORKER_NICENESS
     );
     println!(
         "{:>7} {:>10} {:>9} {:>12} {:>10} {:>13}",

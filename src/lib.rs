@@ -46,5 +46,6 @@ pub mod transport;
 pub use config::{Config, ConfigError};
 pub use engine::{Accepted, Engine, Readiness, SendError, ShutdownReport, StartError, SubmitError};
 pub use message::{AttachmentRequest, MailRequest, MessageError, OutgoingMessage};
+pub use pool::WORKER_NICENESS;
 pub use status::{MessageStatus, State};
 pub use transport::{DeliveryError, FailureKind};

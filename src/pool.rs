@@ -24,8 +24,13 @@ const IDLE_CHECK: Duration = Duration::from_secs(5);
 /// steps). When the CPU is saturated, answering clients comes first and the
 /// queue absorbs the burst; deliveries catch up as soon as CPU is free. A
 /// relay that is not on this machine leaves the workers waiting on the
-/// network, where priority does not matter. See docs/performance.md.
-const WORKER_NICENESS: i32 = 5;
+/// network, where priority does not matter. At +15 a worker still gets a
+/// share of a saturated CPU (weight 36 against 1024 for a normal thread);
+/// at +5 the accept bench's p99 with 32 clients was ~11.5 ms instead of
+/// ~8.5 ms. The cost: a worker preempted while it holds the status lock
+/// stalls the HTTP threads waiting for it longer (max latency up to
+/// ~150 ms instead of ~80 ms in that bench). See docs/performance.md.
+pub const WORKER_NICENESS: i32 = 15;
 
 /// The outcome sent back to a `send_and_wait` caller.
 pub(crate) type Outcome = Result<Delivered, DeliveryError>;
