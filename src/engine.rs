@@ -195,6 +195,31 @@ pub struct Engine {
     threads: Arc<Mutex<Threads>>,
 }
 
+/// A claimed idempotency key until its request is accepted: dropped
+/// unsettled (a refusal, or a panic), it releases the key, so a repeat
+/// waiting for the outcome never waits forever.
+struct KeyClaimGuard<'a> {
+    status: &'a StatusStore,
+    key: Option<&'a str>,
+}
+
+impl KeyClaimGuard<'_> {
+    /// The request was accepted as `id`.
+    fn settle(mut self, id: &str) {
+        if let Some(key) = self.key.take() {
+            self.status.settle_idempotency_key(key, id);
+        }
+    }
+}
+
+impl Drop for KeyClaimGuard<'_> {
+    fn drop(&mut self) {
+        if let Some(key) = self.key {
+            self.status.release_idempotency_key(key);
+        }
+    }
+}
+
 impl Engine {
     /// Starts the workers and the retry scheduler, and re-queues what the
     /// spool holds from an earlier run.
@@ -232,7 +257,9 @@ impl Engine {
         for record in recovered.dead {
             shared.status.put(status_of(&record, State::Failed));
             if let Some(key) = &record.idempotency_key {
-                shared.status.claim_idempotency_key(key, &record.message.id);
+                shared
+                    .status
+                    .restore_idempotency_key(key, &record.message.id);
             }
         }
         let pending = recovered.pending.len();
@@ -245,7 +272,9 @@ impl Engine {
             };
             shared.status.put(status_of(&record, state));
             if let Some(key) = &record.idempotency_key {
-                shared.status.claim_idempotency_key(key, &record.message.id);
+                shared
+                    .status
+                    .restore_idempotency_key(key, &record.message.id);
             }
             shared.held.fetch_add(1, Ordering::SeqCst);
             let job = Job {
@@ -308,6 +337,10 @@ impl Engine {
             .build(shared.config.allowed_senders.as_deref())
             .map_err(SubmitError::Invalid)?;
         let id = message.id.clone();
+        let mut claim = KeyClaimGuard {
+            status: &shared.status,
+            key: None,
+        };
         if let Some(key) = idempotency_key {
             if let KeyClaim::Existing(first) = shared.status.claim_idempotency_key(key, &id) {
                 return Ok(Accepted {
@@ -315,14 +348,9 @@ impl Engine {
                     repeated: true,
                 });
             }
+            claim.key = Some(key);
         }
-        let release_key = || {
-            if let Some(key) = idempotency_key {
-                shared.status.release_idempotency_key(key);
-            }
-        };
         if !shared.reserve() {
-            release_key();
             return Err(SubmitError::Full);
         }
         let job = Job {
@@ -334,14 +362,11 @@ impl Engine {
         };
         if let Err(error) = shared.spool.store(&job.spool_record(None, None)) {
             shared.finish();
-            release_key();
             log::error!("message {id}: refused, the spool cannot be written: {error}");
             return Err(SubmitError::Spool(error));
         }
         shared.status.put(new_status(&id, job.created_at));
-        if let Some(key) = idempotency_key {
-            shared.status.attach_idempotency_key(key, &id);
-        }
+        claim.settle(&id);
         shared.metrics.message_accepted();
         log::info!("message {id}: queued");
         enqueue(shared, job, Instant::now());

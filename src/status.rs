@@ -4,7 +4,7 @@
 //! messages pass through.
 
 use std::collections::{HashMap, VecDeque};
-use std::sync::Mutex;
+use std::sync::{Condvar, Mutex};
 use std::time::{SystemTime, UNIX_EPOCH};
 
 use serde::{Deserialize, Serialize};
@@ -87,13 +87,23 @@ struct Inner {
     entries: HashMap<String, Entry>,
     /// Finished ids, oldest first; the front is forgotten beyond retention.
     finished: VecDeque<String>,
-    idempotency: HashMap<String, String>,
+    idempotency: HashMap<String, KeyBinding>,
+}
+
+/// The message an idempotency key belongs to.
+struct KeyBinding {
+    id: String,
+    /// False while the request that claimed the key is still being
+    /// accepted: it may yet be refused, and then the key is free again.
+    settled: bool,
 }
 
 /// Outcome of [`StatusStore::claim_idempotency_key`].
 #[derive(Debug, PartialEq, Eq)]
 pub enum KeyClaim {
-    /// The key is new and now belongs to the given id.
+    /// The key is new and now belongs to the given id, until
+    /// [`StatusStore::settle_idempotency_key`] or
+    /// [`StatusStore::release_idempotency_key`] says how its request ended.
     Claimed,
     /// The key was used before, by this id.
     Existing(String),
@@ -102,6 +112,8 @@ pub enum KeyClaim {
 /// All statuses, behind one lock (each operation is a few map lookups).
 pub struct StatusStore {
     inner: Mutex<Inner>,
+    /// Signalled when a claimed idempotency key is settled or released.
+    keys_decided: Condvar,
     retention: usize,
 }
 
@@ -110,6 +122,7 @@ impl StatusStore {
     pub fn new(retention: usize) -> StatusStore {
         StatusStore {
             inner: Mutex::new(Inner::default()),
+            keys_decided: Condvar::new(),
             retention,
         }
     }
@@ -190,22 +203,62 @@ impl StatusStore {
     }
 
     /// Binds an idempotency key to `id` unless the key is already bound.
+    /// While another request holding the key is still being accepted, waits
+    /// for its outcome, so a repeat never answers with the id of a request
+    /// that is then refused.
     pub fn claim_idempotency_key(&self, key: &str, id: &str) -> KeyClaim {
         let mut inner = self.lock();
-        if let Some(existing) = inner.idempotency.get(key) {
-            return KeyClaim::Existing(existing.clone());
+        loop {
+            match inner.idempotency.get(key) {
+                Some(binding) if binding.settled => return KeyClaim::Existing(binding.id.clone()),
+                Some(_) => {
+                    inner = self
+                        .keys_decided
+                        .wait(inner)
+                        .unwrap_or_else(|poisoned| poisoned.into_inner());
+                }
+                None => break,
+            }
         }
-        inner.idempotency.insert(key.to_string(), id.to_string());
+        inner.idempotency.insert(
+            key.to_string(),
+            KeyBinding {
+                id: id.to_string(),
+                settled: false,
+            },
+        );
         if let Some(entry) = inner.entries.get_mut(id) {
             entry.idempotency_key = Some(key.to_string());
         }
         KeyClaim::Claimed
     }
 
-    /// Attaches a claimed key to its entry once that entry exists, so the
-    /// key is forgotten with it.
-    pub fn attach_idempotency_key(&self, key: &str, id: &str) {
-        if let Some(entry) = self.lock().entries.get_mut(id) {
+    /// The request that claimed `key` was accepted as `id` (or recovered
+    /// from the spool): repeats now get `id`, and the key is forgotten with
+    /// its entry.
+    pub fn settle_idempotency_key(&self, key: &str, id: &str) {
+        let mut inner = self.lock();
+        if let Some(binding) = inner.idempotency.get_mut(key) {
+            binding.settled = true;
+        }
+        if let Some(entry) = inner.entries.get_mut(id) {
+            entry.idempotency_key = Some(key.to_string());
+        }
+        drop(inner);
+        self.keys_decided.notify_all();
+    }
+
+    /// Binds a key recovered from the spool to its message, settled.
+    pub fn restore_idempotency_key(&self, key: &str, id: &str) {
+        let mut inner = self.lock();
+        inner
+            .idempotency
+            .entry(key.to_string())
+            .or_insert_with(|| KeyBinding {
+                id: id.to_string(),
+                settled: true,
+            });
+        if let Some(entry) = inner.entries.get_mut(id) {
             entry.idempotency_key = Some(key.to_string());
         }
     }
@@ -213,6 +266,7 @@ impl StatusStore {
     /// Releases a key whose request was not accepted after all.
     pub fn release_idempotency_key(&self, key: &str) {
         self.lock().idempotency.remove(key);
+        self.keys_decided.notify_all();
     }
 
     /// Forgets a message entirely (a request refused after its entry was made).
@@ -333,6 +387,7 @@ mod tests {
         let store = StatusStore::new(1);
         store.put(status("a", State::Queued));
         assert_eq!(store.claim_idempotency_key("k", "a"), KeyClaim::Claimed);
+        store.settle_idempotency_key("k", "a");
         assert_eq!(
             store.claim_idempotency_key("k", "b"),
             KeyClaim::Existing("a".into())
@@ -340,5 +395,32 @@ mod tests {
         store.put(status("a", State::Sent));
         store.put(status("b", State::Sent));
         assert_eq!(store.claim_idempotency_key("k", "c"), KeyClaim::Claimed);
+    }
+
+    /// A repeat arriving while the first request is still being accepted
+    /// gets that request's outcome: its id once accepted, the key itself
+    /// if it was refused. (Either order of the two threads must give this.)
+    #[test]
+    fn a_repeat_waits_for_the_first_request_outcome() {
+        for accepted in [true, false] {
+            let store = std::sync::Arc::new(StatusStore::new(10));
+            assert_eq!(store.claim_idempotency_key("k", "a"), KeyClaim::Claimed);
+            let repeat = {
+                let store = std::sync::Arc::clone(&store);
+                std::thread::spawn(move || store.claim_idempotency_key("k", "b"))
+            };
+            if accepted {
+                store.put(status("a", State::Queued));
+                store.settle_idempotency_key("k", "a");
+            } else {
+                store.release_idempotency_key("k");
+            }
+            let expected = if accepted {
+                KeyClaim::Existing("a".into())
+            } else {
+                KeyClaim::Claimed
+            };
+            assert_eq!(repeat.join().unwrap(), expected);
+        }
     }
 }
