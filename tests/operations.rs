@@ -3,7 +3,7 @@
 
 mod common;
 
-use std::io::{BufReader, Read, Write};
+use std::io::{BufReader, ErrorKind, Read, Write};
 use std::net::{SocketAddr, TcpStream};
 use std::path::Path;
 use std::process::{Command, Output};
@@ -88,7 +88,7 @@ fn slowest_of_normal_posts(address: SocketAddr, count: usize) -> Duration {
 }
 
 fn rss_kib(pid: u32) -> u64 {
-    memory_kib(pid, "VmRSS")
+    status_number(pid, "VmRSS")
 }
 
 fn alive(child: &mut ChildService) {
@@ -102,7 +102,7 @@ fn alive(child: &mut ChildService) {
 }
 
 /// A `/proc/<pid>/status` figure in KiB: `VmRSS` now, `VmHWM` at its peak.
-fn memory_kib(pid: u32, field: &str) -> u64 {
+fn status_number(pid: u32, field: &str) -> u64 {
     std::fs::read_to_string(format!("/proc/{pid}/status"))
         .unwrap()
         .lines()
@@ -881,6 +881,79 @@ fn idle_and_slowloris_connections_do_not_delay_a_normal_request() {
     alive(&mut child);
 }
 
+/// A connection whose client reads nothing and keeps its receive buffer
+/// tiny, so that the service's answers soon fill the socket.
+fn connect_not_reading(address: SocketAddr) -> TcpStream {
+    let socket = socket2::Socket::new(socket2::Domain::IPV4, socket2::Type::STREAM, None).unwrap();
+    socket.set_recv_buffer_size(4096).unwrap();
+    socket.connect(&address.into()).unwrap();
+    let stream: TcpStream = socket.into();
+    stream
+        .set_write_timeout(Some(Duration::from_secs(30)))
+        .unwrap();
+    stream
+}
+
+#[test]
+fn clients_that_stop_reading_their_answers_do_not_delay_a_normal_request() {
+    let _heavy = heavy();
+    let mut child = child_in("unread-answers", &[]);
+    // Each connection asks for 30 metrics pages at once and reads none.
+    // More such connections than the handlers started for quick requests.
+    let pipelined = b"GET /metrics HTTP/1.1\r\nHost: t\r\n\r\n".repeat(30);
+    let stalled: Vec<TcpStream> = (0..16)
+        .map(|_| {
+            let mut stream = connect_not_reading(child.address);
+            stream.write_all(&pipelined).unwrap();
+            stream
+        })
+        .collect();
+    let slowest = slowest_of_normal_posts(child.address, 5);
+    println!("16 connections not reading their answers: slowest normal POST {slowest:?}");
+    assert!(slowest < ONE_SECOND, "{slowest:?}");
+    drop(stalled);
+    alive(&mut child);
+}
+
+#[test]
+fn a_connection_pipelining_without_end_is_closed_and_holds_one_thread() {
+    let _heavy = heavy();
+    let mut child = child_in("pipelining", &[]);
+    let threads_before = status_number(child.child.id(), "Threads");
+    let flood = b"GET /healthz HTTP/1.1\r\nHost: t\r\n\r\n".repeat(100_000);
+    let flooder = {
+        let address = child.address;
+        std::thread::spawn(move || {
+            let mut stream = connect_not_reading(address);
+            // Fails if the service closes the connection first.
+            let _ = stream.write_all(&flood);
+            // The answers given before the service closed it, then the end.
+            let mut answers = Vec::new();
+            let end = BufReader::new(stream).read_to_end(&mut answers);
+            let count = answers.windows(8).filter(|w| w == b"HTTP/1.1").count();
+            (end.map_err(|error| error.kind()), count)
+        })
+    };
+    let slowest = slowest_of_normal_posts(child.address, 5);
+    let (end, answered) = flooder.join().unwrap();
+    let threads_after = status_number(child.child.id(), "Threads");
+    println!(
+        "a pipelining flood: {answered} of 100000 answered, then {end:?}; slowest normal POST \
+         {slowest:?}; threads {threads_before} -> {threads_after}"
+    );
+    assert!(
+        !matches!(end, Err(ErrorKind::WouldBlock | ErrorKind::TimedOut)),
+        "the flooding connection was never closed"
+    );
+    assert!(answered < 1000, "{answered}");
+    assert!(slowest < ONE_SECOND, "{slowest:?}");
+    assert!(
+        threads_after < threads_before + 20,
+        "{threads_before} -> {threads_after}"
+    );
+    alive(&mut child);
+}
+
 #[test]
 fn slowloris_and_idle_connections_are_cut_off() {
     let _heavy = heavy();
@@ -1055,7 +1128,7 @@ fn a_2_mb_header_line_neither_crashes_nor_bloats_the_process() {
         sent += chunk.len();
     }
     assert_eq!(outcome(stream), None, "closed by the service");
-    let peak = memory_kib(child.child.id(), "VmHWM");
+    let peak = status_number(child.child.id(), "VmHWM");
     alive(&mut child);
     let after = rss_kib(child.child.id());
     println!(
