@@ -416,36 +416,36 @@ impl Handlers {
     fn answer_in_order(&self, request: Request, may_block: &dyn Fn()) {
         let peer = request.remote_addr().copied();
         let mut next = Some(request);
+        let mut closed = false;
         while let Some(request) = next {
-            let lane_closed = || {
-                peer.is_some_and(|peer| {
-                    lock(&self.lanes).get(&peer).is_some_and(|lane| lane.closed)
-                })
-            };
-            if lane_closed() {
+            if closed {
                 // Unanswered: tiny_http's attempt at a 500 fails on the closed socket.
                 drop(request);
             } else {
                 if let Some(peer) = peer {
                     self.connections.request_arrived(peer);
                 }
-                let written = handle(&self.engine, &self.connections, may_block, request);
-                if let (false, Some(peer)) = (written, peer) {
+                if !handle(&self.engine, &self.connections, may_block, request) {
                     // Nothing more can be written to it in order.
-                    if let Some(lane) = lock(&self.lanes).get_mut(&peer) {
-                        lane.closed = true;
+                    closed = true;
+                    if let Some(peer) = peer {
+                        self.connections.finish(peer);
                     }
-                    self.connections.finish(peer);
                 }
             }
-            next = peer.and_then(|peer| {
-                let mut lanes = lock(&self.lanes);
-                let following = lanes.get_mut(&peer)?.queued.pop_front();
-                if following.is_none() {
-                    lanes.remove(&peer);
-                }
-                following
-            });
+            let Some(peer) = peer else {
+                return;
+            };
+            let mut lanes = lock(&self.lanes);
+            let Some(lane) = lanes.get_mut(&peer) else {
+                return;
+            };
+            closed |= lane.closed;
+            lane.closed = closed;
+            next = lane.queued.pop_front();
+            if next.is_none() {
+                lanes.remove(&peer);
+            }
         }
     }
 }
