@@ -225,7 +225,8 @@ impl Engine {
     /// spool holds from an earlier run.
     pub fn start(config: Config) -> Result<Engine, StartError> {
         let factory = TransportFactory::new(&config.relay).map_err(StartError::Transport)?;
-        let (spool, recovered) = Spool::open(&config.spool).map_err(StartError::Spool)?;
+        let (spool, recovered) =
+            Spool::open(&config.spool, config.status_retention).map_err(StartError::Spool)?;
         if config.spool == SpoolSetting::Memory {
             log::warn!("MAILROOM_SPOOL_DIR=none: accepted messages live in memory only and are lost if the process stops");
         }
@@ -254,6 +255,31 @@ impl Engine {
             config,
         });
 
+        // Delivered messages first (the oldest finished), unless the journal
+        // still holds them (sent again after a crash between the two writes).
+        let unfinished: std::collections::HashSet<String> = recovered
+            .pending
+            .iter()
+            .chain(&recovered.dead)
+            .map(|record| record.message.id.clone())
+            .collect();
+        for sent in recovered.sent {
+            if unfinished.contains(&sent.id) {
+                continue;
+            }
+            shared.status.put(MessageStatus {
+                id: sent.id.clone(),
+                state: State::Sent,
+                attempts: sent.attempts,
+                last_error: sent.last_error,
+                created_at: from_millis(sent.created_at_ms),
+                updated_at: from_millis(sent.updated_at_ms),
+                next_attempt_at: None,
+            });
+            if let Some(key) = &sent.idempotency_key {
+                shared.status.restore_idempotency_key(key, &sent.id);
+            }
+        }
         for record in recovered.dead {
             shared.status.put(status_of(&record, State::Failed));
             if let Some(key) = &record.idempotency_key {

@@ -13,7 +13,7 @@ use crate::engine::Shared;
 use crate::message::OutgoingMessage;
 use crate::metrics::AttemptResult;
 use crate::retry::backoff;
-use crate::spool::{to_millis, SpoolRecord};
+use crate::spool::{to_millis, SentRecord, SpoolRecord};
 use crate::status::State;
 use crate::transport::{Delivered, DeliveryError, FailureKind, Transport};
 
@@ -207,6 +207,14 @@ fn deliver(shared: &Shared, transport: &mut Transport, mut job: Job) {
                 if let Err(error) = shared.spool.remove(&id) {
                     log::error!("message {id}: sent but not removed from the spool ({error}); it may be sent again after a restart");
                 }
+                shared.spool.remember_sent(&SentRecord {
+                    id: id.clone(),
+                    attempts: attempt,
+                    created_at_ms: to_millis(job.created_at),
+                    updated_at_ms: to_millis(SystemTime::now()),
+                    last_error: last_error.clone(),
+                    idempotency_key: job.idempotency_key.clone(),
+                });
             }
             shared.status.update(&id, |status| {
                 status.state = State::Sent;

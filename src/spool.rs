@@ -10,6 +10,7 @@
 //! - `dead/<id>.json`: a permanently failed message (a dead letter).
 //! - `corrupt/`: data that could not be read at start, set aside.
 //! - `tmp/`: dead letters being written; leftovers are removed at start.
+//! - `sent.log`, `sent.old`: delivered messages, for their status (see `sent`).
 //! - `lock`: locked (flock) by the process using the spool.
 //!
 //! Recovery reads every segment in order and replays it (the last record
@@ -21,6 +22,7 @@
 
 mod committer;
 mod frame;
+mod sent;
 
 use std::collections::HashMap;
 use std::fs::{self, File};
@@ -36,6 +38,8 @@ use crate::config::SpoolSetting;
 use crate::message::{random_u64, OutgoingMessage};
 use committer::{segment_name, segment_number, sync_directory, Change, Committer, Queue};
 use frame::Piece;
+use sent::SentLog;
+pub use sent::SentRecord;
 
 /// A segment is sealed and a new one started beyond this size.
 const SEGMENT_BYTES: u64 = 16 << 20;
@@ -78,6 +82,8 @@ pub struct Recovered {
     pub pending: Vec<SpoolRecord>,
     /// Dead letters, for the status endpoint.
     pub dead: Vec<SpoolRecord>,
+    /// Delivered messages, the latest first-kept ones, oldest first.
+    pub sent: Vec<SentRecord>,
     /// Pieces of data (byte runs, files) set aside into `corrupt/`.
     pub corrupt: usize,
 }
@@ -105,6 +111,7 @@ pub struct Spool {
 struct Journal {
     directory: PathBuf,
     queue: Arc<Queue>,
+    sent: SentLog,
     committer: Option<JoinHandle<()>>,
     /// Held while the spool is open (released when closed, or when the process dies).
     _lock: File,
@@ -121,17 +128,26 @@ impl Drop for Journal {
 }
 
 impl Spool {
-    /// Opens (creating if needed) the spool and reads what it holds.
-    pub fn open(setting: &SpoolSetting) -> io::Result<(Spool, Recovered)> {
+    /// Opens (creating if needed) the spool and reads what it holds,
+    /// remembering at least `sent_kept` delivered messages.
+    pub fn open(setting: &SpoolSetting, sent_kept: usize) -> io::Result<(Spool, Recovered)> {
         match setting {
-            SpoolSetting::Directory(directory) => Spool::open_directory(directory, SEGMENT_BYTES),
+            SpoolSetting::Directory(directory) => {
+                Spool::open_directory(directory, SEGMENT_BYTES, sent_kept)
+            }
             SpoolSetting::Memory => Ok((Spool { journal: None }, Recovered::default())),
         }
     }
 
-    fn open_directory(directory: &Path, segment_bytes: u64) -> io::Result<(Spool, Recovered)> {
+    fn open_directory(
+        directory: &Path,
+        segment_bytes: u64,
+        sent_kept: usize,
+    ) -> io::Result<(Spool, Recovered)> {
         let lock = lock_directory(directory)?;
-        let (committer, recovered) = recover(directory, segment_bytes)?;
+        let (committer, mut recovered) = recover(directory, segment_bytes)?;
+        let (sent, found) = SentLog::open(directory, sent_kept)?;
+        recovered.sent = found;
         let queue = Arc::new(Queue::default());
         let committer_queue = Arc::clone(&queue);
         let committer = std::thread::Builder::new()
@@ -140,6 +156,7 @@ impl Spool {
         let journal = Journal {
             directory: directory.to_path_buf(),
             queue,
+            sent,
             committer: Some(committer),
             _lock: lock,
         };
@@ -175,6 +192,19 @@ impl Spool {
                 journal.commit(&EntryRef::Remove { id }, Change::Remove(id.to_string()))
             }
             None => Ok(()),
+        }
+    }
+
+    /// Remembers a delivered message (after [`Spool::remove`]); not
+    /// fsync'd, and a failure only costs its status after a restart.
+    pub fn remember_sent(&self, record: &SentRecord) {
+        if let Some(journal) = &self.journal {
+            if let Err(error) = journal.sent.append(record) {
+                log::warn!(
+                    "message {}: sent, but not remembered in the spool ({error}); its status is lost at a restart",
+                    record.id
+                );
+            }
         }
     }
 
@@ -447,7 +477,7 @@ mod tests {
     const TEST_SEGMENT_BYTES: u64 = 64 << 10;
 
     fn open(directory: &Path) -> (Spool, Recovered) {
-        Spool::open_directory(directory, TEST_SEGMENT_BYTES).unwrap()
+        Spool::open_directory(directory, TEST_SEGMENT_BYTES, 100).unwrap()
     }
 
     fn pending_ids(recovered: &Recovered) -> Vec<String> {
@@ -493,7 +523,7 @@ mod tests {
     fn one_process_at_a_time() {
         let directory = empty_directory("lock");
         let (spool, _) = open(&directory);
-        let error = Spool::open_directory(&directory, TEST_SEGMENT_BYTES)
+        let error = Spool::open_directory(&directory, TEST_SEGMENT_BYTES, 100)
             .err()
             .expect("a second open is refused");
         assert!(error.to_string().contains("in use"), "{error}");
@@ -623,7 +653,7 @@ mod tests {
     #[test]
     fn finished_segments_are_deleted_and_pinned_records_copied_forward() {
         let directory = empty_directory("compact");
-        let (spool, _) = Spool::open_directory(&directory, 2048).unwrap();
+        let (spool, _) = Spool::open_directory(&directory, 2048, 100).unwrap();
         spool.store(&record("pinned", 0)).unwrap();
         for round in 0..300 {
             let id = format!("m{round}");

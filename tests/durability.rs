@@ -338,6 +338,48 @@ fn dead_letters_stay_readable_after_a_restart() {
 }
 
 #[test]
+fn sent_statuses_and_their_idempotency_keys_survive_a_restart() {
+    let relay = TestRelay::plain();
+    let directory = temp_dir("sent-kept");
+    let spool = directory.join("spool");
+    let env = variables(&relay.url(), &spool, &[]);
+    let mut service = ChildService::start(&directory, &env);
+    let body = seed_body("user@example.org", "delivered before the restart");
+    let headers = [("Idempotency-Key", "sent-before-restart")];
+    let reply = request(
+        service.address,
+        "POST",
+        "/api/mail",
+        &headers,
+        body.as_bytes(),
+    );
+    assert_eq!(reply.code, 202);
+    let id = reply.id();
+    wait_for_status(service.address, &id, "sent");
+    let before = status(service.address, &id);
+    service.kill_hard();
+
+    let restarted = ChildService::start(&directory, &env);
+    let after = status(restarted.address, &id);
+    assert_eq!(after["status"], "sent", "{after}");
+    for field in ["attempts", "created_at", "last_error", "next_attempt_at"] {
+        assert_eq!(after[field], before[field], "{field}: {before} / {after}");
+    }
+    // A client retrying after the restart gets the same id, and nothing is
+    // sent twice.
+    let repeat = request(
+        restarted.address,
+        "POST",
+        "/api/mail",
+        &headers,
+        body.as_bytes(),
+    );
+    assert_eq!(repeat.code, 202, "{}", repeat.body_text());
+    assert_eq!(repeat.id(), id);
+    assert_eq!(relay.received().len(), 1);
+}
+
+#[test]
 fn notify_socket_gets_ready_then_stopping() {
     let relay = TestRelay::plain();
     let directory = temp_dir("notify");

@@ -1,0 +1,177 @@
+//! Delivered messages, remembered across restarts so that their status
+//! stays readable and a repeated `Idempotency-Key` still finds them.
+//!
+//! Two files of JSON lines in the spool directory: `sent.log`, appended to,
+//! and `sent.old`; when `sent.log` holds `kept` lines it replaces
+//! `sent.old`, so between `kept` and `2 × kept` of the latest are on disk.
+//! Appends are not fsync'd: the messages are delivered already, and a crash
+//! can at worst forget the last few (their status reads 404 afterwards).
+
+use std::fs::{self, File};
+use std::io::{self, BufRead, BufReader, Write};
+use std::path::{Path, PathBuf};
+use std::sync::Mutex;
+
+use serde::{Deserialize, Serialize};
+
+/// What is kept of a delivered message.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct SentRecord {
+    pub id: String,
+    /// Attempts it took.
+    pub attempts: u32,
+    /// Acceptance time, milliseconds since the Unix epoch.
+    pub created_at_ms: u64,
+    /// Delivery time, milliseconds since the Unix epoch.
+    pub updated_at_ms: u64,
+    /// Recipients the relay refused, if any.
+    pub last_error: Option<String>,
+    /// The client's `Idempotency-Key`.
+    pub idempotency_key: Option<String>,
+}
+
+/// The open `sent.log`.
+pub struct SentLog {
+    directory: PathBuf,
+    kept: usize,
+    current: Mutex<Current>,
+}
+
+struct Current {
+    file: File,
+    lines: usize,
+}
+
+impl SentLog {
+    /// Opens the log in `directory`, keeping at least `kept` records; returns
+    /// the latest `kept` records found, oldest first.
+    pub fn open(directory: &Path, kept: usize) -> io::Result<(SentLog, Vec<SentRecord>)> {
+        let kept = kept.max(1);
+        let (old, _) = read_lines(&directory.join("sent.old"))?;
+        let (mut records, lines) = read_lines(&directory.join("sent.log"))?;
+        let mut all = old;
+        all.append(&mut records);
+        let skip = all.len().saturating_sub(kept);
+        all.drain(..skip);
+        let mut file = File::options()
+            .create(true)
+            .append(true)
+            .read(true)
+            .open(directory.join("sent.log"))?;
+        // A line cut short by a crash is ended, so the next one stays whole.
+        if ends_unterminated(&mut file)? {
+            file.write_all(b"\n")?;
+        }
+        let log = SentLog {
+            directory: directory.to_path_buf(),
+            kept,
+            current: Mutex::new(Current { file, lines }),
+        };
+        Ok((log, all))
+    }
+
+    /// Appends a record; rotates the files when `sent.log` is full.
+    pub fn append(&self, record: &SentRecord) -> io::Result<()> {
+        let mut line = serde_json::to_vec(record).map_err(io::Error::other)?;
+        line.push(b'\n');
+        let mut current = self
+            .current
+            .lock()
+            .unwrap_or_else(|poisoned| poisoned.into_inner());
+        current.file.write_all(&line)?;
+        current.lines += 1;
+        if current.lines >= self.kept {
+            fs::rename(
+                self.directory.join("sent.log"),
+                self.directory.join("sent.old"),
+            )?;
+            current.file = File::options()
+                .create(true)
+                .append(true)
+                .open(self.directory.join("sent.log"))?;
+            current.lines = 0;
+        }
+        Ok(())
+    }
+}
+
+/// True when the file is not empty and its last byte is not a line end.
+fn ends_unterminated(file: &mut File) -> io::Result<bool> {
+    use std::io::{Read, Seek, SeekFrom};
+    if file.metadata()?.len() == 0 {
+        return Ok(false);
+    }
+    file.seek(SeekFrom::End(-1))?;
+    let mut last = [0u8; 1];
+    file.read_exact(&mut last)?;
+    Ok(last[0] != b'\n')
+}
+
+/// The records of one file, and how many lines it has. A line that does not
+/// parse (a write cut short by a crash) is skipped.
+fn read_lines(path: &Path) -> io::Result<(Vec<SentRecord>, usize)> {
+    let file = match File::open(path) {
+        Ok(file) => file,
+        Err(error) if error.kind() == io::ErrorKind::NotFound => return Ok((Vec::new(), 0)),
+        Err(error) => return Err(error),
+    };
+    let mut records = Vec::new();
+    let mut lines = 0;
+    for line in BufReader::new(file).split(b'\n') {
+        let line = line?;
+        lines += 1;
+        match serde_json::from_slice(&line) {
+            Ok(record) => records.push(record),
+            Err(error) => log::warn!(
+                "spool: line {lines} of {} is unreadable ({error}); skipped",
+                path.display()
+            ),
+        }
+    }
+    Ok((records, lines))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::{SentLog, SentRecord};
+
+    fn record(id: &str) -> SentRecord {
+        SentRecord {
+            id: id.into(),
+            attempts: 1,
+            created_at_ms: 1,
+            updated_at_ms: 2,
+            last_error: None,
+            idempotency_key: Some(format!("key-{id}")),
+        }
+    }
+
+    #[test]
+    fn keeps_the_latest_across_reopening_and_rotation() {
+        let directory =
+            std::env::temp_dir().join(format!("mailroom-sent-log-{}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&directory);
+        std::fs::create_dir_all(&directory).unwrap();
+        let (log, found) = SentLog::open(&directory, 3).unwrap();
+        assert!(found.is_empty());
+        for id in ["a", "b", "c", "d", "e"] {
+            log.append(&record(id)).unwrap();
+        }
+        drop(log);
+        // A torn last line is skipped.
+        std::fs::OpenOptions::new()
+            .append(true)
+            .open(directory.join("sent.log"))
+            .and_then(|mut file| std::io::Write::write_all(&mut file, b"{\"id\":\"f\",\"att"))
+            .unwrap();
+        let (log, found) = SentLog::open(&directory, 3).unwrap();
+        let ids: Vec<&str> = found.iter().map(|record| record.id.as_str()).collect();
+        assert_eq!(ids, ["c", "d", "e"]);
+        assert_eq!(found[2], record("e"));
+        log.append(&record("g")).unwrap();
+        let (_, found) = SentLog::open(&directory, 3).unwrap();
+        let ids: Vec<&str> = found.iter().map(|record| record.id.as_str()).collect();
+        assert_eq!(ids, ["d", "e", "g"]);
+        let _ = std::fs::remove_dir_all(&directory);
+    }
+}
