@@ -462,7 +462,8 @@ mod tests {
         }
     }
 
-    fn empty_directory(name: &str) -> PathBuf {
+    /// A fresh directory for one test (also used by `sent`'s tests).
+    pub(super) fn empty_directory(name: &str) -> PathBuf {
         let directory = std::env::temp_dir().join(format!(
             "mailroom-spool-{}-{name}-{:x}",
             std::process::id(),

@@ -293,16 +293,27 @@ fn retry_schedule_survives_a_restart() {
     assert!(relay.received().is_empty());
 }
 
-#[test]
-fn dead_letters_stay_readable_after_a_restart() {
-    let relay = TestRelay::plain();
-    relay.refuse_recipient("nobody@example.org", 550, "5.1.1 No such user here");
-    let directory = temp_dir("dead");
+/// What became of one keyed message across a kill -9 and a restart.
+struct AfterRestart {
+    id: String,
+    /// Its status before the kill and after the restart.
+    before: serde_json::Value,
+    after: serde_json::Value,
+    /// The same request with the same `Idempotency-Key`, after the restart.
+    repeat: HttpReply,
+    spool: PathBuf,
+}
+
+/// Posts one message to `receiver` with an `Idempotency-Key`, waits until
+/// its status is `state`, kills the service (-9), starts it again on the same
+/// spool and posts the same request again.
+fn finish_then_restart(relay: &TestRelay, name: &str, receiver: &str, state: &str) -> AfterRestart {
+    let directory = temp_dir(name);
     let spool = directory.join("spool");
     let env = variables(&relay.url(), &spool, &[]);
+    let body = seed_body(receiver, name);
+    let headers = [("Idempotency-Key", name)];
     let mut service = ChildService::start(&directory, &env);
-    let body = seed_body("nobody@example.org", "doomed");
-    let headers = [("Idempotency-Key", "dead-letter-1")];
     let reply = request(
         service.address,
         "POST",
@@ -310,14 +321,41 @@ fn dead_letters_stay_readable_after_a_restart() {
         &headers,
         body.as_bytes(),
     );
-    assert_eq!(reply.code, 202);
+    assert_eq!(reply.code, 202, "{}", reply.body_text());
     let id = reply.id();
-    wait_for_status(service.address, &id, "failed");
+    wait_for_status(service.address, &id, state);
+    let before = status(service.address, &id);
     service.kill_hard();
-    assert!(spool.join("dead").join(format!("{id}.json")).is_file());
 
     let restarted = ChildService::start(&directory, &env);
-    let dead = status(restarted.address, &id);
+    let after = status(restarted.address, &id);
+    let repeat = request(
+        restarted.address,
+        "POST",
+        "/api/mail",
+        &headers,
+        body.as_bytes(),
+    );
+    AfterRestart {
+        id,
+        before,
+        after,
+        repeat,
+        spool,
+    }
+}
+
+#[test]
+fn dead_letters_stay_readable_after_a_restart() {
+    let relay = TestRelay::plain();
+    relay.refuse_recipient("nobody@example.org", 550, "5.1.1 No such user here");
+    let outcome = finish_then_restart(&relay, "dead-letter-1", "nobody@example.org", "failed");
+    let (id, dead) = (&outcome.id, &outcome.after);
+    assert!(outcome
+        .spool
+        .join("dead")
+        .join(format!("{id}.json"))
+        .is_file());
     assert_eq!(dead["status"], "failed", "{dead}");
     assert_eq!(dead["attempts"], 1);
     assert!(
@@ -325,57 +363,24 @@ fn dead_letters_stay_readable_after_a_restart() {
         "{dead}"
     );
     // The idempotency key survived too: the repeat queues nothing new.
-    let repeat = request(
-        restarted.address,
-        "POST",
-        "/api/mail",
-        &headers,
-        body.as_bytes(),
-    );
-    assert_eq!(repeat.code, 202);
-    assert_eq!(repeat.id(), id);
+    assert_eq!(outcome.repeat.code, 202);
+    assert_eq!(&outcome.repeat.id(), id);
     assert!(relay.received().is_empty());
 }
 
 #[test]
 fn sent_statuses_and_their_idempotency_keys_survive_a_restart() {
     let relay = TestRelay::plain();
-    let directory = temp_dir("sent-kept");
-    let spool = directory.join("spool");
-    let env = variables(&relay.url(), &spool, &[]);
-    let mut service = ChildService::start(&directory, &env);
-    let body = seed_body("user@example.org", "delivered before the restart");
-    let headers = [("Idempotency-Key", "sent-before-restart")];
-    let reply = request(
-        service.address,
-        "POST",
-        "/api/mail",
-        &headers,
-        body.as_bytes(),
-    );
-    assert_eq!(reply.code, 202);
-    let id = reply.id();
-    wait_for_status(service.address, &id, "sent");
-    let before = status(service.address, &id);
-    service.kill_hard();
-
-    let restarted = ChildService::start(&directory, &env);
-    let after = status(restarted.address, &id);
+    let outcome = finish_then_restart(&relay, "sent-before-restart", "user@example.org", "sent");
+    let (before, after) = (&outcome.before, &outcome.after);
     assert_eq!(after["status"], "sent", "{after}");
     for field in ["attempts", "created_at", "last_error", "next_attempt_at"] {
         assert_eq!(after[field], before[field], "{field}: {before} / {after}");
     }
     // A client retrying after the restart gets the same id, and nothing is
     // sent twice.
-    let repeat = request(
-        restarted.address,
-        "POST",
-        "/api/mail",
-        &headers,
-        body.as_bytes(),
-    );
-    assert_eq!(repeat.code, 202, "{}", repeat.body_text());
-    assert_eq!(repeat.id(), id);
+    assert_eq!(outcome.repeat.code, 202, "{}", outcome.repeat.body_text());
+    assert_eq!(outcome.repeat.id(), outcome.id);
     assert_eq!(relay.received().len(), 1);
 }
 

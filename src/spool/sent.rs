@@ -134,6 +134,7 @@ fn read_lines(path: &Path) -> io::Result<(Vec<SentRecord>, usize)> {
 #[cfg(test)]
 mod tests {
     use super::{SentLog, SentRecord};
+    use crate::spool::tests::empty_directory;
 
     fn record(id: &str) -> SentRecord {
         SentRecord {
@@ -148,10 +149,7 @@ mod tests {
 
     #[test]
     fn keeps_the_latest_across_reopening_and_rotation() {
-        let directory =
-            std::env::temp_dir().join(format!("mailroom-sent-log-{}", std::process::id()));
-        let _ = std::fs::remove_dir_all(&directory);
-        std::fs::create_dir_all(&directory).unwrap();
+        let directory = empty_directory("sent-log");
         let (log, found) = SentLog::open(&directory, 3).unwrap();
         assert!(found.is_empty());
         for id in ["a", "b", "c", "d", "e"] {
