@@ -1,10 +1,10 @@
 //! Test fixtures: a real SMTP server in-process (mailin-embedded, with
 //! STARTTLS and AUTH when asked), a minimal HTTP client over loopback, and
 //! helpers to start the service in-process or as a child process.
-#![allow(dead_code)]
+#![allow(dead_code, unused_imports)]
 
 use std::collections::{HashMap, VecDeque};
-use std::io::{BufRead, BufReader, Write};
+
 use std::net::{IpAddr, SocketAddr, TcpListener, TcpStream};
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicUsize, Ordering};
@@ -16,8 +16,9 @@ use mailroom::config::{Relay, SmtpSettings, TlsMode};
 use mailroom::http::HttpServer;
 use mailroom::{Config, Engine};
 
-/// How long a test waits for something that should happen quickly.
-pub const PATIENCE: Duration = Duration::from_secs(20);
+pub use mailroom_testkit::certs::{certificates, TestCertificates};
+pub use mailroom_testkit::http::{read_reply, request, HttpReply};
+pub use mailroom_testkit::{temp_dir, PATIENCE};
 
 /// One message as the relay received it.
 #[derive(Debug, Clone)]
@@ -149,38 +150,6 @@ impl RelayHandler {
             _ => mailin_embedded::response::INVALID_CREDENTIALS,
         }
     }
-}
-
-/// Certificates for STARTTLS: a CA (what the client trusts) and a leaf for `localhost`.
-pub struct TestCertificates {
-    pub directory: PathBuf,
-    pub ca_file: PathBuf,
-    pub cert_file: PathBuf,
-    pub key_file: PathBuf,
-}
-
-pub fn certificates() -> TestCertificates {
-    use rcgen::{BasicConstraints, CertificateParams, IsCa, KeyPair};
-    let directory = temp_dir("certs");
-    let ca_key = KeyPair::generate().unwrap();
-    let mut ca_params = CertificateParams::new(Vec::new()).unwrap();
-    ca_params.is_ca = IsCa::Ca(BasicConstraints::Unconstrained);
-    let ca = ca_params.self_signed(&ca_key).unwrap();
-    let leaf_key = KeyPair::generate().unwrap();
-    let leaf = CertificateParams::new(vec!["localhost".to_string()])
-        .unwrap()
-        .signed_by(&leaf_key, &ca, &ca_key)
-        .unwrap();
-    let certificates = TestCertificates {
-        ca_file: directory.join("ca.pem"),
-        cert_file: directory.join("cert.pem"),
-        key_file: directory.join("key.pem"),
-        directory,
-    };
-    std::fs::write(&certificates.ca_file, ca.pem()).unwrap();
-    std::fs::write(&certificates.cert_file, leaf.pem()).unwrap();
-    std::fs::write(&certificates.key_file, leaf_key.serialize_pem()).unwrap();
-    certificates
 }
 
 /// A real SMTP server on a loopback port, running until the test process ends.
@@ -359,18 +328,6 @@ pub fn unused_port() -> (u16, TcpListener) {
     (listener.local_addr().unwrap().port(), listener)
 }
 
-pub fn temp_dir(name: &str) -> PathBuf {
-    static COUNTER: AtomicUsize = AtomicUsize::new(0);
-    let directory = std::env::temp_dir().join(format!(
-        "mailroom-test-{}-{name}-{}",
-        std::process::id(),
-        COUNTER.fetch_add(1, Ordering::SeqCst)
-    ));
-    let _ = std::fs::remove_dir_all(&directory);
-    std::fs::create_dir_all(&directory).unwrap();
-    directory
-}
-
 /// Test configuration: the given relay, memory spool, quick retries.
 pub fn config_for(relay: &TestRelay) -> Config {
     let mut config = Config::for_outbox(temp_dir("unused-outbox"));
@@ -459,115 +416,6 @@ pub fn wait_for_status(address: SocketAddr, id: &str, status: &str) -> serde_jso
         );
         // Polling an HTTP endpoint, as a user would; not synchronisation.
         std::thread::sleep(Duration::from_millis(10));
-    }
-}
-
-/// An HTTP answer.
-#[derive(Debug)]
-pub struct HttpReply {
-    pub code: u16,
-    pub headers: Vec<(String, String)>,
-    pub body: Vec<u8>,
-}
-
-impl HttpReply {
-    pub fn json(&self) -> serde_json::Value {
-        serde_json::from_slice(&self.body)
-            .unwrap_or_else(|error| panic!("not JSON ({error}): {}", self.body_text()))
-    }
-    pub fn body_text(&self) -> String {
-        String::from_utf8_lossy(&self.body).into_owned()
-    }
-    pub fn header(&self, name: &str) -> Option<&str> {
-        self.headers
-            .iter()
-            .find(|(key, _)| key.eq_ignore_ascii_case(name))
-            .map(|(_, value)| value.as_str())
-    }
-    /// The `data.id` of a 202/200 answer.
-    pub fn id(&self) -> String {
-        self.json()["data"]["id"]
-            .as_str()
-            .expect("an id")
-            .to_string()
-    }
-}
-
-/// One HTTP/1.1 request on a new connection.
-pub fn request(
-    address: SocketAddr,
-    method: &str,
-    path: &str,
-    headers: &[(&str, &str)],
-    body: &[u8],
-) -> HttpReply {
-    let mut stream = TcpStream::connect(address).unwrap();
-    stream
-        .set_read_timeout(Some(Duration::from_secs(60)))
-        .unwrap();
-    let mut head = format!(
-        "{method} {path} HTTP/1.1\r\nHost: test\r\nConnection: close\r\nContent-Length: {}\r\n",
-        body.len()
-    );
-    for (name, value) in headers {
-        head.push_str(&format!("{name}: {value}\r\n"));
-    }
-    head.push_str("\r\n");
-    stream.write_all(head.as_bytes()).unwrap();
-    stream.write_all(body).unwrap();
-    read_reply(&mut BufReader::new(stream))
-}
-
-/// Reads one HTTP answer (Content-Length or chunked).
-pub fn read_reply(reader: &mut impl BufRead) -> HttpReply {
-    let mut status_line = String::new();
-    reader.read_line(&mut status_line).unwrap();
-    let code = status_line
-        .split_whitespace()
-        .nth(1)
-        .and_then(|code| code.parse().ok())
-        .unwrap_or_else(|| panic!("bad status line {status_line:?}"));
-    let mut headers = Vec::new();
-    loop {
-        let mut line = String::new();
-        reader.read_line(&mut line).unwrap();
-        let line = line.trim_end();
-        if line.is_empty() {
-            break;
-        }
-        if let Some((name, value)) = line.split_once(':') {
-            headers.push((name.trim().to_string(), value.trim().to_string()));
-        }
-    }
-    let find = |name: &str| {
-        headers
-            .iter()
-            .find(|(key, _)| key.eq_ignore_ascii_case(name))
-            .map(|(_, value)| value.clone())
-    };
-    let mut body = Vec::new();
-    if let Some(length) = find("Content-Length") {
-        body.resize(length.parse().unwrap(), 0);
-        reader.read_exact(&mut body).unwrap();
-    } else if find("Transfer-Encoding").is_some_and(|value| value.contains("chunked")) {
-        loop {
-            let mut size = String::new();
-            reader.read_line(&mut size).unwrap();
-            let size = usize::from_str_radix(size.trim(), 16).unwrap();
-            let mut chunk = vec![0; size + 2];
-            reader.read_exact(&mut chunk).unwrap();
-            if size == 0 {
-                break;
-            }
-            body.extend_from_slice(&chunk[..size]);
-        }
-    } else {
-        reader.read_to_end(&mut body).unwrap();
-    }
-    HttpReply {
-        code,
-        headers,
-        body,
     }
 }
 
