@@ -26,7 +26,7 @@ fn main() {
         "message: the seed request, {} bytes as sent; sink: benches/common/sink.rs (thread per connection)",
         message.content.len()
     );
-    println!("N = {count} messages per run; both sides timed from the start signal to the sink's count of N; CPU us/msg: CPU time of the whole bench process (sender and sink) per message; raw threads run at the workers' nice +{} (BENCH_RAW_NICE to change)", mailroom::WORKER_NICENESS);
+    println!("N = {count} messages per run; both sides timed from the start signal to the sink's count of N; CPU us/msg: CPU time of the whole bench process (sender and sink) per message; raw threads run at the workers' nice +{} (BENCH_RAW_NICE to change)", mailroom::config::DEFAULT_WORKER_NICENESS);
 
     for tls in [false, true] {
         let sink = Sink::start(SinkOptions {

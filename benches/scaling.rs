@@ -35,7 +35,7 @@ fn main() {
     println!(
         "sink: benches/common/sink.rs, plain, {} ms per message; {per_worker} messages per worker per run; raw = the raw lettre loop with as many threads (at the workers' nice +{})",
         delay.as_millis(),
-        mailroom::WORKER_NICENESS
+        mailroom::config::DEFAULT_WORKER_NICENESS
     );
     println!(
         "{:>7} {:>10} {:>9} {:>12} {:>10} {:>13}",

@@ -184,7 +184,17 @@ pub struct Config {
     pub shutdown_timeout: Duration,
     /// Finished statuses kept.
     pub status_retention: usize,
+    /// How much lower than the rest of the process the workers run (Linux
+    /// nice steps; 0 leaves them alone). When the CPU is saturated,
+    /// answering clients comes first and the queue absorbs the burst;
+    /// deliveries catch up as soon as CPU is free. A relay that is not on
+    /// this machine leaves the workers waiting on the network, where
+    /// priority does not matter. See docs/performance.md.
+    pub worker_niceness: i32,
 }
+
+/// The workers' default niceness (see [`Config::worker_niceness`]).
+pub const DEFAULT_WORKER_NICENESS: i32 = 15;
 
 impl Config {
     /// Reads the process environment (call `dotenvy` first to include `.env`).
@@ -278,6 +288,7 @@ impl Config {
             sync_timeout,
             shutdown_timeout,
             status_retention,
+            worker_niceness: DEFAULT_WORKER_NICENESS,
         })
     }
 
@@ -300,6 +311,7 @@ impl Config {
             sync_timeout: Duration::from_millis(60_000),
             shutdown_timeout: Duration::from_millis(30_000),
             status_retention: 100_000,
+            worker_niceness: DEFAULT_WORKER_NICENESS,
         }
     }
 

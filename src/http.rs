@@ -704,6 +704,10 @@ fn readiness(engine: &Engine) -> Reply {
         Readiness::Ready => Reply::ok(json!({ "status": "ready" })),
         Readiness::Full => Reply::unavailable("not ready", "the queue is full"),
         Readiness::ShuttingDown => Reply::unavailable("not ready", "shutting down"),
+        Readiness::SpoolFailing(detail) => Reply::unavailable(
+            "not ready",
+            &format!("the spool cannot be written: {detail}"),
+        ),
         Readiness::RelayFailing(detail) => {
             Reply::unavailable("not ready", &format!("the relay is failing: {detail}"))
         }
@@ -838,6 +842,9 @@ fn invalid(detail: &str) -> Reply {
 fn refusal(error: &SubmitError) -> Reply {
     match error {
         SubmitError::Invalid(_) | SubmitError::InvalidIdempotencyKey => invalid(&error.to_string()),
+        SubmitError::IdempotencyConflict { .. } => {
+            Reply::error(409, &error.to_string(), &error.to_string())
+        }
         SubmitError::Full => Reply::unavailable("queue full", &error.to_string()),
         SubmitError::ShuttingDown => Reply::unavailable("shutting down", &error.to_string()),
         SubmitError::Spool(_) => Reply::unavailable("cannot store the message", &error.to_string()),
@@ -864,7 +871,7 @@ fn submit(exchange: &mut Exchange<'_>, request: &mut Request) -> Reply {
     match engine.submit(&mail, key.as_deref()) {
         Ok(accepted) => Reply::json(
             202,
-            json!({ "message": "ok", "data": { "id": accepted.id, "status": "queued" } }),
+            json!({ "message": "ok", "data": { "id": accepted.id, "status": accepted.state.as_str() } }),
         ),
         Err(error) => refusal(&error),
     }
@@ -877,12 +884,21 @@ fn send_and_wait(exchange: &mut Exchange<'_>, request: &mut Request) -> Reply {
         Err(reply) => return reply,
     };
     (exchange.may_block)();
-    match engine.send_and_wait(&mail, engine.config().sync_timeout) {
+    let key = request
+        .headers()
+        .iter()
+        .find(|header| header.field.equiv("Idempotency-Key"))
+        .map(|header| header.value.as_str().trim().to_string());
+    match engine.send_and_wait(&mail, key.as_deref(), engine.config().sync_timeout) {
         Ok(accepted) => Reply::ok(json!({ "id": accepted.id, "status": "sent" })),
         Err(SendError::Rejected(error)) => refusal(&error),
-        Err(SendError::Failed { id, error }) => {
-            let mut data = json!({ "id": id, "error": error.detail });
-            if let Some(code) = error.smtp_code {
+        Err(SendError::Failed {
+            id,
+            error,
+            smtp_code,
+        }) => {
+            let mut data = json!({ "id": id, "error": error });
+            if let Some(code) = smtp_code {
                 data["smtp_code"] = json!(code);
             }
             Reply::json(

@@ -22,30 +22,36 @@
 //! ```
 //!
 //! Modules, one job each: [`config`] (variables), [`message`] (request →
-//! validated email), [`engine`] (the API), `pool` (workers), `retry`
-//! (scheduler), [`transport`] (SMTP/outbox and error classification),
-//! [`spool`] (durable queue), [`status`], [`metrics`], [`http`] (the API over
-//! HTTP), [`connections`] (limits on HTTP connections that tiny_http lacks),
-//! [`allocator`] (the binary's allocator, for huge declared bodies),
-//! [`systemd`] (readiness notification).
+//! validated email), [`engine`] (the API), `job` (the unit of work and the
+//! decision after an attempt), `pool` (workers), `dispatch` and `schedule`
+//! (getting jobs to workers, now or when due), `transport` (SMTP/outbox and
+//! error classification), `store` (statuses, events, indexes and the
+//! durable journal), [`status`] (what the API shows), [`metrics`],
+//! [`http`] (the API over HTTP), [`systemd`] (readiness notification).
 
 pub mod allocator;
 pub mod config;
 pub mod connections;
+mod dispatch;
 pub mod engine;
+mod health;
 pub mod http;
+mod job;
 pub mod message;
 pub mod metrics;
 mod pool;
-mod retry;
-pub mod spool;
+mod schedule;
 pub mod status;
+mod store;
 pub mod systemd;
+mod time;
 pub mod transport;
 
 pub use config::{Config, ConfigError};
-pub use engine::{Accepted, Engine, Readiness, SendError, ShutdownReport, StartError, SubmitError};
+pub use engine::{
+    Accepted, ActionError, Engine, ListError, ListQuery, MessagePage, Readiness, SendError,
+    ShutdownReport, StartError, SubmitError,
+};
 pub use message::{AttachmentRequest, MailRequest, MessageError, OutgoingMessage};
-pub use pool::WORKER_NICENESS;
-pub use status::{MessageStatus, State};
+pub use status::{Event, EventKind, MessageStatus, State};
 pub use transport::{DeliveryError, FailureKind};

@@ -1,72 +1,29 @@
-//! The worker pool: N threads taking messages from one bounded channel, each
-//! delivering over its own reused transport, and deciding what happens
-//! after each attempt (sent, retry later, failed).
+//! The worker pool: N threads taking jobs from one bounded channel, each
+//! delivering over its own reused transport, and carrying out what
+//! [`decide`] says after each attempt (sent, retry later, failed).
+//!
+//! Workers get a narrow [`WorkerContext`]: the store for state changes,
+//! the dispatch to reschedule, the retry policy, metrics and relay health.
 
-use std::sync::atomic::Ordering;
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
 use std::thread::JoinHandle;
 use std::time::{Duration, Instant, SystemTime};
 
-use crossbeam_channel::{select, Receiver, Sender};
+use crossbeam_channel::{select, Receiver};
 
-use crate::engine::Shared;
-use crate::message::OutgoingMessage;
-use crate::metrics::AttemptResult;
-use crate::retry::backoff;
-use crate::spool::{to_millis, SentRecord, SpoolRecord};
-use crate::status::State;
-use crate::transport::{Delivered, DeliveryError, FailureKind, Transport};
+use crate::dispatch::Dispatch;
+use crate::health::RelayHealth;
+use crate::job::{decide, describe, AttemptOutcome, Decision, Job, RetryPolicy, WaitedOutcome};
+use crate::message::random_u64;
+use crate::metrics::{AttemptResult, Metrics};
+use crate::status::{Event, EventKind, State};
+use crate::store::{MessageRecord, Store};
+use crate::time::to_millis;
+use crate::transport::{Delivered, FailureKind, Transport};
 
 /// How often an idle worker wakes to close a connection idle too long.
 const IDLE_CHECK: Duration = Duration::from_secs(5);
-
-/// How much lower than the rest of the process the workers run (Linux nice
-/// steps). When the CPU is saturated, answering clients comes first and the
-/// queue absorbs the burst; deliveries catch up as soon as CPU is free. A
-/// relay that is not on this machine leaves the workers waiting on the
-/// network, where priority does not matter. At +15 a worker still gets a
-/// share of a saturated CPU (weight 36 against 1024 for a normal thread);
-/// at +5 the accept bench's p99 with 32 clients was ~11.5 ms instead of
-/// ~8.5 ms. The cost: a worker preempted while it holds the status lock
-/// stalls the HTTP threads waiting for it longer (max latency up to
-/// ~150 ms instead of ~80 ms in that bench). See docs/performance.md.
-pub const WORKER_NICENESS: i32 = 15;
-
-/// The outcome sent back to a `send_and_wait` caller.
-pub(crate) type Outcome = Result<Delivered, DeliveryError>;
-
-/// A message on its way through the pool.
-pub(crate) struct Job {
-    pub message: Arc<OutgoingMessage>,
-    /// Attempts started so far.
-    pub attempts: u32,
-    pub created_at: SystemTime,
-    pub idempotency_key: Option<String>,
-    /// Set for `/api/mail/v2`: one attempt, outcome to the caller, not spooled.
-    pub waiter: Option<Sender<Outcome>>,
-}
-
-impl Job {
-    pub(crate) fn spool_record(
-        &self,
-        next_attempt_at: Option<SystemTime>,
-        last_error: Option<String>,
-    ) -> SpoolRecord {
-        SpoolRecord {
-            message: (*self.message).clone(),
-            attempts: self.attempts,
-            created_at_ms: to_millis(self.created_at),
-            updated_at_ms: to_millis(SystemTime::now()),
-            next_attempt_at_ms: next_attempt_at.map(to_millis),
-            last_error,
-            idempotency_key: self.idempotency_key.clone(),
-        }
-    }
-
-    fn is_durable(&self) -> bool {
-        self.waiter.is_none()
-    }
-}
 
 /// Spaces deliveries evenly over the whole pool (`MAILROOM_RATE_LIMIT`),
 /// with no initial burst.
@@ -100,11 +57,56 @@ impl RateLimiter {
     }
 }
 
+/// How the engine stops the workers.
+#[derive(Default)]
+pub(crate) struct PoolControl {
+    /// Workers stop taking messages (spool mode shutdown).
+    stopping: AtomicBool,
+    /// In memory mode, how long workers keep draining after a stop.
+    drain_deadline: Mutex<Option<Instant>>,
+}
+
+impl PoolControl {
+    /// Workers finish the job in hand and take no more.
+    pub(crate) fn stop_taking(&self) {
+        self.stopping.store(true, Ordering::SeqCst);
+    }
+
+    /// Workers keep delivering what is queued until `deadline`.
+    pub(crate) fn drain_until(&self, deadline: Instant) {
+        *self
+            .drain_deadline
+            .lock()
+            .unwrap_or_else(|poisoned| poisoned.into_inner()) = Some(deadline);
+    }
+
+    fn drain_deadline(&self) -> Option<Instant> {
+        *self
+            .drain_deadline
+            .lock()
+            .unwrap_or_else(|poisoned| poisoned.into_inner())
+    }
+}
+
+/// What a worker needs, and nothing more.
+pub(crate) struct WorkerContext {
+    pub store: Arc<Store>,
+    pub dispatch: Arc<Dispatch>,
+    pub policy: RetryPolicy,
+    pub metrics: Arc<Metrics>,
+    pub health: Arc<RelayHealth>,
+    pub control: Arc<PoolControl>,
+    pub rate_limiter: Option<RateLimiter>,
+    /// How much lower than the rest of the process the workers run (see
+    /// `Config::worker_niceness`).
+    pub niceness: i32,
+}
+
 /// Starts the workers. They stop when `stop` is closed (after finishing the
 /// message in hand); in memory mode they first drain what is queued, until
 /// the shutdown deadline.
 pub(crate) fn start_workers(
-    shared: &Arc<Shared>,
+    context: &Arc<WorkerContext>,
     work: Receiver<Job>,
     stop: Receiver<()>,
     transports: Vec<Transport>,
@@ -113,48 +115,48 @@ pub(crate) fn start_workers(
         .into_iter()
         .enumerate()
         .map(|(index, transport)| {
-            let shared = Arc::clone(shared);
+            let context = Arc::clone(context);
             let work = work.clone();
             let stop = stop.clone();
             std::thread::Builder::new()
                 .name(format!("worker-{index}"))
-                .spawn(move || run_worker(&shared, &work, &stop, transport))
+                .spawn(move || run_worker(&context, &work, &stop, transport))
         })
         .collect()
 }
 
 fn run_worker(
-    shared: &Shared,
+    context: &WorkerContext,
     work: &Receiver<Job>,
     stop: &Receiver<()>,
     mut transport: Transport,
 ) {
-    lower_priority();
+    lower_priority(context.niceness);
     loop {
         select! {
             recv(work) -> job => match job {
-                Ok(job) if shared.stopping.load(Ordering::SeqCst) => {
+                Ok(job) if context.control.stopping.load(Ordering::SeqCst) => {
                     // Stopping with a spool: the message is on disk and will
                     // be sent after the restart (a v2 caller sees its
                     // channel close and is told the service is stopping).
                     drop(job);
                     break;
                 }
-                Ok(job) => deliver(shared, &mut transport, job),
+                Ok(job) => deliver(context, &mut transport, job),
                 Err(_) => break,
             },
             recv(stop) -> _ => break,
             default(IDLE_CHECK) => transport.close_if_idle(),
         }
     }
-    if !shared.spool.is_durable() {
+    if !context.store.is_durable() {
         // Memory mode: nothing survives the exit, so send what we can.
-        while let Some(deadline) = shared.drain_deadline() {
+        while let Some(deadline) = context.control.drain_deadline() {
             if Instant::now() >= deadline {
                 break;
             }
             match work.try_recv() {
-                Ok(job) => deliver(shared, &mut transport, job),
+                Ok(job) => deliver(context, &mut transport, job),
                 Err(_) => break,
             }
         }
@@ -162,8 +164,11 @@ fn run_worker(
     transport.close();
 }
 
-/// Lowers the calling thread's CPU priority by [`WORKER_NICENESS`].
-fn lower_priority() {
+/// Lowers the calling thread's CPU priority by `niceness` steps.
+fn lower_priority(niceness: i32) {
+    if niceness == 0 {
+        return;
+    }
     // Linux keeps a nice value per thread (nice() changes only the caller's),
     // and raising it needs no privilege. Elsewhere it would be per process.
     #[cfg(target_os = "linux")]
@@ -171,144 +176,212 @@ fn lower_priority() {
         // SAFETY: a plain system call about the calling thread; no memory
         // is handed over. A failure leaves the priority as it was, which is
         // harmless (and -1 is also a valid result), so it is not checked.
-        let _ = unsafe { libc::nice(WORKER_NICENESS) };
+        let _ = unsafe { libc::nice(niceness) };
     }
 }
 
-fn deliver(shared: &Shared, transport: &mut Transport, mut job: Job) {
-    if let Some(limiter) = &shared.rate_limiter {
+/// What the relay said in an attempt, for its event: the reply to the end
+/// of the data, else the first refusal, else the error.
+fn attempt_reply(result: &AttemptOutcome) -> (Option<u16>, Option<String>) {
+    match result {
+        Ok(delivered) => match (
+            &delivered.reply,
+            delivered.refused.first(),
+            delivered.deferred.first(),
+        ) {
+            (Some(reply), _, _) => (Some(reply.code), Some(reply.text.clone())),
+            (None, Some(refusal), _) | (None, None, Some(refusal)) => {
+                (Some(refusal.reply.code), Some(refusal.reply.text.clone()))
+            }
+            (None, None, None) => (None, None),
+        },
+        Err(error) => (error.smtp_code, Some(error.detail.clone())),
+    }
+}
+
+fn counted_result(result: &AttemptOutcome) -> AttemptResult {
+    match result {
+        Ok(delivered) if !delivered.accepted.is_empty() => AttemptResult::Ok,
+        Ok(delivered) if delivered.deferred.is_empty() => AttemptResult::Permanent,
+        Ok(_) => AttemptResult::Transient,
+        Err(error) if error.kind == FailureKind::Permanent => AttemptResult::Permanent,
+        Err(_) => AttemptResult::Transient,
+    }
+}
+
+fn deliver(context: &WorkerContext, transport: &mut Transport, mut job: Job) {
+    if let Some(limiter) = &context.rate_limiter {
         limiter.wait_turn();
     }
-    job.attempts += 1;
-    let id = job.message.id.clone();
-    let attempt = job.attempts;
-    shared.status.update(&id, |status| {
-        status.state = State::Sending;
-        status.attempts = attempt;
-        status.next_attempt_at = None;
-    });
+    let attempt = job.attempts + 1;
+    let id = job.id().to_string();
+    let mut status = match context.store.begin_attempt(&id, attempt) {
+        Ok(status) => status,
+        Err(state) => {
+            // Cancelled (or forgotten) while it waited: whoever finished it
+            // released its place.
+            log::debug!(
+                "message {id}: not sent, it is {}",
+                state.map_or("unknown", State::as_str)
+            );
+            return;
+        }
+    };
+    job.attempts = attempt;
+    let started_at = SystemTime::now();
     let started = Instant::now();
-    let result = transport.deliver(&job.message, &|| shared.metrics.connection_opened());
+    let result: AttemptOutcome = transport.deliver(&job.message, &job.recipients, &|| {
+        context.metrics.connection_opened()
+    });
     let elapsed = started.elapsed();
-    match result {
-        Ok(delivered) => {
-            shared.relay_ok();
-            shared.metrics.attempt(AttemptResult::Ok, elapsed);
-            shared.metrics.message_sent();
-            let last_error = (!delivered.refused.is_empty())
-                .then(|| format!("some recipients refused: {}", delivered.refused.join("; ")));
-            match &last_error {
+    match &result {
+        Err(error) if error.relay_unusable => context.health.failed(&error.detail),
+        _ => context.health.ok(),
+    }
+    context.metrics.attempt(counted_result(&result), elapsed);
+    let (smtp_code, smtp_reply) = attempt_reply(&result);
+    status.push_event(Event {
+        at_ms: to_millis(started_at),
+        kind: EventKind::Attempt {
+            attempt,
+            smtp_code,
+            smtp_reply,
+            duration_ms: elapsed.as_millis() as u64,
+            recipients: job.recipients.clone(),
+        },
+    });
+    let decision = decide(
+        &result,
+        &job.recipients,
+        attempt,
+        &context.policy,
+        !job.is_waited_for(),
+        random_u64(),
+    );
+    let durable = !job.is_waited_for();
+    match decision {
+        Decision::Sent { refused } => {
+            status.refused.extend(refused.iter().map(describe_one));
+            status.set_state(State::Sent);
+            status.pending = None;
+            status.next_attempt_at_ms = None;
+            status.last_error = (!status.refused.is_empty())
+                .then(|| format!("some recipients refused: {}", status.refused.join("; ")));
+            status.push_event(Event::now(EventKind::Sent {
+                refused: status.refused.clone(),
+            }));
+            match &status.last_error {
                 Some(refused) => log::warn!("message {id}: sent, attempt {attempt}; {refused}"),
-                None => log::info!("message {id}: sent, attempt {attempt}"),
+                None => log::info!(
+                    "message {id}: sent, attempt {attempt}{}",
+                    reply_suffix(&result)
+                ),
             }
-            log::debug!("message {id}: recipients {:?}", job.message.recipients);
-            // The spool changes first: a status the API shows is on disk.
-            if job.is_durable() {
-                if let Err(error) = shared.spool.remove(&id) {
-                    log::error!("message {id}: sent but not removed from the spool ({error}); it may be sent again after a restart");
-                }
-                shared.spool.remember_sent(&SentRecord {
-                    id: id.clone(),
-                    attempts: attempt,
-                    created_at_ms: to_millis(job.created_at),
-                    updated_at_ms: to_millis(SystemTime::now()),
-                    last_error: last_error.clone(),
-                    idempotency_key: job.idempotency_key.clone(),
-                });
+            log::debug!("message {id}: recipients {:?}", job.recipients);
+            if let Err(error) = context.store.finish(status, durable) {
+                log::error!("message {id}: sent but not recorded in the spool ({error}); it may be sent again after a restart");
             }
-            shared.status.update(&id, |status| {
-                status.state = State::Sent;
-                status.last_error = last_error;
-            });
-            shared.finish();
-            if let Some(waiter) = job.waiter.take() {
-                let _ = waiter.send(Ok(delivered));
-            }
+            context.metrics.message_sent();
+            context.dispatch.release();
+            answer(
+                &mut job,
+                WaitedOutcome {
+                    state: State::Sent,
+                    error: None,
+                    smtp_code,
+                },
+            );
         }
-        Err(error) => {
-            if error.relay_unusable {
-                shared.relay_failed(&error.detail);
+        Decision::Retry {
+            recipients,
+            refused,
+            delay,
+            error,
+        } => {
+            status.refused.extend(refused.iter().map(describe_one));
+            let next_attempt_at = SystemTime::now() + delay;
+            status.set_state(State::Retrying);
+            status.last_error = Some(error.clone());
+            status.next_attempt_at_ms = Some(to_millis(next_attempt_at));
+            status.pending = Some(recipients.clone());
+            status.push_event(Event::now(EventKind::Deferred {
+                next_attempt_at_ms: to_millis(next_attempt_at),
+                error: error.clone(),
+            }));
+            let relay_problem = matches!(&result, Err(error) if error.relay_unusable);
+            log::log!(
+                if relay_problem {
+                    log::Level::Error
+                } else {
+                    log::Level::Warn
+                },
+                "message {id}: attempt {attempt} failed, retrying in {} ms: {error}",
+                delay.as_millis()
+            );
+            let record = MessageRecord {
+                message: Arc::clone(&job.message),
+                status,
+            };
+            if let Err(write_error) = context.store.save(record, durable) {
+                log::error!("message {id}: cannot record the retry in the spool: {write_error}");
             }
-            let retry = error.kind == FailureKind::Transient
-                && job.is_durable()
-                && attempt < shared.config.max_attempts;
-            if retry {
-                schedule_retry(shared, job, error, elapsed);
-            } else {
-                fail(shared, job, error, elapsed);
+            job.recipients = recipients;
+            context.dispatch.at(Instant::now() + delay, job);
+        }
+        Decision::Failed {
+            undelivered,
+            refused,
+            error,
+            permanent,
+        } => {
+            status.refused.extend(refused.iter().map(describe_one));
+            status.set_state(State::Failed);
+            status.last_error = Some(error.clone());
+            status.next_attempt_at_ms = None;
+            status.pending = Some(undelivered);
+            status.push_event(Event::now(EventKind::Failed {
+                error: error.clone(),
+            }));
+            log::error!(
+                "message {id}: failed after attempt {attempt}{}: {error}",
+                if permanent { "" } else { " (attempts used up)" }
+            );
+            let record = MessageRecord {
+                message: Arc::clone(&job.message),
+                status,
+            };
+            if let Err(write_error) = context.store.fail(record, durable) {
+                log::error!("message {id}: cannot keep it as a dead letter: {write_error}");
             }
+            context.metrics.message_failed();
+            context.dispatch.release();
+            answer(
+                &mut job,
+                WaitedOutcome {
+                    state: State::Failed,
+                    error: Some(error),
+                    smtp_code,
+                },
+            );
         }
     }
 }
 
-fn schedule_retry(shared: &Shared, job: Job, error: DeliveryError, elapsed: Duration) {
-    let id = job.message.id.clone();
-    shared.metrics.attempt(AttemptResult::Transient, elapsed);
-    let delay = backoff(
-        shared.config.retry_base,
-        shared.config.retry_max,
-        job.attempts,
-    );
-    let next_attempt_at = SystemTime::now() + delay;
-    let level = if error.relay_unusable {
-        log::Level::Error
-    } else {
-        log::Level::Warn
-    };
-    log::log!(
-        level,
-        "message {id}: attempt {} failed, retrying in {} ms: {}",
-        job.attempts,
-        delay.as_millis(),
-        error.detail
-    );
-    if let Err(write_error) = shared
-        .spool
-        .store(&job.spool_record(Some(next_attempt_at), Some(error.detail.clone())))
-    {
-        log::error!("message {id}: cannot record the retry in the spool: {write_error}");
-    }
-    shared.status.update(&id, |status| {
-        status.state = State::Retrying;
-        status.last_error = Some(error.detail.clone());
-        status.next_attempt_at = Some(next_attempt_at);
-    });
-    if let Err(stopped) = shared.retry.schedule(Instant::now() + delay, job) {
-        // Only during shutdown: the message stays in the spool (or, in memory mode, is dropped).
-        log::warn!(
-            "message {}: not rescheduled, the service is stopping",
-            stopped.0.message.id
-        );
+fn describe_one(refusal: &crate::transport::RecipientRefusal) -> String {
+    describe(std::slice::from_ref(refusal))
+}
+
+fn reply_suffix(result: &AttemptOutcome) -> String {
+    match result {
+        Ok(Delivered {
+            reply: Some(reply), ..
+        }) => format!(": {reply}"),
+        _ => String::new(),
     }
 }
 
-fn fail(shared: &Shared, mut job: Job, error: DeliveryError, elapsed: Duration) {
-    let id = job.message.id.clone();
-    let result = match error.kind {
-        FailureKind::Permanent => AttemptResult::Permanent,
-        FailureKind::Transient => AttemptResult::Transient,
-    };
-    shared.metrics.attempt(result, elapsed);
-    shared.metrics.message_failed();
-    log::error!(
-        "message {id}: failed after attempt {}: {}",
-        job.attempts,
-        error.detail
-    );
-    if job.is_durable() {
-        if let Err(write_error) = shared
-            .spool
-            .dead_letter(&job.spool_record(None, Some(error.detail.clone())))
-        {
-            log::error!("message {id}: cannot move it to the dead letters: {write_error}");
-        }
-    }
-    shared.status.update(&id, |status| {
-        status.state = State::Failed;
-        status.last_error = Some(error.detail.clone());
-    });
-    shared.finish();
+fn answer(job: &mut Job, outcome: WaitedOutcome) {
     if let Some(waiter) = job.waiter.take() {
-        let _ = waiter.send(Err(error));
+        let _ = waiter.send(outcome);
     }
 }

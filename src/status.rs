@@ -1,50 +1,199 @@
-//! What `GET /api/mail/{id}` answers: one entry per message, live ones kept
-//! until they finish, finished ones kept for `MAILROOM_STATUS_RETENTION`
-//! entries (oldest forgotten first), so memory stays bounded however many
-//! messages pass through.
+//! What the API tells about a message: its [`State`], its
+//! [`MessageStatus`] and the [`Event`]s of its life.
 
-use std::collections::{HashMap, VecDeque};
-use std::sync::{Condvar, Mutex};
-use std::time::{SystemTime, UNIX_EPOCH};
+use std::collections::BTreeMap;
+use std::time::SystemTime;
 
 use serde::{Deserialize, Serialize};
+use serde_json::{json, Value};
+
+use crate::time::{from_millis, rfc3339};
 
 /// Where a message is in its life.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord, Serialize, Deserialize)]
 #[serde(rename_all = "lowercase")]
+#[non_exhaustive]
 pub enum State {
+    /// Accepted with a `send_at` in the future; waiting for that time.
+    Scheduled,
     /// Accepted, waiting for a worker.
     Queued,
     /// A worker is delivering it.
     Sending,
     /// Failed transiently; waiting for its next attempt.
     Retrying,
-    /// The relay accepted it.
+    /// The relay accepted it for every recipient it did not refuse for good.
     Sent,
     /// Given up: permanent refusal or attempts exhausted.
     Failed,
+    /// Cancelled before it was sent; it never will be.
+    Cancelled,
+    /// Every recipient is on the suppression list; nothing was sent.
+    Suppressed,
 }
 
 impl State {
+    /// Every state, in the order of a message's life.
+    pub const ALL: [State; 8] = [
+        State::Scheduled,
+        State::Queued,
+        State::Sending,
+        State::Retrying,
+        State::Sent,
+        State::Failed,
+        State::Cancelled,
+        State::Suppressed,
+    ];
+
     /// The name used in the API.
     pub fn as_str(self) -> &'static str {
         match self {
+            State::Scheduled => "scheduled",
             State::Queued => "queued",
             State::Sending => "sending",
             State::Retrying => "retrying",
             State::Sent => "sent",
             State::Failed => "failed",
+            State::Cancelled => "cancelled",
+            State::Suppressed => "suppressed",
         }
     }
 
-    /// Sent or failed: nothing more will happen to it.
+    /// The state with this API name.
+    pub fn parse(name: &str) -> Option<State> {
+        State::ALL.into_iter().find(|state| state.as_str() == name)
+    }
+
+    /// Nothing more will happen to it (unless it is retried by hand).
     pub fn is_finished(self) -> bool {
-        matches!(self, State::Sent | State::Failed)
+        matches!(
+            self,
+            State::Sent | State::Failed | State::Cancelled | State::Suppressed
+        )
+    }
+
+    /// Waiting for a worker or for its time: it may still be cancelled.
+    pub fn is_cancellable(self) -> bool {
+        matches!(self, State::Scheduled | State::Queued | State::Retrying)
+    }
+}
+
+impl std::fmt::Display for State {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(self.as_str())
+    }
+}
+
+/// Something that happened to a message, and when.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[non_exhaustive]
+pub struct Event {
+    /// When, in milliseconds since the Unix epoch.
+    #[serde(rename = "at")]
+    pub at_ms: u64,
+    /// What happened.
+    #[serde(flatten)]
+    pub kind: EventKind,
+}
+
+/// The kinds of [`Event`], with their details.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(tag = "type", rename_all = "snake_case")]
+#[non_exhaustive]
+pub enum EventKind {
+    /// Accepted (queued or scheduled).
+    Accepted,
+    /// One delivery attempt ended.
+    Attempt {
+        /// Which attempt (1 for the first).
+        attempt: u32,
+        /// The relay's reply code, when there was a reply.
+        smtp_code: Option<u16>,
+        /// The relay's reply text (or what went wrong when there was none).
+        smtp_reply: Option<String>,
+        /// How long the attempt took.
+        duration_ms: u64,
+        /// The recipients it was for.
+        recipients: Vec<String>,
+    },
+    /// A retry was scheduled.
+    Deferred {
+        /// When the next attempt is due (milliseconds since the epoch).
+        #[serde(rename = "next_attempt_at")]
+        next_attempt_at_ms: u64,
+        /// Why.
+        error: String,
+    },
+    /// Delivered (to every recipient not refused for good).
+    Sent {
+        /// Recipients refused for good, with the relay's reply.
+        #[serde(default, skip_serializing_if = "Vec::is_empty")]
+        refused: Vec<String>,
+    },
+    /// Given up.
+    Failed {
+        /// Why.
+        error: String,
+    },
+    /// Cancelled by a client.
+    Cancelled,
+    /// Queued again by a client after it failed.
+    Requeued,
+    /// Not sent to these recipients: they are on the suppression list.
+    Suppressed {
+        /// The suppressed recipients.
+        recipients: Vec<String>,
+    },
+}
+
+impl EventKind {
+    /// The event's `type` in the API.
+    pub fn name(&self) -> &'static str {
+        match self {
+            EventKind::Accepted => "accepted",
+            EventKind::Attempt { .. } => "attempt",
+            EventKind::Deferred { .. } => "deferred",
+            EventKind::Sent { .. } => "sent",
+            EventKind::Failed { .. } => "failed",
+            EventKind::Cancelled => "cancelled",
+            EventKind::Requeued => "requeued",
+            EventKind::Suppressed { .. } => "suppressed",
+        }
+    }
+}
+
+impl Event {
+    /// An event happening now.
+    pub fn now(kind: EventKind) -> Event {
+        Event {
+            at_ms: crate::time::to_millis(SystemTime::now()),
+            kind,
+        }
+    }
+
+    /// The API's JSON: `{"type", "at", ...details}`, times in RFC 3339.
+    pub fn to_json(&self) -> Value {
+        let mut value = match serde_json::to_value(self) {
+            Ok(Value::Object(map)) => map,
+            _ => serde_json::Map::new(),
+        };
+        value.insert("at".into(), json!(rfc3339(from_millis(self.at_ms))));
+        if let EventKind::Deferred {
+            next_attempt_at_ms, ..
+        } = &self.kind
+        {
+            value.insert(
+                "next_attempt_at".into(),
+                json!(rfc3339(from_millis(*next_attempt_at_ms))),
+            );
+        }
+        Value::Object(value)
     }
 }
 
 /// A message's status as the API shows it.
 #[derive(Debug, Clone, PartialEq, Eq)]
+#[non_exhaustive]
 pub struct MessageStatus {
     /// The message id.
     pub id: String,
@@ -58,14 +207,29 @@ pub struct MessageStatus {
     pub created_at: SystemTime,
     /// When the status last changed.
     pub updated_at: SystemTime,
-    /// When the next attempt is due (state `retrying`).
+    /// When the next attempt is due (`retrying`) or the send time (`scheduled`).
     pub next_attempt_at: Option<SystemTime>,
+    /// Every envelope recipient.
+    pub recipients: Vec<String>,
+    /// The client's tags.
+    pub tags: Vec<String>,
+    /// The client's metadata.
+    pub metadata: BTreeMap<String, String>,
+    /// Its last events, oldest first.
+    pub events: Vec<Event>,
 }
 
 impl MessageStatus {
     /// The `data` object of the status answer, times in RFC 3339 UTC.
-    pub fn to_json(&self) -> serde_json::Value {
-        serde_json::json!({
+    pub fn to_json(&self) -> Value {
+        let mut value = self.summary_json();
+        value["events"] = Value::Array(self.events.iter().map(Event::to_json).collect());
+        value
+    }
+
+    /// As [`MessageStatus::to_json`] without the events (the list's items).
+    pub fn summary_json(&self) -> Value {
+        json!({
             "id": self.id,
             "status": self.state.as_str(),
             "attempts": self.attempts,
@@ -73,354 +237,9 @@ impl MessageStatus {
             "created_at": rfc3339(self.created_at),
             "updated_at": rfc3339(self.updated_at),
             "next_attempt_at": self.next_attempt_at.map(rfc3339),
+            "recipients": self.recipients,
+            "tags": self.tags,
+            "metadata": self.metadata,
         })
-    }
-}
-
-struct Entry {
-    status: MessageStatus,
-    idempotency_key: Option<String>,
-}
-
-#[derive(Default)]
-struct Inner {
-    entries: HashMap<String, Entry>,
-    /// Finished ids, oldest first; the front is forgotten beyond retention.
-    finished: VecDeque<String>,
-    idempotency: HashMap<String, KeyBinding>,
-}
-
-/// The message an idempotency key belongs to.
-struct KeyBinding {
-    id: String,
-    /// False while the request that claimed the key is still being
-    /// accepted: it may yet be refused, and then the key is free again.
-    settled: bool,
-}
-
-/// Outcome of [`StatusStore::claim_idempotency_key`].
-#[derive(Debug, PartialEq, Eq)]
-pub enum KeyClaim {
-    /// The key is new and now belongs to the given id, until
-    /// [`StatusStore::settle_idempotency_key`] or
-    /// [`StatusStore::release_idempotency_key`] says how its request ended.
-    Claimed,
-    /// The key was used before, by this id.
-    Existing(String),
-}
-
-/// All statuses, behind one lock (each operation is a few map lookups).
-pub struct StatusStore {
-    inner: Mutex<Inner>,
-    /// Signalled when a claimed idempotency key is settled or released.
-    keys_decided: Condvar,
-    retention: usize,
-}
-
-impl StatusStore {
-    /// An empty store that keeps `retention` finished entries.
-    pub fn new(retention: usize) -> StatusStore {
-        StatusStore {
-            inner: Mutex::new(Inner::default()),
-            keys_decided: Condvar::new(),
-            retention,
-        }
-    }
-
-    fn lock(&self) -> std::sync::MutexGuard<'_, Inner> {
-        // A panic elsewhere while holding the lock leaves plain data behind; keep serving.
-        self.inner
-            .lock()
-            .unwrap_or_else(|poisoned| poisoned.into_inner())
-    }
-
-    /// Records a status (new or replacing the old one). Finished entries
-    /// join the retention queue.
-    pub fn put(&self, status: MessageStatus) {
-        let mut inner = self.lock();
-        let finished = status.state.is_finished();
-        let id = status.id.clone();
-        let was_finished = match inner.entries.get_mut(&id) {
-            Some(entry) => {
-                let was = entry.status.state.is_finished();
-                entry.status = status;
-                was
-            }
-            None => {
-                inner.entries.insert(
-                    id.clone(),
-                    Entry {
-                        status,
-                        idempotency_key: None,
-                    },
-                );
-                false
-            }
-        };
-        if finished && !was_finished {
-            self.retire(&mut inner, id);
-        }
-    }
-
-    /// Changes a live entry in place; does nothing for unknown ids. Called
-    /// twice per delivery by every worker, so it takes the lock once and
-    /// copies nothing.
-    pub fn update(&self, id: &str, change: impl FnOnce(&mut MessageStatus)) {
-        let mut inner = self.lock();
-        let Some(entry) = inner.entries.get_mut(id) else {
-            return;
-        };
-        let was_finished = entry.status.state.is_finished();
-        change(&mut entry.status);
-        entry.status.updated_at = SystemTime::now();
-        if entry.status.state.is_finished() && !was_finished {
-            self.retire(&mut inner, id.to_string());
-        }
-    }
-
-    /// A finished entry joins the retention queue; the oldest beyond
-    /// retention are forgotten.
-    fn retire(&self, inner: &mut Inner, id: String) {
-        inner.finished.push_back(id);
-        while inner.finished.len() > self.retention {
-            let Some(oldest) = inner.finished.pop_front() else {
-                break;
-            };
-            if let Some(entry) = inner.entries.remove(&oldest) {
-                if let Some(key) = entry.idempotency_key {
-                    inner.idempotency.remove(&key);
-                }
-            }
-        }
-    }
-
-    /// The status of a message, if known.
-    pub fn get(&self, id: &str) -> Option<MessageStatus> {
-        self.lock()
-            .entries
-            .get(id)
-            .map(|entry| entry.status.clone())
-    }
-
-    /// Binds an idempotency key to `id` unless the key is already bound.
-    /// While another request holding the key is still being accepted, waits
-    /// for its outcome, so a repeat never answers with the id of a request
-    /// that is then refused.
-    pub fn claim_idempotency_key(&self, key: &str, id: &str) -> KeyClaim {
-        let mut inner = self.lock();
-        loop {
-            match inner.idempotency.get(key) {
-                Some(binding) if binding.settled => return KeyClaim::Existing(binding.id.clone()),
-                Some(_) => {
-                    inner = self
-                        .keys_decided
-                        .wait(inner)
-                        .unwrap_or_else(|poisoned| poisoned.into_inner());
-                }
-                None => break,
-            }
-        }
-        inner.idempotency.insert(
-            key.to_string(),
-            KeyBinding {
-                id: id.to_string(),
-                settled: false,
-            },
-        );
-        if let Some(entry) = inner.entries.get_mut(id) {
-            entry.idempotency_key = Some(key.to_string());
-        }
-        KeyClaim::Claimed
-    }
-
-    /// The request that claimed `key` was accepted as `id` (or recovered
-    /// from the spool): repeats now get `id`, and the key is forgotten with
-    /// its entry.
-    pub fn settle_idempotency_key(&self, key: &str, id: &str) {
-        let mut inner = self.lock();
-        if let Some(binding) = inner.idempotency.get_mut(key) {
-            binding.settled = true;
-        }
-        if let Some(entry) = inner.entries.get_mut(id) {
-            entry.idempotency_key = Some(key.to_string());
-        }
-        drop(inner);
-        self.keys_decided.notify_all();
-    }
-
-    /// Binds a key recovered from the spool to its message, settled.
-    pub fn restore_idempotency_key(&self, key: &str, id: &str) {
-        let mut inner = self.lock();
-        inner
-            .idempotency
-            .entry(key.to_string())
-            .or_insert_with(|| KeyBinding {
-                id: id.to_string(),
-                settled: true,
-            });
-        if let Some(entry) = inner.entries.get_mut(id) {
-            entry.idempotency_key = Some(key.to_string());
-        }
-    }
-
-    /// Releases a key whose request was not accepted after all.
-    pub fn release_idempotency_key(&self, key: &str) {
-        self.lock().idempotency.remove(key);
-        self.keys_decided.notify_all();
-    }
-
-    /// Forgets a message entirely (a request refused after its entry was made).
-    pub fn remove(&self, id: &str) {
-        let mut inner = self.lock();
-        if let Some(entry) = inner.entries.remove(id) {
-            if let Some(key) = entry.idempotency_key {
-                inner.idempotency.remove(&key);
-            }
-        }
-    }
-
-    /// How many entries are held (live and finished).
-    pub fn len(&self) -> usize {
-        self.lock().entries.len()
-    }
-
-    /// True when no entry is held.
-    pub fn is_empty(&self) -> bool {
-        self.len() == 0
-    }
-}
-
-/// Formats a time as RFC 3339 UTC with milliseconds, e.g. `2026-11-29T10:28:50.123Z`.
-pub fn rfc3339(time: SystemTime) -> String {
-    let since_epoch = time.duration_since(UNIX_EPOCH).unwrap_or_default();
-    let seconds = since_epoch.as_secs() as i64;
-    let (days, second_of_day) = (seconds.div_euclid(86_400), seconds.rem_euclid(86_400));
-    // Civil-from-days (Howard Hinnant's algorithm).
-    let z = days + 719_468;
-    let era = z.div_euclid(146_097);
-    let day_of_era = z.rem_euclid(146_097);
-    let year_of_era =
-        (day_of_era - day_of_era / 1460 + day_of_era / 36_524 - day_of_era / 146_096) / 365;
-    let day_of_year = day_of_era - (365 * year_of_era + year_of_era / 4 - year_of_era / 100);
-    let month_index = (5 * day_of_year + 2) / 153;
-    let day = day_of_year - (153 * month_index + 2) / 5 + 1;
-    let month = if month_index < 10 {
-        month_index + 3
-    } else {
-        month_index - 9
-    };
-    let year = year_of_era + era * 400 + i64::from(month <= 2);
-    format!(
-        "{year:04}-{month:02}-{day:02}T{:02}:{:02}:{:02}.{:03}Z",
-        second_of_day / 3600,
-        second_of_day / 60 % 60,
-        second_of_day % 60,
-        since_epoch.subsec_millis()
-    )
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-    use std::time::Duration;
-
-    fn status(id: &str, state: State) -> MessageStatus {
-        MessageStatus {
-            id: id.into(),
-            state,
-            attempts: 0,
-            last_error: None,
-            created_at: UNIX_EPOCH,
-            updated_at: UNIX_EPOCH,
-            next_attempt_at: None,
-        }
-    }
-
-    #[test]
-    fn formats_rfc3339() {
-        assert_eq!(rfc3339(UNIX_EPOCH), "1970-01-01T00:00:00.000Z");
-        let time = UNIX_EPOCH + Duration::from_millis(1_795_948_130_123);
-        assert_eq!(rfc3339(time), "2026-11-29T10:28:50.123Z");
-        let leap = UNIX_EPOCH + Duration::from_secs(951_782_400); // 2000-02-29
-        assert_eq!(rfc3339(leap), "2000-02-29T00:00:00.000Z");
-    }
-
-    #[test]
-    fn finished_entries_are_bounded_live_ones_kept() {
-        let store = StatusStore::new(2);
-        store.put(status("live", State::Queued));
-        for index in 0..5 {
-            store.put(status(&format!("done{index}"), State::Sent));
-        }
-        assert!(store.get("live").is_some());
-        assert!(store.get("done0").is_none());
-        assert!(store.get("done4").is_some());
-        assert_eq!(store.len(), 3);
-    }
-
-    #[test]
-    fn updates_change_in_place_and_finished_ones_are_bounded() {
-        let store = StatusStore::new(1);
-        store.put(status("a", State::Queued));
-        store.put(status("b", State::Queued));
-        store.update("a", |status| {
-            status.state = State::Sending;
-            status.attempts = 1;
-        });
-        let a = store.get("a").unwrap();
-        assert_eq!((a.state, a.attempts), (State::Sending, 1));
-        assert!(a.updated_at > UNIX_EPOCH);
-        store.update("a", |status| status.state = State::Sent);
-        store.update("a", |status| status.last_error = Some("late".into()));
-        store.update("b", |status| status.state = State::Failed);
-        assert!(
-            store.get("a").is_none(),
-            "retention 1 keeps the newest finished"
-        );
-        assert_eq!(store.get("b").unwrap().state, State::Failed);
-        store.update("unknown", |status| status.state = State::Sent);
-        assert_eq!(store.len(), 1);
-    }
-
-    #[test]
-    fn idempotency_keys_follow_their_entry() {
-        let store = StatusStore::new(1);
-        store.put(status("a", State::Queued));
-        assert_eq!(store.claim_idempotency_key("k", "a"), KeyClaim::Claimed);
-        store.settle_idempotency_key("k", "a");
-        assert_eq!(
-            store.claim_idempotency_key("k", "b"),
-            KeyClaim::Existing("a".into())
-        );
-        store.put(status("a", State::Sent));
-        store.put(status("b", State::Sent));
-        assert_eq!(store.claim_idempotency_key("k", "c"), KeyClaim::Claimed);
-    }
-
-    /// A repeat arriving while the first request is still being accepted
-    /// gets that request's outcome: its id once accepted, the key itself
-    /// if it was refused. (Either order of the two threads must give this.)
-    #[test]
-    fn a_repeat_waits_for_the_first_request_outcome() {
-        for accepted in [true, false] {
-            let store = std::sync::Arc::new(StatusStore::new(10));
-            assert_eq!(store.claim_idempotency_key("k", "a"), KeyClaim::Claimed);
-            let repeat = {
-                let store = std::sync::Arc::clone(&store);
-                std::thread::spawn(move || store.claim_idempotency_key("k", "b"))
-            };
-            if accepted {
-                store.put(status("a", State::Queued));
-                store.settle_idempotency_key("k", "a");
-            } else {
-                store.release_idempotency_key("k");
-            }
-            let expected = if accepted {
-                KeyClaim::Existing("a".into())
-            } else {
-                KeyClaim::Claimed
-            };
-            assert_eq!(repeat.join().unwrap(), expected);
-        }
     }
 }

@@ -61,6 +61,17 @@ impl fmt::Display for DeliveryError {
 }
 
 impl DeliveryError {
+    /// An error of `kind` saying `detail`, for the engine's unit tests.
+    #[cfg(test)]
+    pub(crate) fn for_tests(kind: FailureKind, detail: &str) -> DeliveryError {
+        DeliveryError {
+            kind,
+            smtp_code: None,
+            detail: detail.to_string(),
+            relay_unusable: false,
+        }
+    }
+
     fn transient(detail: String, relay_unusable: bool) -> DeliveryError {
         DeliveryError {
             kind: FailureKind::Transient,
@@ -71,12 +82,54 @@ impl DeliveryError {
     }
 }
 
-/// A successful delivery.
+/// A reply from the relay: its code and text.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct SmtpReply {
+    /// The three-digit reply code.
+    pub code: u16,
+    /// The reply text, without the code.
+    pub text: String,
+}
+
+impl SmtpReply {
+    /// The enhanced status code (RFC 3463) at the start of the text, if any.
+    pub fn enhanced(&self) -> Option<(u8, u16, u16)> {
+        let first = self.text.split_whitespace().next()?;
+        let mut parts = first.split('.');
+        let class = parts.next()?.parse().ok()?;
+        let subject = parts.next()?.parse().ok()?;
+        let detail = parts.next()?.parse().ok()?;
+        (parts.next().is_none() && matches!(class, 2 | 4 | 5)).then_some((class, subject, detail))
+    }
+}
+
+impl fmt::Display for SmtpReply {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "{} {}", self.code, self.text)
+    }
+}
+
+/// One recipient the relay did not take, and its reply.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct RecipientRefusal {
+    /// The envelope address.
+    pub recipient: String,
+    /// What the relay answered to its `RCPT TO`.
+    pub reply: SmtpReply,
+}
+
+/// The facts of one attempt: who got the message, who was refused for
+/// good (5xx), who should be tried again later (4xx).
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
 pub struct Delivered {
-    /// Recipients the relay refused for good (address and reply), while it
-    /// accepted the others.
-    pub refused: Vec<String>,
+    /// The relay took the message for these.
+    pub accepted: Vec<String>,
+    /// Refused with a 5xx to `RCPT TO`: never retried.
+    pub refused: Vec<RecipientRefusal>,
+    /// Refused with a 4xx to `RCPT TO`: to try again later.
+    pub deferred: Vec<RecipientRefusal>,
+    /// The reply to the end of the data (None when nothing was sent).
+    pub reply: Option<SmtpReply>,
 }
 
 /// Set up once at start and shared by the workers.
@@ -154,11 +207,12 @@ impl Transport {
     pub fn deliver(
         &mut self,
         message: &OutgoingMessage,
+        recipients: &[String],
         on_connect: &dyn Fn(),
     ) -> Result<Delivered, DeliveryError> {
         match self {
-            Transport::Smtp(sender) => sender.deliver(message, on_connect),
-            Transport::Outbox(dir) => write_outbox(dir, message),
+            Transport::Smtp(sender) => sender.deliver(message, recipients, on_connect),
+            Transport::Outbox(dir) => write_outbox(dir, message, recipients),
         }
     }
 
@@ -186,6 +240,7 @@ impl Transport {
 fn write_outbox(
     dir: &std::path::Path,
     message: &OutgoingMessage,
+    recipients: &[String],
 ) -> Result<Delivered, DeliveryError> {
     let write = || -> std::io::Result<()> {
         let temporary = dir.join(format!(".{}.eml.tmp", message.id));
@@ -194,12 +249,17 @@ fn write_outbox(
         file.sync_all()?;
         fs::rename(&temporary, dir.join(format!("{}.eml", message.id)))
     };
-    write().map(|()| Delivered::default()).map_err(|error| {
-        DeliveryError::transient(
-            format!("cannot write to outbox {}: {error}", dir.display()),
-            true,
-        )
-    })
+    write()
+        .map(|()| Delivered {
+            accepted: recipients.to_vec(),
+            ..Delivered::default()
+        })
+        .map_err(|error| {
+            DeliveryError::transient(
+                format!("cannot write to outbox {}: {error}", dir.display()),
+                true,
+            )
+        })
 }
 
 struct OpenConnection {
@@ -257,6 +317,7 @@ impl SmtpSender {
     fn deliver(
         &mut self,
         message: &OutgoingMessage,
+        recipients: &[String],
         on_connect: &dyn Fn(),
     ) -> Result<Delivered, DeliveryError> {
         let reused = self.connection.is_some();
@@ -264,7 +325,7 @@ impl SmtpSender {
             Some(open) => open,
             None => self.connect(on_connect)?,
         };
-        let mut result = send(&mut open.smtp, message);
+        let mut result = send(&mut open.smtp, message, recipients);
         if reused {
             if let Err(failure) = &result {
                 if failure.connection_dead {
@@ -277,7 +338,7 @@ impl SmtpSender {
                     );
                     open.smtp.abort();
                     open = self.connect(on_connect)?;
-                    result = send(&mut open.smtp, message);
+                    result = send(&mut open.smtp, message, recipients);
                 }
             }
         }
@@ -460,7 +521,11 @@ fn connect_implicit_tls(
 
 /// MAIL, RCPT for each recipient, DATA, then the body and its terminator in
 /// one write. Refused recipients are skipped when others are accepted.
-fn send(smtp: &mut SmtpConnection, message: &OutgoingMessage) -> Result<Delivered, SendFailure> {
+fn send(
+    smtp: &mut SmtpConnection,
+    message: &OutgoingMessage,
+    recipients: &[String],
+) -> Result<Delivered, SendFailure> {
     let mut parameters = Vec::new();
     if !message.content.is_ascii() && smtp.server_info().supports_feature(Extension::EightBitMime) {
         parameters.push(MailParameter::Body(MailBodyParameter::EightBitMime));
@@ -473,32 +538,46 @@ fn send(smtp: &mut SmtpConnection, message: &OutgoingMessage) -> Result<Delivere
     })?;
     smtp.command(Mail::new(Some(from), parameters))
         .map_err(SendFailure::from_smtp)?;
-    let mut refused = Vec::new();
-    let mut first_refusal = None;
-    for recipient in &message.recipients {
+    let mut delivered = Delivered::default();
+    for recipient in recipients {
         let address = recipient
             .parse()
             .map_err(|_| SendFailure::invalid(format!("invalid recipient {recipient:?}")))?;
         match smtp.command(Rcpt::new(address, Vec::new())) {
-            Ok(_) => {}
-            Err(error) if error.is_permanent() => {
-                refused.push(format!("{recipient}: {}", classify(&error, false).detail));
-                first_refusal.get_or_insert(error);
+            Ok(_) => delivered.accepted.push(recipient.clone()),
+            Err(error)
+                if error.status().is_some() && error.status().map(u16::from) != Some(421) =>
+            {
+                let refusal = RecipientRefusal {
+                    recipient: recipient.clone(),
+                    reply: SmtpReply {
+                        code: error.status().map(u16::from).unwrap_or_default(),
+                        text: reply_text(&error),
+                    },
+                };
+                if error.is_permanent() {
+                    delivered.refused.push(refusal);
+                } else {
+                    delivered.deferred.push(refusal);
+                }
             }
             Err(error) => return Err(SendFailure::from_smtp(error)),
         }
     }
-    if refused.len() == message.recipients.len() {
-        if let Some(error) = first_refusal {
-            let mut failure = SendFailure::from_smtp(error);
-            failure.error.detail = format!("every recipient refused: {}", refused.join("; "));
-            return Err(failure);
-        }
+    if delivered.accepted.is_empty() {
+        // Nobody to send to: end the transaction (a failed RSET shows at the next use).
+        let _ = smtp.command(Rset);
+        return Ok(delivered);
     }
     smtp.command(Data).map_err(SendFailure::from_smtp)?;
-    smtp.command(DataBody(&message.content))
+    let reply = smtp
+        .command(DataBody(&message.content))
         .map_err(SendFailure::from_smtp)?;
-    Ok(Delivered { refused })
+    delivered.reply = Some(SmtpReply {
+        code: u16::from(reply.code()),
+        text: reply.message().collect::<Vec<_>>().join(" "),
+    });
+    Ok(delivered)
 }
 
 /// The body after DATA: dot-stuffed, with the terminating `.` line, written

@@ -12,7 +12,6 @@ use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
 use common::*;
 use mailroom::config::{Relay, SmtpSettings, VARIABLES};
-use mailroom::status::{MessageStatus, State, StatusStore};
 use serde_json::Value;
 
 /// Load tests and timing measurements run alone, so that their bounds
@@ -279,49 +278,6 @@ fn status_retention_forgets_the_oldest_finished_first() {
         let code = service.get(&format!("/api/mail/{id}")).code;
         let expected = if index < 3 { 404 } else { 200 };
         assert_eq!(code, expected, "message {index} of 8 with retention 5");
-    }
-}
-
-/// Memory of the status store with 1,000,000 messages passing through
-/// (default retention 100,000). Prints figures; run with
-/// `cargo test --release --test operations -- --ignored --nocapture status_store_memory`.
-#[test]
-#[ignore = "a measurement: prints figures"]
-fn status_store_memory_with_a_million_messages() {
-    let own_rss = || rss_kib(std::process::id());
-    let status = |index: usize, state: State| MessageStatus {
-        id: format!("20261129T102850Z-{index:016x}"),
-        state,
-        attempts: 1,
-        last_error: None,
-        created_at: SystemTime::now(),
-        updated_at: SystemTime::now(),
-        next_attempt_at: None,
-    };
-    for retention in [100_000usize, 1_000_000] {
-        let before = own_rss();
-        let store = StatusStore::new(retention);
-        let started = Instant::now();
-        for index in 0..1_000_000 {
-            store.put(status(index, State::Queued));
-            store.put(status(index, State::Sent));
-            if index == 199_999 {
-                println!(
-                    "retention {retention}: after 200,000 messages RSS +{} MiB, {} entries",
-                    (own_rss() - before) / 1024,
-                    store.len()
-                );
-            }
-        }
-        println!(
-            "retention {retention}: after 1,000,000 messages RSS +{} MiB, {} entries kept, {:.0} ns per message",
-            (own_rss().saturating_sub(before)) / 1024,
-            store.len(),
-            started.elapsed().as_nanos() as f64 / 1e6
-        );
-        assert_eq!(store.len(), retention);
-        assert!(store.get(&status(999_999, State::Sent).id).is_some());
-        assert!(store.get(&status(0, State::Sent).id).is_none() || retention == 1_000_000);
     }
 }
 

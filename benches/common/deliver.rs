@@ -195,13 +195,16 @@ fn lettre_loop(
     }
 }
 
-/// mailroom's workers run below normal priority ([`mailroom::WORKER_NICENESS`])
+/// mailroom's workers run below normal priority ([`mailroom::config::DEFAULT_WORKER_NICENESS`])
 /// so that answering HTTP comes first on a saturated machine. The raw
 /// loop's threads take the same priority (`BENCH_RAW_NICE` overrides it), so
 /// that the ratio compares the work done per message, not scheduling
 /// priority; `BENCH_RAW_NICE=0` runs them at normal priority.
 fn same_priority_as_workers() {
-    let niceness = super::env_number("BENCH_RAW_NICE", mailroom::WORKER_NICENESS as u64) as i32;
+    let niceness = super::env_number(
+        "BENCH_RAW_NICE",
+        mailroom::config::DEFAULT_WORKER_NICENESS as u64,
+    ) as i32;
     // SAFETY: a plain system call about the calling thread (Linux keeps a
     // nice value per thread).
     let _ = unsafe { libc::nice(niceness) };

@@ -1,8 +1,8 @@
 //! The durable queue: an append-only journal with group commit. Every
 //! accepted message is in the journal and fsync'd before its 202; each
-//! retry rewrites its record (attempts, next due time, last error); a sent
-//! message gets a `remove` record. Permanently failed messages become dead
-//! letters, one file each.
+//! retry rewrites its record (attempts, next due time, last error, events);
+//! a finished message gets a `finish` record carrying its final status.
+//! Permanently failed messages become dead letters, one file each.
 //!
 //! Layout under the spool directory:
 //! - `journal/<number>.journal`: segments of framed records (see `frame`),
@@ -10,19 +10,17 @@
 //! - `dead/<id>.json`: a permanently failed message (a dead letter).
 //! - `corrupt/`: data that could not be read at start, set aside.
 //! - `tmp/`: dead letters being written; leftovers are removed at start.
-//! - `sent.log`, `sent.old`: delivered messages, for their status (see `sent`).
+//! - `sent.log`, `sent.old`: finished messages' statuses (see `finished`).
 //! - `lock`: locked (flock) by the process using the spool.
 //!
 //! Recovery reads every segment in order and replays it (the last record
-//! of an id wins; `remove` forgets it; a dead letter beats a journal
-//! record), sets aside whatever is not a valid record, writes the result
-//! into a fresh segment, fsyncs it, and only then deletes the old segments,
-//! oldest first. A crash at any point of that leaves either the old
-//! segments or the new one complete, and replaying both gives the same state.
-
-mod committer;
-mod frame;
-mod sent;
+//! of an id wins; `finish` forgets the content and keeps the status; of a
+//! dead letter and a journal record of the same message, the higher
+//! revision wins), sets aside whatever is not a valid record, writes the
+//! result into a fresh segment, fsyncs it, and only then deletes the old
+//! segments, oldest first. A crash at any point of that leaves either the
+//! old segments or the new one complete, and replaying both gives the same
+//! state.
 
 use std::collections::HashMap;
 use std::fs::{self, File};
@@ -30,60 +28,27 @@ use std::io::{self, Write};
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::thread::JoinHandle;
-use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use serde::{Deserialize, Serialize};
 
-use crate::config::SpoolSetting;
-use crate::message::{random_u64, OutgoingMessage};
-use committer::{segment_name, segment_number, sync_directory, Change, Committer, Queue};
-use frame::Piece;
-use sent::SentLog;
-pub use sent::SentRecord;
+use super::committer::{segment_name, segment_number, sync_directory, Change, Committer, Queue};
+use super::finished::FinishedLog;
+use super::frame::{self, Piece};
+use super::record::{MessageRecord, StatusRecord};
+use crate::message::random_u64;
 
 /// A segment is sealed and a new one started beyond this size.
-const SEGMENT_BYTES: u64 = 16 << 20;
-
-/// One message as kept on disk.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
-pub struct SpoolRecord {
-    /// The built message.
-    pub message: OutgoingMessage,
-    /// Attempts started so far.
-    pub attempts: u32,
-    /// Acceptance time, milliseconds since the Unix epoch.
-    pub created_at_ms: u64,
-    /// Last change, milliseconds since the Unix epoch.
-    pub updated_at_ms: u64,
-    /// When the next attempt is due, if it waits for one.
-    pub next_attempt_at_ms: Option<u64>,
-    /// Last failure.
-    pub last_error: Option<String>,
-    /// The client's `Idempotency-Key`, kept across restarts.
-    pub idempotency_key: Option<String>,
-}
-
-/// Milliseconds since the Unix epoch.
-pub fn to_millis(time: SystemTime) -> u64 {
-    time.duration_since(UNIX_EPOCH)
-        .map(|elapsed| elapsed.as_millis() as u64)
-        .unwrap_or(0)
-}
-
-/// The time `millis` milliseconds after the Unix epoch.
-pub fn from_millis(millis: u64) -> SystemTime {
-    UNIX_EPOCH + Duration::from_millis(millis)
-}
+pub(super) const SEGMENT_BYTES: u64 = 16 << 20;
 
 /// What was found in the spool at start.
 #[derive(Debug, Default)]
-pub struct Recovered {
-    /// Unfinished messages, to deliver.
-    pub pending: Vec<SpoolRecord>,
-    /// Dead letters, for the status endpoint.
-    pub dead: Vec<SpoolRecord>,
-    /// Delivered messages, the latest first-kept ones, oldest first.
-    pub sent: Vec<SentRecord>,
+pub(super) struct Recovered {
+    /// Unfinished messages, to deliver, oldest first.
+    pub pending: Vec<MessageRecord>,
+    /// Dead letters.
+    pub dead: Vec<MessageRecord>,
+    /// Finished messages' statuses, oldest first (later ones of an id win).
+    pub finished: Vec<StatusRecord>,
     /// Pieces of data (byte runs, files) set aside into `corrupt/`.
     pub corrupt: usize,
 }
@@ -92,26 +57,26 @@ pub struct Recovered {
 #[derive(Serialize)]
 #[serde(rename_all = "snake_case")]
 enum EntryRef<'a> {
-    Store(&'a SpoolRecord),
-    Remove { id: &'a str },
+    Store(&'a MessageRecord),
+    Finish(&'a StatusRecord),
 }
 
 #[derive(Deserialize)]
 #[serde(rename_all = "snake_case")]
 enum Entry {
-    Store(SpoolRecord),
-    Remove { id: String },
+    Store(MessageRecord),
+    /// Written by earlier versions for a delivered message.
+    Remove {
+        id: String,
+    },
+    Finish(StatusRecord),
 }
 
-/// The spool: a journal in a directory, or nothing (memory only).
-pub struct Spool {
-    journal: Option<Journal>,
-}
-
-struct Journal {
+/// The spool directory in use.
+pub(super) struct Journal {
     directory: PathBuf,
     queue: Arc<Queue>,
-    sent: SentLog,
+    finished: Arc<FinishedLog>,
     committer: Option<JoinHandle<()>>,
     /// Held while the spool is open (released when closed, or when the process dies).
     _lock: File,
@@ -127,109 +92,100 @@ impl Drop for Journal {
     }
 }
 
-impl Spool {
-    /// Opens (creating if needed) the spool and reads what it holds,
-    /// remembering at least `sent_kept` delivered messages.
-    pub fn open(setting: &SpoolSetting, sent_kept: usize) -> io::Result<(Spool, Recovered)> {
-        match setting {
-            SpoolSetting::Directory(directory) => {
-                Spool::open_directory(directory, SEGMENT_BYTES, sent_kept)
-            }
-            SpoolSetting::Memory => Ok((Spool { journal: None }, Recovered::default())),
-        }
-    }
-
-    fn open_directory(
+impl Journal {
+    /// Opens (creating if needed) the spool in `directory` and reads what
+    /// it holds, remembering at least `finished_kept` finished messages.
+    pub(super) fn open(
         directory: &Path,
         segment_bytes: u64,
-        sent_kept: usize,
-    ) -> io::Result<(Spool, Recovered)> {
+        finished_kept: usize,
+    ) -> io::Result<(Journal, Recovered)> {
         let lock = lock_directory(directory)?;
-        let (committer, mut recovered) = recover(directory, segment_bytes)?;
-        let (sent, found) = SentLog::open(directory, sent_kept)?;
-        recovered.sent = found;
+        let (finished, found) = FinishedLog::open(directory, finished_kept)?;
+        let finished = Arc::new(finished);
+        let (committer, mut recovered) =
+            recover(directory, segment_bytes, &finished, found.as_slice())?;
+        let mut all = found;
+        all.append(&mut recovered.finished);
+        recovered.finished = all;
         let queue = Arc::new(Queue::default());
         let committer_queue = Arc::clone(&queue);
         let committer = std::thread::Builder::new()
             .name("spool".into())
             .spawn(move || committer.run(&committer_queue))?;
-        let journal = Journal {
-            directory: directory.to_path_buf(),
-            queue,
-            sent,
-            committer: Some(committer),
-            _lock: lock,
-        };
         Ok((
-            Spool {
-                journal: Some(journal),
+            Journal {
+                directory: directory.to_path_buf(),
+                queue,
+                finished,
+                committer: Some(committer),
+                _lock: lock,
             },
             recovered,
         ))
     }
 
-    /// True when messages survive a restart.
-    pub fn is_durable(&self) -> bool {
-        self.journal.is_some()
+    /// Durably records messages that may still be sent (new, or their
+    /// retry state), all in one commit; returns once they are on disk.
+    pub(super) fn store(&self, records: &[&MessageRecord]) -> io::Result<()> {
+        let frames = records
+            .iter()
+            .map(|record| {
+                Ok((
+                    encode(&EntryRef::Store(record))?,
+                    Change::Store(record.status.id.clone()),
+                ))
+            })
+            .collect::<io::Result<Vec<_>>>()?;
+        self.queue.commit(frames)
     }
 
-    /// Durably records an unfinished message (new, or its retry state);
-    /// returns once it is on disk.
-    pub fn store(&self, record: &SpoolRecord) -> io::Result<()> {
-        match &self.journal {
-            Some(journal) => journal.commit(
-                &EntryRef::Store(record),
-                Change::Store(record.message.id.clone()),
-            ),
-            None => Ok(()),
+    /// Durably records that a message is finished, with its final status.
+    pub(super) fn finish(&self, status: &StatusRecord) -> io::Result<()> {
+        let frame = encode(&EntryRef::Finish(status))?;
+        self.queue
+            .commit(vec![(frame, Change::Remove(status.id.clone()))])?;
+        if let Err(error) = self.finished.append(status) {
+            // The journal's record still carries the status until the next
+            // start copies it into the log.
+            log::warn!(
+                "message {}: its final status is not in the sent log yet ({error})",
+                status.id
+            );
         }
+        Ok(())
     }
 
-    /// Durably forgets a delivered message.
-    pub fn remove(&self, id: &str) -> io::Result<()> {
-        match &self.journal {
-            Some(journal) => {
-                journal.commit(&EntryRef::Remove { id }, Change::Remove(id.to_string()))
-            }
-            None => Ok(()),
-        }
+    /// Keeps a permanently failed message as a dead letter.
+    pub(super) fn dead_letter(&self, record: &MessageRecord) -> io::Result<()> {
+        // The dead letter first: after a crash in between, it wins over
+        // the journal's older record (same or higher revision).
+        write_durably(&self.directory, "dead", record)?;
+        self.finish(&record.status)
     }
 
-    /// Remembers a delivered message (after [`Spool::remove`]); not
-    /// fsync'd, and a failure only costs its status after a restart.
-    pub fn remember_sent(&self, record: &SentRecord) {
-        if let Some(journal) = &self.journal {
-            if let Err(error) = journal.sent.append(record) {
-                log::warn!(
-                    "message {}: sent, but not remembered in the spool ({error}); its status is lost at a restart",
-                    record.id
-                );
-            }
-        }
+    /// A dead letter's record.
+    pub(super) fn read_dead_letter(&self, id: &str) -> io::Result<MessageRecord> {
+        read_record(&self.directory.join("dead").join(format!("{id}.json")))
+            .map_err(|reason| io::Error::new(io::ErrorKind::InvalidData, reason))
     }
 
-    /// Moves a permanently failed message to the dead letters.
-    pub fn dead_letter(&self, record: &SpoolRecord) -> io::Result<()> {
-        match &self.journal {
-            Some(journal) => {
-                // The dead letter first: after a crash in between, the
-                // dead letter wins over the journal's record.
-                write_durably(&journal.directory, "dead", record)?;
-                self.remove(&record.message.id)
-            }
-            None => Ok(()),
-        }
+    /// Queues a dead letter again: its new record (a higher revision) is
+    /// stored, then the dead letter deleted.
+    pub(super) fn requeue(&self, record: &MessageRecord) -> io::Result<()> {
+        self.store(&[record])?;
+        remove_dead_letter(&self.directory, &record.status.id)
     }
 }
 
-impl Journal {
-    /// Frames `entry` here (in the caller's thread) and waits until the
-    /// committer has it on disk.
-    fn commit(&self, entry: &EntryRef<'_>, change: Change) -> io::Result<()> {
-        let frame = frame::encode(|buffer| {
-            serde_json::to_writer(&mut *buffer, entry).map_err(io::Error::other)
-        })?;
-        self.queue.commit(frame, change)
+fn encode(entry: &EntryRef<'_>) -> io::Result<Vec<u8>> {
+    frame::encode(|buffer| serde_json::to_writer(&mut *buffer, entry).map_err(io::Error::other))
+}
+
+fn remove_dead_letter(directory: &Path, id: &str) -> io::Result<()> {
+    match fs::remove_file(directory.join("dead").join(format!("{id}.json"))) {
+        Err(error) if error.kind() != io::ErrorKind::NotFound => Err(error),
+        _ => sync_directory(&directory.join("dead")),
     }
 }
 
@@ -256,8 +212,14 @@ fn lock_directory(directory: &Path) -> io::Result<File> {
 }
 
 /// Reads the spool, sets aside what is unreadable, and rewrites the live
-/// state into a fresh segment (deleting the old ones once it is durable).
-fn recover(directory: &Path, segment_bytes: u64) -> io::Result<(Committer, Recovered)> {
+/// state into a fresh segment (deleting the old ones once it is durable and
+/// the finished statuses found in them are in the finished log).
+fn recover(
+    directory: &Path,
+    segment_bytes: u64,
+    finished_log: &Arc<FinishedLog>,
+    logged: &[StatusRecord],
+) -> io::Result<(Committer, Recovered)> {
     for sub in ["journal", "dead", "corrupt", "tmp"] {
         fs::create_dir_all(directory.join(sub))?;
     }
@@ -267,10 +229,11 @@ fn recover(directory: &Path, segment_bytes: u64) -> io::Result<(Committer, Recov
     let corrupt = directory.join("corrupt");
     let mut recovered = Recovered::default();
 
+    let mut dead = Vec::new();
     for entry in fs::read_dir(directory.join("dead"))? {
         let path = entry?.path();
         match read_record(&path) {
-            Ok(record) => recovered.dead.push(record),
+            Ok(record) => dead.push(record),
             Err(reason) => {
                 set_aside_file(
                     &path,
@@ -297,7 +260,8 @@ fn recover(directory: &Path, segment_bytes: u64) -> io::Result<(Committer, Recov
     }
     segments.sort_unstable();
 
-    let mut live: HashMap<String, SpoolRecord> = HashMap::new();
+    let mut live: HashMap<String, MessageRecord> = HashMap::new();
+    let mut finished: Vec<StatusRecord> = Vec::new();
     for &number in &segments {
         let name = segment_name(number);
         let data = fs::read(journal.join(&name))?;
@@ -309,11 +273,16 @@ fn recover(directory: &Path, segment_bytes: u64) -> io::Result<(Committer, Recov
                     payload,
                 } => match decode(payload) {
                     Ok(Entry::Store(record)) => {
-                        live.insert(record.message.id.clone(), record);
+                        live.insert(record.status.id.clone(), record);
                         continue;
                     }
                     Ok(Entry::Remove { id }) => {
                         live.remove(&id);
+                        continue;
+                    }
+                    Ok(Entry::Finish(status)) => {
+                        live.remove(&status.id);
+                        finished.push(status);
                         continue;
                     }
                     Err(reason) => (offset, offset + length, reason),
@@ -338,25 +307,54 @@ fn recover(directory: &Path, segment_bytes: u64) -> io::Result<(Committer, Recov
     if recovered.corrupt > 0 {
         sync_directory(&corrupt)?;
     }
-    for dead in &recovered.dead {
-        live.remove(&dead.message.id);
+    for record in dead {
+        let id = record.status.id.clone();
+        match live.get(&id) {
+            // Queued again by hand after it failed: finish deleting it.
+            Some(newer) if newer.status.revision > record.status.revision => {
+                remove_dead_letter(directory, &id)?;
+            }
+            _ => {
+                live.remove(&id);
+                recovered.dead.push(record);
+            }
+        }
     }
     recovered.pending = live.into_values().collect();
     // Oldest first, so recovery keeps the acceptance order.
-    recovered
-        .pending
-        .sort_by(|a, b| (a.created_at_ms, &a.message.id).cmp(&(b.created_at_ms, &b.message.id)));
+    recovered.pending.sort_by(|a, b| {
+        (a.status.created_at_ms, &a.status.id).cmp(&(b.status.created_at_ms, &b.status.id))
+    });
 
-    let mut committer = Committer::new(&journal, &segments, segment_bytes);
+    // The finish records are about to go with their segments: their
+    // statuses must be in the finished log, durably, first.
+    let known: HashMap<&str, &StatusRecord> = logged
+        .iter()
+        .map(|record| (record.id.as_str(), record))
+        .collect();
+    for status in &finished {
+        if known.get(status.id.as_str()) != Some(&status) {
+            finished_log.append(status)?;
+        }
+    }
+    finished_log.sync()?;
+    recovered.finished = finished;
+
+    let sync_log = Arc::clone(finished_log);
+    let mut committer = Committer::new(
+        &journal,
+        &segments,
+        segment_bytes,
+        Box::new(move || sync_log.sync()),
+    );
     let frames = recovered
         .pending
         .iter()
         .map(|record| {
-            let frame = frame::encode(|buffer| {
-                serde_json::to_writer(&mut *buffer, &EntryRef::Store(record))
-                    .map_err(io::Error::other)
-            })?;
-            Ok((frame, Change::Store(record.message.id.clone())))
+            Ok((
+                encode(&EntryRef::Store(record))?,
+                Change::Store(record.status.id.clone()),
+            ))
         })
         .collect::<io::Result<Vec<_>>>()?;
     committer.append(
@@ -371,17 +369,27 @@ fn recover(directory: &Path, segment_bytes: u64) -> io::Result<(Committer, Recov
 
 fn decode(payload: &[u8]) -> Result<Entry, String> {
     let entry: Entry = serde_json::from_slice(payload).map_err(|error| error.to_string())?;
-    if let Entry::Store(record) = &entry {
-        check_record(record)?;
+    match entry {
+        Entry::Store(record) => {
+            let record = record.complete();
+            check_record(&record)?;
+            Ok(Entry::Store(record))
+        }
+        other => Ok(other),
     }
-    Ok(entry)
 }
 
 /// What every kept record must satisfy (its id also names a dead letter file).
-fn check_record(record: &SpoolRecord) -> Result<(), String> {
+fn check_record(record: &MessageRecord) -> Result<(), String> {
     let id = &record.message.id;
     if id.is_empty() || !id.bytes().all(|byte| byte.is_ascii_alphanumeric()) {
         return Err(format!("invalid message id {id:?}"));
+    }
+    if record.status.id != *id {
+        return Err(format!(
+            "message {id} has a status for {:?}",
+            record.status.id
+        ));
     }
     if record.message.recipients.is_empty() {
         return Err(format!("message {id} has no recipients"));
@@ -410,26 +418,23 @@ fn write_file_durably(path: &Path, bytes: &[u8]) -> io::Result<()> {
     file.sync_all()
 }
 
-fn write_durably(directory: &Path, sub: &str, record: &SpoolRecord) -> io::Result<()> {
+fn write_durably(directory: &Path, sub: &str, record: &MessageRecord) -> io::Result<()> {
     let bytes = serde_json::to_vec(record).map_err(io::Error::other)?;
-    let temporary =
-        directory
-            .join("tmp")
-            .join(format!("{}.{:016x}", record.message.id, random_u64()));
+    let id = &record.status.id;
+    let temporary = directory
+        .join("tmp")
+        .join(format!("{id}.{:016x}", random_u64()));
     write_file_durably(&temporary, &bytes)?;
-    fs::rename(
-        &temporary,
-        directory
-            .join(sub)
-            .join(format!("{}.json", record.message.id)),
-    )?;
+    fs::rename(&temporary, directory.join(sub).join(format!("{id}.json")))?;
     // The rename is durable only once the directory is.
     sync_directory(&directory.join(sub))
 }
 
-fn read_record(path: &Path) -> Result<SpoolRecord, String> {
+fn read_record(path: &Path) -> Result<MessageRecord, String> {
     let bytes = fs::read(path).map_err(|error| error.to_string())?;
-    let record: SpoolRecord = serde_json::from_slice(&bytes).map_err(|error| error.to_string())?;
+    let record: MessageRecord =
+        serde_json::from_slice(&bytes).map_err(|error| error.to_string())?;
+    let record = record.complete();
     check_record(&record)?;
     let expected = path
         .file_stem()
@@ -442,28 +447,45 @@ fn read_record(path: &Path) -> Result<SpoolRecord, String> {
 }
 
 #[cfg(test)]
-mod tests {
+pub(super) mod tests {
     use super::*;
 
-    fn record(id: &str, attempts: u32) -> SpoolRecord {
-        SpoolRecord {
-            message: OutgoingMessage {
+    use crate::message::OutgoingMessage;
+    use crate::status::State;
+
+    fn record(id: &str, attempts: u32) -> MessageRecord {
+        let mut status = StatusRecord::new(
+            id.to_string(),
+            1_000 + attempts as u64,
+            vec!["user@example.org".into()],
+        );
+        status.attempts = attempts;
+        status.updated_at_ms = 2_000;
+        status.next_attempt_at_ms = (attempts > 0).then_some(3_000);
+        status.last_error = (attempts > 0).then(|| "451 busy".to_string());
+        status.revision = u64::from(attempts);
+        if attempts > 0 {
+            status.set_state(State::Retrying);
+        }
+        MessageRecord {
+            message: Arc::new(OutgoingMessage {
                 id: id.to_string(),
                 envelope_from: "app@example.com".into(),
                 recipients: vec!["user@example.org".into()],
                 content: format!("Subject: {id}\r\n\r\nhello\r\n"),
-            },
-            attempts,
-            created_at_ms: 1_000 + attempts as u64,
-            updated_at_ms: 2_000,
-            next_attempt_at_ms: (attempts > 0).then_some(3_000),
-            last_error: (attempts > 0).then(|| "451 busy".to_string()),
-            idempotency_key: None,
+            }),
+            status,
         }
     }
 
-    /// A fresh directory for one test (also used by `sent`'s tests).
-    pub(super) fn empty_directory(name: &str) -> PathBuf {
+    fn finished(id: &str, state: State) -> StatusRecord {
+        let mut status = record(id, 0).status;
+        status.set_state(state);
+        status
+    }
+
+    /// A fresh directory for one test (also used by `finished`'s tests).
+    pub(in crate::store) fn empty_directory(name: &str) -> PathBuf {
         let directory = std::env::temp_dir().join(format!(
             "mailroom-spool-{}-{name}-{:x}",
             std::process::id(),
@@ -477,15 +499,15 @@ mod tests {
     /// Small segments keep the zero-fill (and the tests) quick.
     const TEST_SEGMENT_BYTES: u64 = 64 << 10;
 
-    fn open(directory: &Path) -> (Spool, Recovered) {
-        Spool::open_directory(directory, TEST_SEGMENT_BYTES, 100).unwrap()
+    fn open(directory: &Path) -> (Journal, Recovered) {
+        Journal::open(directory, TEST_SEGMENT_BYTES, 100).unwrap()
     }
 
     fn pending_ids(recovered: &Recovered) -> Vec<String> {
         let mut ids: Vec<String> = recovered
             .pending
             .iter()
-            .map(|record| record.message.id.clone())
+            .map(|record| record.status.id.clone())
             .collect();
         ids.sort();
         ids
@@ -505,11 +527,11 @@ mod tests {
         let directory = empty_directory("latest");
         let (spool, recovered) = open(&directory);
         assert!(recovered.pending.is_empty() && recovered.dead.is_empty());
-        spool.store(&record("a", 0)).unwrap();
-        spool.store(&record("b", 0)).unwrap();
-        spool.store(&record("c", 0)).unwrap();
-        spool.store(&record("a", 2)).unwrap();
-        spool.remove("b").unwrap();
+        spool.store(&[&record("a", 0)]).unwrap();
+        spool.store(&[&record("b", 0)]).unwrap();
+        spool.store(&[&record("c", 0)]).unwrap();
+        spool.store(&[&record("a", 2)]).unwrap();
+        spool.finish(&finished("b", State::Sent)).unwrap();
         spool.dead_letter(&record("c", 1)).unwrap();
         drop(spool);
 
@@ -524,7 +546,7 @@ mod tests {
     fn one_process_at_a_time() {
         let directory = empty_directory("lock");
         let (spool, _) = open(&directory);
-        let error = Spool::open_directory(&directory, TEST_SEGMENT_BYTES, 100)
+        let error = Journal::open(&directory, TEST_SEGMENT_BYTES, 100)
             .err()
             .expect("a second open is refused");
         assert!(error.to_string().contains("in use"), "{error}");
@@ -536,7 +558,7 @@ mod tests {
     fn a_dead_letter_beats_the_journal_after_a_crash_in_between() {
         let directory = empty_directory("dead-wins");
         let (spool, _) = open(&directory);
-        spool.store(&record("x", 0)).unwrap();
+        spool.store(&[&record("x", 0)]).unwrap();
         drop(spool);
         // The dead letter was written, the journal's remove was not.
         write_durably(&directory, "dead", &record("x", 1)).unwrap();
@@ -550,7 +572,7 @@ mod tests {
         let directory = empty_directory("torn-source");
         let (spool, _) = open(&directory);
         for id in ["r1", "r2", "r3"] {
-            spool.store(&record(id, 0)).unwrap();
+            spool.store(&[&record(id, 0)]).unwrap();
         }
         drop(spool);
         let [segment] = segments(&directory).try_into().unwrap();
@@ -601,7 +623,7 @@ mod tests {
     fn garbage_between_records_and_stray_files_are_set_aside() {
         let directory = empty_directory("garbage");
         let (spool, _) = open(&directory);
-        spool.store(&record("before", 0)).unwrap();
+        spool.store(&[&record("before", 0)]).unwrap();
         drop(spool);
         let [segment] = segments(&directory).try_into().unwrap();
         let mut data = fs::read(&segment).unwrap();
@@ -612,7 +634,7 @@ mod tests {
         );
         fs::write(&segment, &data).unwrap();
         let (spool, _) = open(&directory);
-        spool.store(&record("after", 0)).unwrap();
+        spool.store(&[&record("after", 0)]).unwrap();
         drop(spool);
         // Garbage again, this time in the middle of the newest segment.
         let newest = segments(&directory).pop().unwrap();
@@ -654,14 +676,14 @@ mod tests {
     #[test]
     fn finished_segments_are_deleted_and_pinned_records_copied_forward() {
         let directory = empty_directory("compact");
-        let (spool, _) = Spool::open_directory(&directory, 2048, 100).unwrap();
-        spool.store(&record("pinned", 0)).unwrap();
+        let (spool, _) = Journal::open(&directory, 2048, 100).unwrap();
+        spool.store(&[&record("pinned", 0)]).unwrap();
         for round in 0..300 {
             let id = format!("m{round}");
-            spool.store(&record(&id, 0)).unwrap();
-            spool.remove(&id).unwrap();
+            spool.store(&[&record(&id, 0)]).unwrap();
+            spool.finish(&finished(&id, State::Sent)).unwrap();
             if round == 150 {
-                spool.store(&record("pinned", 3)).unwrap();
+                spool.store(&[&record("pinned", 3)]).unwrap();
             }
             // Sealed segments stay bounded although "pinned" never finishes.
             assert!(segments(&directory).len() <= 6, "round {round}");
@@ -678,10 +700,10 @@ mod tests {
         let directory = empty_directory("recovery-crash");
         let (spool, _) = open(&directory);
         for id in ["a", "b", "c"] {
-            spool.store(&record(id, 0)).unwrap();
+            spool.store(&[&record(id, 0)]).unwrap();
         }
-        spool.remove("b").unwrap();
-        spool.store(&record("a", 1)).unwrap();
+        spool.finish(&finished("b", State::Sent)).unwrap();
+        spool.store(&[&record("a", 1)]).unwrap();
         drop(spool);
         let old: Vec<(PathBuf, Vec<u8>)> = segments(&directory)
             .into_iter()

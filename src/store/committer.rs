@@ -73,15 +73,21 @@ impl Queue {
             .unwrap_or_else(|poisoned| poisoned.into_inner())
     }
 
-    /// Adds a frame and waits until the batch holding it is on disk.
-    pub(super) fn commit(&self, frame: Vec<u8>, change: Change) -> io::Result<()> {
+    /// Adds frames and waits until the batch holding them is on disk (all
+    /// of them go into the same batch: one fsync for a whole request).
+    pub(super) fn commit(&self, frames: Vec<(Vec<u8>, Change)>) -> io::Result<()> {
         let stopped = || io::Error::other("the spool's journal thread has stopped");
+        if frames.is_empty() {
+            return Ok(());
+        }
+        let count = frames.len();
         let mut state = self.lock();
         if state.closed || state.stopped {
             return Err(stopped());
         }
-        state.pending.push((frame, change));
-        if state.pending.len() == 1 {
+        let was_empty = state.pending.is_empty();
+        state.pending.extend(frames);
+        if was_empty {
             self.work.notify_one();
         }
         let batch = state.open;
@@ -96,7 +102,7 @@ impl Queue {
         let Some(failure) = state.failures.get_mut(&batch) else {
             return Ok(());
         };
-        failure.2 -= 1;
+        failure.2 = failure.2.saturating_sub(count);
         let error = io::Error::new(failure.0, failure.1.clone());
         if failure.2 == 0 {
             state.failures.remove(&batch);
@@ -143,6 +149,9 @@ pub(super) struct Committer {
     /// their latest record in it.
     live: BTreeMap<u64, usize>,
     index: HashMap<String, Location>,
+    /// Runs before a segment is deleted: what its records say must be
+    /// durable elsewhere by then (see `journal`'s finished log).
+    before_delete: Box<dyn FnMut() -> io::Result<()> + Send>,
 }
 
 /// A segment's file name: its number, zero-padded so names sort in order.
@@ -161,8 +170,14 @@ pub(super) fn segment_number(name: &str) -> Option<u64> {
 impl Committer {
     /// A writer for `directory`, where `existing` segments (all older than
     /// any new one) are still on disk and hold nothing live yet.
-    pub(super) fn new(directory: &Path, existing: &[u64], segment_bytes: u64) -> Committer {
+    pub(super) fn new(
+        directory: &Path,
+        existing: &[u64],
+        segment_bytes: u64,
+        before_delete: Box<dyn FnMut() -> io::Result<()> + Send>,
+    ) -> Committer {
         Committer {
+            before_delete,
             directory: directory.to_path_buf(),
             segment_bytes,
             active: None,
@@ -347,6 +362,10 @@ impl Committer {
         let active = self.active.as_ref().map(|active| active.number);
         while let Some((&oldest, &count)) = self.live.first_key_value() {
             if count > 0 || Some(oldest) == active {
+                return;
+            }
+            if let Err(error) = (self.before_delete)() {
+                log::error!("spool: journal segments kept: {error}");
                 return;
             }
             let path = self.directory.join(segment_name(oldest));

@@ -1,37 +1,23 @@
-//! Delivered messages, remembered across restarts so that their status
-//! stays readable and a repeated `Idempotency-Key` still finds them.
+//! Finished messages (sent, cancelled, suppressed, and the statuses of
+//! failed ones), remembered across restarts so that their status and
+//! events stay readable and a repeated `Idempotency-Key` still finds them.
 //!
 //! Two files of JSON lines in the spool directory: `sent.log`, appended to,
 //! and `sent.old`; when `sent.log` holds `kept` lines it replaces
 //! `sent.old`, so between `kept` and `2 × kept` of the latest are on disk.
-//! Appends are not fsync'd: the messages are delivered already, and a crash
-//! can at worst forget the last few (their status reads 404 afterwards).
+//! Appends are not fsync'd one by one: each finish is also a journal record
+//! (fsync'd), and the log is synced before the journal segment holding
+//! that record is deleted (see `journal`).
 
 use std::fs::{self, File};
 use std::io::{self, BufRead, BufReader, Write};
 use std::path::{Path, PathBuf};
 use std::sync::Mutex;
 
-use serde::{Deserialize, Serialize};
-
-/// What is kept of a delivered message.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
-pub struct SentRecord {
-    pub id: String,
-    /// Attempts it took.
-    pub attempts: u32,
-    /// Acceptance time, milliseconds since the Unix epoch.
-    pub created_at_ms: u64,
-    /// Delivery time, milliseconds since the Unix epoch.
-    pub updated_at_ms: u64,
-    /// Recipients the relay refused, if any.
-    pub last_error: Option<String>,
-    /// The client's `Idempotency-Key`.
-    pub idempotency_key: Option<String>,
-}
+use super::record::StatusRecord;
 
 /// The open `sent.log`.
-pub struct SentLog {
+pub(super) struct FinishedLog {
     directory: PathBuf,
     kept: usize,
     current: Mutex<Current>,
@@ -42,10 +28,13 @@ struct Current {
     lines: usize,
 }
 
-impl SentLog {
+impl FinishedLog {
     /// Opens the log in `directory`, keeping at least `kept` records; returns
     /// the latest `kept` records found, oldest first.
-    pub fn open(directory: &Path, kept: usize) -> io::Result<(SentLog, Vec<SentRecord>)> {
+    pub(super) fn open(
+        directory: &Path,
+        kept: usize,
+    ) -> io::Result<(FinishedLog, Vec<StatusRecord>)> {
         let kept = kept.max(1);
         let (old, _) = read_lines(&directory.join("sent.old"))?;
         let (mut records, lines) = read_lines(&directory.join("sent.log"))?;
@@ -62,7 +51,7 @@ impl SentLog {
         if ends_unterminated(&mut file)? {
             file.write_all(b"\n")?;
         }
-        let log = SentLog {
+        let log = FinishedLog {
             directory: directory.to_path_buf(),
             kept,
             current: Mutex::new(Current { file, lines }),
@@ -71,7 +60,7 @@ impl SentLog {
     }
 
     /// Appends a record; rotates the files when `sent.log` is full.
-    pub fn append(&self, record: &SentRecord) -> io::Result<()> {
+    pub(super) fn append(&self, record: &StatusRecord) -> io::Result<()> {
         let mut line = serde_json::to_vec(record).map_err(io::Error::other)?;
         line.push(b'\n');
         let mut current = self
@@ -95,6 +84,19 @@ impl SentLog {
     }
 }
 
+impl FinishedLog {
+    /// Makes every line appended so far durable.
+    pub(super) fn sync(&self) -> io::Result<()> {
+        self.current
+            .lock()
+            .unwrap_or_else(|poisoned| poisoned.into_inner())
+            .file
+            .sync_data()?;
+        // A rotation renamed sent.log into sent.old; make that durable too.
+        super::committer::sync_directory(&self.directory)
+    }
+}
+
 /// True when the file is not empty and its last byte is not a line end.
 fn ends_unterminated(file: &mut File) -> io::Result<bool> {
     use std::io::{Read, Seek, SeekFrom};
@@ -109,7 +111,7 @@ fn ends_unterminated(file: &mut File) -> io::Result<bool> {
 
 /// The records of one file, and how many lines it has. A line that does not
 /// parse (a write cut short by a crash) is skipped.
-fn read_lines(path: &Path) -> io::Result<(Vec<SentRecord>, usize)> {
+fn read_lines(path: &Path) -> io::Result<(Vec<StatusRecord>, usize)> {
     let file = match File::open(path) {
         Ok(file) => file,
         Err(error) if error.kind() == io::ErrorKind::NotFound => return Ok((Vec::new(), 0)),
@@ -133,24 +135,20 @@ fn read_lines(path: &Path) -> io::Result<(Vec<SentRecord>, usize)> {
 
 #[cfg(test)]
 mod tests {
-    use super::{SentLog, SentRecord};
-    use crate::spool::tests::empty_directory;
+    use super::{FinishedLog, StatusRecord};
+    use crate::store::journal::tests::empty_directory;
 
-    fn record(id: &str) -> SentRecord {
-        SentRecord {
-            id: id.into(),
-            attempts: 1,
-            created_at_ms: 1,
-            updated_at_ms: 2,
-            last_error: None,
-            idempotency_key: Some(format!("key-{id}")),
-        }
+    fn record(id: &str) -> StatusRecord {
+        let mut record = StatusRecord::new(id.into(), 1, vec!["a@example.org".into()]);
+        record.attempts = 1;
+        record.idempotency_key = Some(format!("key-{id}"));
+        record
     }
 
     #[test]
     fn keeps_the_latest_across_reopening_and_rotation() {
         let directory = empty_directory("sent-log");
-        let (log, found) = SentLog::open(&directory, 3).unwrap();
+        let (log, found) = FinishedLog::open(&directory, 3).unwrap();
         assert!(found.is_empty());
         for id in ["a", "b", "c", "d", "e"] {
             log.append(&record(id)).unwrap();
@@ -162,12 +160,12 @@ mod tests {
             .open(directory.join("sent.log"))
             .and_then(|mut file| std::io::Write::write_all(&mut file, b"{\"id\":\"f\",\"att"))
             .unwrap();
-        let (log, found) = SentLog::open(&directory, 3).unwrap();
+        let (log, found) = FinishedLog::open(&directory, 3).unwrap();
         let ids: Vec<&str> = found.iter().map(|record| record.id.as_str()).collect();
         assert_eq!(ids, ["c", "d", "e"]);
         assert_eq!(found[2], record("e"));
         log.append(&record("g")).unwrap();
-        let (_, found) = SentLog::open(&directory, 3).unwrap();
+        let (_, found) = FinishedLog::open(&directory, 3).unwrap();
         let ids: Vec<&str> = found.iter().map(|record| record.id.as_str()).collect();
         assert_eq!(ids, ["d", "e", "g"]);
         let _ = std::fs::remove_dir_all(&directory);

@@ -1,6 +1,6 @@
-//! The retry scheduler: one thread holding messages that failed
-//! transiently in a min-heap of due times, re-sending each into the work
-//! channel when due.
+//! The schedule: one thread holding messages until they are due (retries
+//! after a transient failure) in a min-heap of due times, handing each to
+//! the work channel when due.
 //!
 //! It never blocks on the work channel (`try_send`): the original design
 //! deadlocked when workers blocked re-enqueueing into a queue only they
@@ -15,24 +15,7 @@ use std::time::{Duration, Instant};
 
 use crossbeam_channel::{Receiver, RecvTimeoutError, Sender, TrySendError};
 
-use crate::message::random_u64;
-use crate::pool::Job;
-
-/// How long a message waits before its next attempt, after `attempts`
-/// attempts: `base * 2^(attempts-1)`, capped at `max`, with equal jitter (a
-/// random delay between half and all of that).
-pub fn backoff(base: Duration, max: Duration, attempts: u32) -> Duration {
-    let exponent = attempts.saturating_sub(1).min(40);
-    let full = base.saturating_mul(1u32 << exponent.min(31)).min(max);
-    let full = if exponent > 31 { max } else { full };
-    let half = full / 2;
-    let spread = (full - half).as_millis() as u64;
-    half + Duration::from_millis(if spread == 0 {
-        0
-    } else {
-        random_u64() % (spread + 1)
-    })
-}
+use crate::job::Job;
 
 pub(crate) enum Command {
     Schedule(Instant, Job),
@@ -66,27 +49,27 @@ impl Ord for Due {
     }
 }
 
-/// Handle to the scheduler thread.
-pub(crate) struct RetryScheduler {
+/// Handle to the schedule's thread.
+pub(crate) struct Schedule {
     commands: Sender<Command>,
 }
 
 /// A message could not be scheduled because the scheduler has stopped.
 pub(crate) struct Stopped(pub Job);
 
-impl RetryScheduler {
+impl Schedule {
     /// Starts the thread. `depth` tracks how many messages it holds.
     pub(crate) fn start(
         work: Sender<Job>,
         depth: Arc<AtomicUsize>,
-    ) -> std::io::Result<(RetryScheduler, JoinHandle<()>)> {
+    ) -> std::io::Result<(Schedule, JoinHandle<()>)> {
         // Unbounded on purpose: what it holds is bounded by the queue
         // capacity, and a worker must never block handing a message over.
         let (commands, receiver) = crossbeam_channel::unbounded();
         let handle = std::thread::Builder::new()
-            .name("retry".into())
+            .name("schedule".into())
             .spawn(move || run(receiver, work, depth))?;
-        Ok((RetryScheduler { commands }, handle))
+        Ok((Schedule { commands }, handle))
     }
 
     /// Holds `job` until `at`, then sends it to the workers.
@@ -151,34 +134,5 @@ fn run(commands: Receiver<Command>, work: Sender<Job>, depth: Arc<AtomicUsize>) 
             }
         }
         depth.store(heap.len(), Ordering::Relaxed);
-    }
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn backoff_doubles_with_equal_jitter_and_cap() {
-        let base = Duration::from_millis(1000);
-        let max = Duration::from_millis(5000);
-        for _ in 0..200 {
-            let first = backoff(base, max, 1);
-            assert!(
-                first >= Duration::from_millis(500) && first <= base,
-                "{first:?}"
-            );
-            let third = backoff(base, max, 3);
-            assert!(
-                third >= Duration::from_millis(2000) && third <= Duration::from_millis(4000),
-                "{third:?}"
-            );
-            let capped = backoff(base, max, 30);
-            assert!(
-                capped >= Duration::from_millis(2500) && capped <= max,
-                "{capped:?}"
-            );
-            assert!(backoff(base, max, 1000) <= max);
-        }
     }
 }

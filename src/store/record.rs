@@ -1,0 +1,169 @@
+//! How a message is kept: [`StatusRecord`] (everything the API shows about
+//! it) and [`MessageRecord`] (that and the built message, while it may
+//! still be sent). Both are written as JSON; fields added since the first
+//! release default, so older spools still read.
+
+use std::collections::{BTreeMap, VecDeque};
+use std::sync::Arc;
+
+use serde::{Deserialize, Serialize};
+
+use crate::message::OutgoingMessage;
+use crate::status::{Event, MessageStatus, State};
+use crate::time::from_millis;
+
+/// A message keeps at most this many events (its latest).
+pub const MAX_EVENTS: usize = 50;
+
+/// Everything known about a message except its content.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct StatusRecord {
+    /// The message id.
+    #[serde(default)]
+    pub id: String,
+    /// `None` in records written before states were recorded: then it is
+    /// derived (see [`StatusRecord::state`]).
+    #[serde(default, skip_serializing_if = "Option::is_none", rename = "state")]
+    pub recorded_state: Option<State>,
+    /// Attempts started, the current one included.
+    pub attempts: u32,
+    /// Acceptance time, milliseconds since the Unix epoch.
+    pub created_at_ms: u64,
+    /// Last change, milliseconds since the Unix epoch.
+    pub updated_at_ms: u64,
+    /// When the next attempt (or the scheduled send) is due.
+    #[serde(default)]
+    pub next_attempt_at_ms: Option<u64>,
+    /// Last failure.
+    #[serde(default)]
+    pub last_error: Option<String>,
+    /// The client's `Idempotency-Key`.
+    #[serde(default)]
+    pub idempotency_key: Option<String>,
+    /// Digest of the request that used the key (a repeat must match it).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub fingerprint: Option<String>,
+    /// Every envelope recipient (for the list's filter).
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub recipients: Vec<String>,
+    /// Recipients still to deliver to; `None`: all of them.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub pending: Option<Vec<String>>,
+    /// The client's tags.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub tags: Vec<String>,
+    /// The client's metadata.
+    #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
+    pub metadata: BTreeMap<String, String>,
+    /// Recipients refused for good so far, each with the relay's reply.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub refused: Vec<String>,
+    /// The latest events, oldest first.
+    #[serde(default, skip_serializing_if = "VecDeque::is_empty")]
+    pub events: VecDeque<Event>,
+    /// Counts the durable writes of this message: of two records of it
+    /// found at a restart (a dead letter and a journal record), the higher
+    /// revision is the later one.
+    #[serde(default)]
+    pub revision: u64,
+}
+
+impl StatusRecord {
+    /// A new message's status: `queued`, no attempts, no events.
+    pub fn new(id: String, created_at_ms: u64, recipients: Vec<String>) -> StatusRecord {
+        StatusRecord {
+            id,
+            recorded_state: Some(State::Queued),
+            attempts: 0,
+            created_at_ms,
+            updated_at_ms: created_at_ms,
+            next_attempt_at_ms: None,
+            last_error: None,
+            idempotency_key: None,
+            fingerprint: None,
+            recipients,
+            pending: None,
+            tags: Vec::new(),
+            metadata: BTreeMap::new(),
+            refused: Vec::new(),
+            events: VecDeque::new(),
+            revision: 0,
+        }
+    }
+
+    /// The message's state. Records from before states were recorded are
+    /// either journal records (waiting: `retrying` when a time is due,
+    /// else `queued`) or sent-log lines (`sent`); `finished` says which.
+    pub fn state_or(&self, finished: State) -> State {
+        match self.recorded_state {
+            Some(state) => state,
+            None if finished.is_finished() => finished,
+            None if self.next_attempt_at_ms.is_some() => State::Retrying,
+            None => State::Queued,
+        }
+    }
+
+    /// The recorded state (`queued` when none was recorded).
+    pub fn state(&self) -> State {
+        self.state_or(State::Queued)
+    }
+
+    /// Sets the state.
+    pub fn set_state(&mut self, state: State) {
+        self.recorded_state = Some(state);
+    }
+
+    /// Adds an event, forgetting the oldest beyond [`MAX_EVENTS`].
+    pub fn push_event(&mut self, event: Event) {
+        self.events.push_back(event);
+        while self.events.len() > MAX_EVENTS {
+            self.events.pop_front();
+        }
+    }
+
+    /// Recipients still to deliver to.
+    pub fn pending_recipients(&self) -> &[String] {
+        self.pending.as_deref().unwrap_or(&self.recipients)
+    }
+
+    /// The public view.
+    pub fn to_status(&self) -> MessageStatus {
+        MessageStatus {
+            id: self.id.clone(),
+            state: self.state(),
+            attempts: self.attempts,
+            last_error: self.last_error.clone(),
+            created_at: from_millis(self.created_at_ms),
+            updated_at: from_millis(self.updated_at_ms),
+            next_attempt_at: self.next_attempt_at_ms.map(from_millis),
+            recipients: self.recipients.clone(),
+            tags: self.tags.clone(),
+            metadata: self.metadata.clone(),
+            events: self.events.iter().cloned().collect(),
+        }
+    }
+}
+
+/// A message that may still be sent: its content and its status.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct MessageRecord {
+    /// The built message.
+    pub message: Arc<OutgoingMessage>,
+    /// Its status (`id` and `recipients` are taken from the message when
+    /// read from older records).
+    #[serde(flatten)]
+    pub status: StatusRecord,
+}
+
+impl MessageRecord {
+    /// Fills what older records left out, from the message itself.
+    pub fn complete(mut self) -> MessageRecord {
+        if self.status.id.is_empty() {
+            self.status.id = self.message.id.clone();
+        }
+        if self.status.recipients.is_empty() {
+            self.status.recipients = self.message.recipients.clone();
+        }
+        self
+    }
+}
