@@ -328,6 +328,18 @@ impl Index {
             .map(|entry| entry.record.clone())
     }
 
+    /// How many events a message has had (0 for an unknown one).
+    pub(crate) fn events_total(&self, id: &str) -> u64 {
+        id_key(id)
+            .and_then(|key| {
+                self.lock()
+                    .entries
+                    .get(&key)
+                    .map(|entry| entry.record.events_total)
+            })
+            .unwrap_or(0)
+    }
+
     /// The content kept for a failed message in memory mode.
     pub(crate) fn dead_letter(&self, id: &str) -> Option<Arc<OutgoingMessage>> {
         let key = id_key(id)?;

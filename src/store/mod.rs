@@ -22,6 +22,7 @@ use std::sync::{Arc, Mutex};
 use std::time::{Instant, SystemTime};
 
 use crate::config::SpoolSetting;
+use crate::message::OutgoingMessage;
 use crate::status::{Event, EventKind, State};
 use crate::time::to_millis;
 use index::Index;
@@ -41,10 +42,19 @@ pub(crate) enum ActionRefusal {
     Io(io::Error),
 }
 
+/// Told of every change of a message's status that added events, after
+/// the change is recorded (durably, when it is spooled). Called on the
+/// thread making the change (a worker, a request): it must not block.
+pub(crate) trait Observer: Send + Sync {
+    /// `status` is the message's new status; `new_events` what happened.
+    fn changed(&self, status: &StatusRecord, new_events: &[&Event]);
+}
+
 /// The state of every message, kept in memory and on disk.
 pub(crate) struct Store {
     journal: Option<Journal>,
     index: Index,
+    observers: std::sync::RwLock<Vec<Arc<dyn Observer>>>,
     /// The last write to the spool failed, and why; cleared by the next
     /// one that works.
     write_error: Mutex<Option<String>>,
@@ -91,10 +101,53 @@ impl Store {
         let store = Store {
             journal,
             index,
+            observers: std::sync::RwLock::new(Vec::new()),
             write_error: Mutex::new(None),
             write_failed: AtomicBool::new(false),
         };
         Ok((store, pending, corrupt))
+    }
+
+    /// Adds an observer of every change from now on.
+    #[allow(dead_code)] // webhooks, next
+    pub(crate) fn subscribe(&self, observer: Arc<dyn Observer>) {
+        self.observers
+            .write()
+            .unwrap_or_else(|poisoned| poisoned.into_inner())
+            .push(observer);
+    }
+
+    /// Shows a recorded change: the index first, then the observers.
+    fn show(&self, status: StatusRecord, dead_letter: Option<Arc<OutgoingMessage>>) {
+        let before = self.index.events_total(&status.id);
+        let observers = self
+            .observers
+            .read()
+            .unwrap_or_else(|poisoned| poisoned.into_inner());
+        if observers.is_empty() || status.events_total <= before {
+            self.index.put(status, dead_letter);
+            return;
+        }
+        let noted = status.clone();
+        self.index.put(status, dead_letter);
+        let new_events: Vec<&Event> = noted.events_since(before).collect();
+        for observer in observers.iter() {
+            observer.changed(&noted, &new_events);
+        }
+    }
+
+    /// Tells the observers of the last `count` events of `status`.
+    fn notify(&self, status: &StatusRecord, count: u64) {
+        let observers = self
+            .observers
+            .read()
+            .unwrap_or_else(|poisoned| poisoned.into_inner());
+        let new_events: Vec<&Event> = status
+            .events_since(status.events_total.saturating_sub(count))
+            .collect();
+        for observer in observers.iter() {
+            observer.changed(status, &new_events);
+        }
     }
 
     /// True when messages survive a restart.
@@ -135,7 +188,7 @@ impl Store {
             self.written(journal.store(&all))?;
         }
         for record in records {
-            self.index.put(record.status.clone(), None);
+            self.show(record.status.clone(), None);
         }
         Ok(())
     }
@@ -143,7 +196,7 @@ impl Store {
     /// Shows a message that is sent and waited for (`/api/mail/v2`): not
     /// spooled, the caller learns the outcome.
     pub(crate) fn track(&self, status: StatusRecord) {
-        self.index.put(status, None);
+        self.show(status, None);
     }
 
     /// A worker takes a message for attempt `attempt`; refused (with the
@@ -176,7 +229,7 @@ impl Store {
                 self.written(journal.store(&[&record]))?;
             }
         }
-        self.index.put(record.status, None);
+        self.show(record.status, None);
         Ok(())
     }
 
@@ -189,7 +242,7 @@ impl Store {
                 self.written(journal.finish(&status))?;
             }
         }
-        self.index.put(status, None);
+        self.show(status, None);
         Ok(())
     }
 
@@ -205,7 +258,7 @@ impl Store {
             }
             _ => Some(Arc::clone(&record.message)),
         };
-        self.index.put(record.status, keep_in_memory);
+        self.show(record.status, keep_in_memory);
         Ok(())
     }
 
@@ -231,6 +284,7 @@ impl Store {
                 return Err(ActionRefusal::Io(error));
             }
         }
+        self.notify(&status, 1);
         Ok(status)
     }
 
@@ -289,7 +343,7 @@ impl Store {
                 return Err(ActionRefusal::Io(error));
             }
         }
-        self.index.put(status, None);
+        self.show(status, None);
         Ok(record)
     }
 

@@ -61,6 +61,11 @@ pub struct StatusRecord {
     /// The latest events, oldest first.
     #[serde(default, skip_serializing_if = "VecDeque::is_empty")]
     pub events: VecDeque<Event>,
+    /// Events ever added (the oldest beyond [`MAX_EVENTS`] are forgotten,
+    /// this count is not): a change's new events are the last
+    /// `after.events_total - before.events_total` ones.
+    #[serde(default)]
+    pub events_total: u64,
     /// Counts the durable writes of this message: of two records of it
     /// found at a restart (a dead letter and a journal record), the higher
     /// revision is the later one.
@@ -87,6 +92,7 @@ impl StatusRecord {
             metadata: BTreeMap::new(),
             refused: Vec::new(),
             events: VecDeque::new(),
+            events_total: 0,
             revision: 0,
         }
     }
@@ -115,10 +121,19 @@ impl StatusRecord {
 
     /// Adds an event, forgetting the oldest beyond [`MAX_EVENTS`].
     pub fn push_event(&mut self, event: Event) {
+        self.events_total += 1;
         self.events.push_back(event);
         while self.events.len() > MAX_EVENTS {
             self.events.pop_front();
         }
+    }
+
+    /// The events added since `before` was this message's status.
+    pub fn events_since(&self, before: u64) -> impl Iterator<Item = &Event> {
+        let new = self.events_total.saturating_sub(before) as usize;
+        self.events
+            .iter()
+            .skip(self.events.len().saturating_sub(new))
     }
 
     /// Recipients still to deliver to.
