@@ -30,6 +30,7 @@ pub const VARIABLES: &[(&str, Option<&str>, &str)] = &[
     ("MAILROOM_SYNC_TIMEOUT_MS", Some("60000"), "how long POST /api/mail/v2 waits for an outcome"),
     ("MAILROOM_SHUTDOWN_TIMEOUT_MS", Some("30000"), "how long a stop waits for deliveries in flight"),
     ("MAILROOM_STATUS_RETENTION", Some("100000"), "finished message statuses kept for GET /api/mail/{id}"),
+    ("MAILROOM_SUPPRESS_ON_BOUNCE", Some("1"), "add addresses refused with 5.1.x (no such user) to the suppression list"),
     ("RUST_LOG", Some("info"), "log level (error, warn, info, debug, trace)"),
 ];
 
@@ -191,6 +192,8 @@ pub struct Config {
     /// this machine leaves the workers waiting on the network, where
     /// priority does not matter. See docs/performance.md.
     pub worker_niceness: i32,
+    /// Addresses refused with a permanent 5.1.x reply join the suppression list.
+    pub suppress_on_bounce: bool,
 }
 
 /// The workers' default niceness (see [`Config::worker_niceness`]).
@@ -289,6 +292,9 @@ impl Config {
             shutdown_timeout,
             status_retention,
             worker_niceness: DEFAULT_WORKER_NICENESS,
+            // Default on: unset means 1.
+            suppress_on_bounce: get("MAILROOM_SUPPRESS_ON_BOUNCE").is_none()
+                || flag(&get, "MAILROOM_SUPPRESS_ON_BOUNCE")?,
         })
     }
 
@@ -312,6 +318,7 @@ impl Config {
             shutdown_timeout: Duration::from_millis(30_000),
             status_retention: 100_000,
             worker_niceness: DEFAULT_WORKER_NICENESS,
+            suppress_on_bounce: true,
         }
     }
 

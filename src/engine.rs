@@ -19,7 +19,7 @@ use crate::store::{id_key, ActionRefusal, KeyClaim, MessageRecord, StatusRecord,
 use crate::time::{from_millis, to_millis};
 use crate::transport::TransportFactory;
 
-pub use crate::store::ListQuery;
+pub use crate::store::{ListQuery, Suppression};
 
 /// The engine could not start.
 #[derive(Debug)]
@@ -208,6 +208,53 @@ impl std::fmt::Display for ListError {
 }
 
 impl std::error::Error for ListError {}
+
+/// Why a change to the suppression list was not made.
+#[derive(Debug)]
+#[non_exhaustive]
+pub enum SuppressionError {
+    /// Not an email address (HTTP 400).
+    InvalidAddress(String),
+    /// The address is not on the list (HTTP 404).
+    NotFound(String),
+    /// The change could not be written to the spool (HTTP 503).
+    Spool(std::io::Error),
+}
+
+impl std::fmt::Display for SuppressionError {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            SuppressionError::InvalidAddress(address) => {
+                write!(f, "{address:?} is not an email address")
+            }
+            SuppressionError::NotFound(address) => {
+                write!(f, "{address:?} is not on the suppression list")
+            }
+            SuppressionError::Spool(error) => {
+                write!(f, "cannot record it in the spool: {error}")
+            }
+        }
+    }
+}
+
+impl std::error::Error for SuppressionError {
+    fn source(&self) -> Option<&(dyn std::error::Error + 'static)> {
+        match self {
+            SuppressionError::Spool(error) => Some(error),
+            _ => None,
+        }
+    }
+}
+
+/// One page of the suppression list, in address order.
+#[derive(Debug, Clone, PartialEq, Eq)]
+#[non_exhaustive]
+pub struct SuppressionPage {
+    /// The entries.
+    pub suppressions: Vec<Suppression>,
+    /// Pass this as the next cursor; `None` on the last page.
+    pub next_cursor: Option<String>,
+}
 
 /// An accepted message.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -398,6 +445,7 @@ impl Engine {
             control: Arc::clone(&inner.control),
             rate_limiter: RateLimiter::new(config.rate_limit),
             niceness: config.worker_niceness,
+            suppress_on_bounce: config.suppress_on_bounce,
         });
         let transports = (0..config.workers).map(|_| factory.transport()).collect();
         let workers =
@@ -712,6 +760,53 @@ impl Engine {
                 inner.dispatch.release();
                 Err(action_error(id, refusal))
             }
+        }
+    }
+
+    /// A page of the suppression list: up to `limit` (1 to 500) entries
+    /// after `cursor`.
+    pub fn suppressions(&self, cursor: Option<&str>, limit: usize) -> SuppressionPage {
+        let (suppressions, next_cursor) = self
+            .inner
+            .store
+            .suppressions()
+            .page(cursor, limit.clamp(1, ListQuery::MAX_LIMIT));
+        SuppressionPage {
+            suppressions,
+            next_cursor,
+        }
+    }
+
+    /// Puts an address on the suppression list (or updates its reason).
+    pub fn suppress(
+        &self,
+        address: &str,
+        reason: Option<String>,
+    ) -> Result<Suppression, SuppressionError> {
+        if address.trim().parse::<lettre::Address>().is_err() {
+            return Err(SuppressionError::InvalidAddress(address.to_string()));
+        }
+        let entry = self
+            .inner
+            .store
+            .suppressions()
+            .put(address, reason)
+            .map_err(SuppressionError::Spool)?;
+        log::info!("suppression list: an address was added by request");
+        log::debug!("suppression list: added {address}");
+        Ok(entry)
+    }
+
+    /// Takes an address off the suppression list.
+    pub fn unsuppress(&self, address: &str) -> Result<(), SuppressionError> {
+        match self.inner.store.suppressions().delete(address) {
+            Ok(true) => {
+                log::info!("suppression list: an address was removed by request");
+                log::debug!("suppression list: removed {address}");
+                Ok(())
+            }
+            Ok(false) => Err(SuppressionError::NotFound(address.to_string())),
+            Err(error) => Err(SuppressionError::Spool(error)),
         }
     }
 

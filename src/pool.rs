@@ -18,7 +18,7 @@ use crate::job::{decide, describe, AttemptOutcome, Decision, Job, RetryPolicy, W
 use crate::message::random_u64;
 use crate::metrics::{AttemptResult, Metrics};
 use crate::status::{Event, EventKind, State};
-use crate::store::{MessageRecord, Store};
+use crate::store::{MessageRecord, StatusRecord, Store};
 use crate::time::to_millis;
 use crate::transport::{Delivered, FailureKind, Transport};
 
@@ -100,6 +100,8 @@ pub(crate) struct WorkerContext {
     /// How much lower than the rest of the process the workers run (see
     /// `Config::worker_niceness`).
     pub niceness: i32,
+    /// Recipients refused with 5.1.x join the suppression list.
+    pub suppress_on_bounce: bool,
 }
 
 /// Starts the workers. They stop when `stop` is closed (after finishing the
@@ -227,6 +229,9 @@ fn deliver(context: &WorkerContext, transport: &mut Transport, mut job: Job) {
             return;
         }
     };
+    if skip_suppressed(context, &mut job, &mut status) {
+        return;
+    }
     job.attempts = attempt;
     let started_at = SystemTime::now();
     let started = Instant::now();
@@ -239,6 +244,9 @@ fn deliver(context: &WorkerContext, transport: &mut Transport, mut job: Job) {
         _ => context.health.ok(),
     }
     context.metrics.attempt(counted_result(&result), elapsed);
+    if context.suppress_on_bounce {
+        suppress_bounced(context, &id, &result);
+    }
     let (smtp_code, smtp_reply) = attempt_reply(&result);
     status.push_event(Event {
         at_ms: to_millis(started_at),
@@ -363,6 +371,100 @@ fn deliver(context: &WorkerContext, transport: &mut Transport, mut job: Job) {
                     smtp_code,
                 },
             );
+        }
+    }
+}
+
+/// Leaves out the recipients on the suppression list; when that is every
+/// one of them, the message ends `suppressed` without contacting the relay
+/// (true: nothing more to do).
+fn skip_suppressed(context: &WorkerContext, job: &mut Job, status: &mut StatusRecord) -> bool {
+    let suppressed: Vec<String> = context
+        .store
+        .suppressions()
+        .filter(&job.recipients)
+        .into_iter()
+        .cloned()
+        .collect();
+    if suppressed.is_empty() {
+        return false;
+    }
+    let id = job.id().to_string();
+    status.push_event(Event::now(EventKind::Suppressed {
+        recipients: suppressed.clone(),
+    }));
+    status.refused.extend(
+        suppressed
+            .iter()
+            .map(|address| format!("{address}: on the suppression list")),
+    );
+    job.recipients
+        .retain(|recipient| !suppressed.contains(recipient));
+    log::debug!("message {id}: suppressed recipients {suppressed:?}");
+    if !job.recipients.is_empty() {
+        log::info!(
+            "message {id}: {} recipients skipped (on the suppression list)",
+            suppressed.len()
+        );
+        return false;
+    }
+    // Not an attempt: the relay was not contacted.
+    status.attempts = job.attempts;
+    status.set_state(State::Suppressed);
+    status.pending = None;
+    status.last_error = Some(format!(
+        "every recipient is on the suppression list: {}",
+        status.refused.join("; ")
+    ));
+    log::info!("message {id}: suppressed, every recipient is on the suppression list");
+    let durable = !job.is_waited_for();
+    let error = status.last_error.clone();
+    if let Err(write_error) = context.store.finish(status.clone(), durable) {
+        log::error!("message {id}: suppressed, but not recorded in the spool: {write_error}");
+    }
+    context.dispatch.release();
+    answer(
+        job,
+        WaitedOutcome {
+            state: State::Suppressed,
+            error,
+            smtp_code: None,
+        },
+    );
+    true
+}
+
+/// Puts recipients the relay refused as unknown (5.1.x) on the suppression list.
+fn suppress_bounced(context: &WorkerContext, id: &str, result: &AttemptOutcome) {
+    let Ok(delivered) = result else {
+        return;
+    };
+    for refusal in &delivered.refused {
+        let unknown = refusal.reply.code >= 500
+            && refusal
+                .reply
+                .enhanced()
+                .is_some_and(|(class, subject, _)| class == 5 && subject == 1);
+        if !unknown {
+            continue;
+        }
+        let reason = refusal.reply.to_string();
+        match context
+            .store
+            .suppressions()
+            .add_if_absent(&refusal.recipient, &reason)
+        {
+            Ok(true) => {
+                log::info!(
+                    "message {id}: a refused recipient joins the suppression list ({reason})"
+                );
+                log::debug!(
+                    "message {id}: suppressed from now on: {}",
+                    refusal.recipient
+                );
+            }
+            Ok(false) => {}
+            Err(error) => log::error!("message {id}: cannot add to the suppression list: {error}"),
         }
     }
 }

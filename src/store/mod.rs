@@ -14,6 +14,7 @@ mod frame;
 mod index;
 mod journal;
 mod record;
+mod suppression;
 
 use std::collections::HashMap;
 use std::io;
@@ -30,6 +31,8 @@ pub use index::ListQuery;
 pub(crate) use index::{id_key, KeyClaim, Page};
 use journal::Journal;
 pub(crate) use record::{MessageRecord, StatusRecord};
+pub use suppression::Suppression;
+pub(crate) use suppression::Suppressions;
 
 /// Why an action on a message (cancel, retry) was refused.
 #[derive(Debug)]
@@ -54,6 +57,7 @@ pub(crate) trait Observer: Send + Sync {
 pub(crate) struct Store {
     journal: Option<Journal>,
     index: Index,
+    suppressions: Suppressions,
     observers: std::sync::RwLock<Vec<Arc<dyn Observer>>>,
     /// The last write to the spool failed, and why; cleared by the next
     /// one that works.
@@ -70,12 +74,16 @@ impl Store {
         retention: usize,
     ) -> io::Result<(Store, Vec<MessageRecord>, usize)> {
         let index = Index::new(retention);
-        let (journal, recovered) = match setting {
-            SpoolSetting::Memory => (None, journal::Recovered::default()),
+        let (journal, recovered, suppressions) = match setting {
+            SpoolSetting::Memory => (
+                None,
+                journal::Recovered::default(),
+                Suppressions::in_memory(),
+            ),
             SpoolSetting::Directory(directory) => {
                 let (journal, recovered) =
                     Journal::open(directory, journal::SEGMENT_BYTES, retention)?;
-                (Some(journal), recovered)
+                (Some(journal), recovered, Suppressions::open(directory)?)
             }
         };
         let journal::Recovered {
@@ -101,6 +109,7 @@ impl Store {
         let store = Store {
             journal,
             index,
+            suppressions,
             observers: std::sync::RwLock::new(Vec::new()),
             write_error: Mutex::new(None),
             write_failed: AtomicBool::new(false),
@@ -345,6 +354,11 @@ impl Store {
         }
         self.show(status, None);
         Ok(record)
+    }
+
+    /// The suppression list.
+    pub(crate) fn suppressions(&self) -> &Suppressions {
+        &self.suppressions
     }
 
     /// A message's status.
