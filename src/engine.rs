@@ -256,6 +256,26 @@ pub struct SuppressionPage {
     pub next_cursor: Option<String>,
 }
 
+/// One message of [`Engine::submit_batch`].
+#[derive(Debug, Clone, Copy)]
+#[non_exhaustive]
+pub struct BatchItem<'a> {
+    /// The request.
+    pub request: &'a MailRequest,
+    /// Its idempotency key, if any (same rules as for one message).
+    pub idempotency_key: Option<&'a str>,
+}
+
+impl<'a> BatchItem<'a> {
+    /// An item with an optional idempotency key.
+    pub fn new(request: &'a MailRequest, idempotency_key: Option<&'a str>) -> BatchItem<'a> {
+        BatchItem {
+            request,
+            idempotency_key,
+        }
+    }
+}
+
 /// An accepted message.
 #[derive(Debug, Clone, PartialEq, Eq)]
 #[non_exhaustive]
@@ -530,41 +550,124 @@ impl Engine {
         request: &MailRequest,
         idempotency_key: Option<&str>,
     ) -> Result<Accepted, SubmitError> {
+        let item = BatchItem {
+            request,
+            idempotency_key,
+        };
+        self.submit_batch(std::slice::from_ref(&item))
+            .pop()
+            .unwrap_or(Err(SubmitError::ShuttingDown))
+    }
+
+    /// Submits several messages at once: one result per item, in order; a
+    /// bad item does not refuse the others, and the accepted ones are on
+    /// disk (one commit for all) before this returns.
+    pub fn submit_batch(&self, items: &[BatchItem<'_>]) -> Vec<Result<Accepted, SubmitError>> {
         let inner = &self.inner;
-        Engine::check_key(idempotency_key)?;
-        if !inner.accepting.load(Ordering::SeqCst) {
-            return Err(SubmitError::ShuttingDown);
+        let mut results: Vec<Option<Result<Accepted, SubmitError>>> =
+            items.iter().map(|_| None).collect();
+        // Items repeating an earlier item's key in this batch: (item, earlier item).
+        let mut repeats: Vec<(usize, usize)> = Vec::new();
+        let mut first_with_key: std::collections::HashMap<&str, (usize, String)> =
+            std::collections::HashMap::new();
+        let mut accepted: Vec<(usize, MessageRecord)> = Vec::new();
+        let mut guards: Vec<KeyClaimGuard<'_>> = Vec::new();
+        for (position, item) in items.iter().enumerate() {
+            let outcome = (|| {
+                Engine::check_key(item.idempotency_key)?;
+                if !inner.accepting.load(Ordering::SeqCst) {
+                    return Err(SubmitError::ShuttingDown);
+                }
+                let message = item
+                    .request
+                    .build(inner.config.allowed_senders.as_deref())
+                    .map_err(SubmitError::Invalid)?;
+                if let Some(key) = item.idempotency_key {
+                    // Claiming a key twice would wait for ourselves.
+                    if let Some((earlier, digest)) = first_with_key.get(key) {
+                        if *digest != fingerprint(item.request) {
+                            return Err(SubmitError::IdempotencyConflict {
+                                key: key.to_string(),
+                            });
+                        }
+                        repeats.push((position, *earlier));
+                        return Ok(None);
+                    }
+                    first_with_key.insert(key, (position, fingerprint(item.request)));
+                }
+                let guard = match self.claim(item.idempotency_key, item.request, &message.id)? {
+                    Claim::Repeat(first) => return Ok(Some(Err(self.repeated(first)))),
+                    Claim::New(guard) => guard,
+                };
+                if !inner.dispatch.reserve() {
+                    return Err(SubmitError::Full);
+                }
+                let record = MessageRecord {
+                    status: Engine::new_status(&message, item.idempotency_key, item.request),
+                    message: Arc::new(message),
+                };
+                Ok(Some(Ok((record, guard))))
+            })();
+            match outcome {
+                Ok(Some(Ok((record, guard)))) => {
+                    accepted.push((position, record));
+                    guards.push(guard);
+                }
+                Ok(Some(Err(repeated))) => results[position] = Some(Ok(repeated)),
+                Ok(None) => {}
+                Err(error) => results[position] = Some(Err(error)),
+            }
         }
-        let message = request
-            .build(inner.config.allowed_senders.as_deref())
-            .map_err(SubmitError::Invalid)?;
-        let id = message.id.clone();
-        let guard = match self.claim(idempotency_key, request, &id)? {
-            Claim::Repeat(first) => return Ok(self.repeated(first)),
-            Claim::New(guard) => guard,
-        };
-        if !inner.dispatch.reserve() {
-            return Err(SubmitError::Full);
+        let records: Vec<MessageRecord> =
+            accepted.iter().map(|(_, record)| record.clone()).collect();
+        match inner.store.accept(&records) {
+            Err(error) => {
+                log::error!(
+                    "{} messages refused, the spool cannot be written: {error}",
+                    records.len()
+                );
+                for (position, _) in &accepted {
+                    inner.dispatch.release();
+                    results[*position] = Some(Err(SubmitError::Spool(std::io::Error::new(
+                        error.kind(),
+                        error.to_string(),
+                    ))));
+                }
+                // Dropping the guards releases their keys.
+                drop(guards);
+            }
+            Ok(()) => {
+                for guard in guards {
+                    guard.settle();
+                }
+                for (position, record) in accepted {
+                    let id = record.status.id.clone();
+                    inner.metrics.message_accepted();
+                    log::info!("message {id}: queued");
+                    let recipients = record.status.recipients.clone();
+                    inner.dispatch.now(Job::new(record.message, recipients, 0));
+                    results[position] = Some(Ok(Accepted {
+                        id,
+                        state: State::Queued,
+                        repeated: false,
+                    }));
+                }
+            }
         }
-        let record = MessageRecord {
-            status: Engine::new_status(&message, idempotency_key, request),
-            message: Arc::new(message),
-        };
-        if let Err(error) = inner.store.accept(std::slice::from_ref(&record)) {
-            inner.dispatch.release();
-            log::error!("message {id}: refused, the spool cannot be written: {error}");
-            return Err(SubmitError::Spool(error));
+        for (position, earlier) in repeats {
+            results[position] = Some(match &results[earlier] {
+                Some(Ok(first)) => Ok(Accepted {
+                    repeated: true,
+                    ..first.clone()
+                }),
+                Some(Err(error)) => Err(copy_error(error)),
+                None => Err(SubmitError::ShuttingDown),
+            });
         }
-        guard.settle();
-        inner.metrics.message_accepted();
-        log::info!("message {id}: queued");
-        let recipients = record.status.recipients.clone();
-        inner.dispatch.now(Job::new(record.message, recipients, 0));
-        Ok(Accepted {
-            id,
-            state: State::Queued,
-            repeated: false,
-        })
+        results
+            .into_iter()
+            .map(|result| result.unwrap_or(Err(SubmitError::ShuttingDown)))
+            .collect()
     }
 
     fn repeated(&self, id: String) -> Accepted {
@@ -910,6 +1013,22 @@ impl Engine {
         };
         threads.report = Some(report);
         report
+    }
+}
+
+/// The same refusal again, for an item repeating a refused item's key.
+fn copy_error(error: &SubmitError) -> SubmitError {
+    match error {
+        SubmitError::Invalid(error) => SubmitError::Invalid(error.clone()),
+        SubmitError::InvalidIdempotencyKey => SubmitError::InvalidIdempotencyKey,
+        SubmitError::IdempotencyConflict { key } => {
+            SubmitError::IdempotencyConflict { key: key.clone() }
+        }
+        SubmitError::Full => SubmitError::Full,
+        SubmitError::ShuttingDown => SubmitError::ShuttingDown,
+        SubmitError::Spool(error) => {
+            SubmitError::Spool(std::io::Error::new(error.kind(), error.to_string()))
+        }
     }
 }
 

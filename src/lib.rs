@@ -49,8 +49,9 @@ pub mod transport;
 
 pub use config::{Config, ConfigError};
 pub use engine::{
-    Accepted, ActionError, Engine, ListError, ListQuery, MessagePage, Readiness, SendError,
-    ShutdownReport, StartError, SubmitError, Suppression, SuppressionError, SuppressionPage,
+    Accepted, ActionError, BatchItem, Engine, ListError, ListQuery, MessagePage, Readiness,
+    SendError, ShutdownReport, StartError, SubmitError, Suppression, SuppressionError,
+    SuppressionPage,
 };
 pub use message::{AttachmentRequest, MailRequest, MessageError, OutgoingMessage};
 pub use status::{Event, EventKind, MessageStatus, State};
