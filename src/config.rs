@@ -30,6 +30,7 @@ pub const VARIABLES: &[(&str, Option<&str>, &str)] = &[
     ("MAILROOM_SYNC_TIMEOUT_MS", Some("60000"), "how long POST /api/mail/v2 waits for an outcome"),
     ("MAILROOM_SHUTDOWN_TIMEOUT_MS", Some("30000"), "how long a stop waits for deliveries in flight"),
     ("MAILROOM_STATUS_RETENTION", Some("100000"), "finished message statuses kept for GET /api/mail/{id}"),
+    ("MAILROOM_SCHEDULED_CAPACITY", Some("1000000"), "messages waiting for their send_at before 503"),
     ("MAILROOM_SUPPRESS_ON_BOUNCE", Some("1"), "add addresses refused with 5.1.x (no such user) to the suppression list"),
     ("RUST_LOG", Some("info"), "log level (error, warn, info, debug, trace)"),
 ];
@@ -194,6 +195,8 @@ pub struct Config {
     pub worker_niceness: i32,
     /// Addresses refused with a permanent 5.1.x reply join the suppression list.
     pub suppress_on_bounce: bool,
+    /// Messages waiting for their `send_at` before refusing with 503.
+    pub scheduled_capacity: usize,
 }
 
 /// The workers' default niceness (see [`Config::worker_niceness`]).
@@ -295,6 +298,13 @@ impl Config {
             // Default on: unset means 1.
             suppress_on_bounce: get("MAILROOM_SUPPRESS_ON_BOUNCE").is_none()
                 || flag(&get, "MAILROOM_SUPPRESS_ON_BOUNCE")?,
+            scheduled_capacity: number(
+                &get,
+                "MAILROOM_SCHEDULED_CAPACITY",
+                1_000_000,
+                0,
+                1_000_000_000,
+            )? as usize,
         })
     }
 
@@ -319,6 +329,7 @@ impl Config {
             status_retention: 100_000,
             worker_niceness: DEFAULT_WORKER_NICENESS,
             suppress_on_bounce: true,
+            scheduled_capacity: 1_000_000,
         }
     }
 

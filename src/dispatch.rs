@@ -1,6 +1,6 @@
 //! Getting jobs to the workers: the bounded work channel, the schedule for
-//! jobs that are not due yet, and the count of unfinished messages that
-//! `MAILROOM_QUEUE_CAPACITY` bounds.
+//! jobs that are not due yet, and the counts of unfinished messages that
+//! `MAILROOM_QUEUE_CAPACITY` and `MAILROOM_SCHEDULED_CAPACITY` bound.
 //!
 //! Nothing here ever blocks: the channel never holds more than the
 //! capacity (each message is reserved before it is sent into it), and a
@@ -13,73 +13,124 @@ use std::time::Instant;
 use crossbeam_channel::{Receiver, Sender, TrySendError};
 
 use crate::job::Job;
-use crate::schedule::Schedule;
+use crate::schedule::{Activate, Schedule, Waiting};
+
+/// How many unfinished messages are held, against the limits.
+pub(crate) struct Capacity {
+    /// Queued, sending or waiting for a retry.
+    held: AtomicUsize,
+    limit: usize,
+    /// Waiting for their `send_at`.
+    scheduled: AtomicUsize,
+    scheduled_limit: usize,
+}
+
+fn take(counter: &AtomicUsize, limit: usize) -> bool {
+    counter
+        .fetch_update(Ordering::SeqCst, Ordering::SeqCst, |held| {
+            (held < limit).then_some(held + 1)
+        })
+        .is_ok()
+}
+
+fn give_back(counter: &AtomicUsize) {
+    let _ = counter.fetch_update(Ordering::SeqCst, Ordering::SeqCst, |held| {
+        held.checked_sub(1)
+    });
+}
+
+impl Capacity {
+    /// Room for `limit` queued and `scheduled_limit` scheduled messages.
+    pub(crate) fn new(limit: usize, scheduled_limit: usize) -> Capacity {
+        Capacity {
+            held: AtomicUsize::new(0),
+            limit,
+            scheduled: AtomicUsize::new(0),
+            scheduled_limit,
+        }
+    }
+
+    /// Takes a place for one more queued message; false when full.
+    pub(crate) fn reserve(&self) -> bool {
+        take(&self.held, self.limit)
+    }
+
+    /// Takes a place for one more scheduled message; false when full.
+    pub(crate) fn reserve_scheduled(&self) -> bool {
+        take(&self.scheduled, self.scheduled_limit)
+    }
+
+    /// Takes places for messages found at start, whatever the limits.
+    pub(crate) fn reserve_recovered(&self, queued: usize, scheduled: usize) {
+        self.held.fetch_add(queued, Ordering::SeqCst);
+        self.scheduled.fetch_add(scheduled, Ordering::SeqCst);
+    }
+
+    /// One queued message is done (or was never accepted).
+    pub(crate) fn release(&self) {
+        give_back(&self.held);
+    }
+
+    /// One scheduled message is done (cancelled, or never accepted).
+    pub(crate) fn release_scheduled(&self) {
+        give_back(&self.scheduled);
+    }
+
+    /// A scheduled message is due: it now counts as queued (whatever the
+    /// queue's limit: it was accepted long ago).
+    pub(crate) fn promote(&self) {
+        give_back(&self.scheduled);
+        self.held.fetch_add(1, Ordering::SeqCst);
+    }
+
+    /// Queued, sending or retrying messages held.
+    pub(crate) fn held(&self) -> usize {
+        self.held.load(Ordering::SeqCst)
+    }
+
+    /// Scheduled messages held.
+    pub(crate) fn scheduled(&self) -> usize {
+        self.scheduled.load(Ordering::SeqCst)
+    }
+
+    /// True when no more queued messages fit.
+    pub(crate) fn is_full(&self) -> bool {
+        self.held() >= self.limit
+    }
+}
 
 /// The way to the workers.
 pub(crate) struct Dispatch {
     work: Sender<Job>,
     schedule: Schedule,
-    /// Unfinished messages: queued, sending or waiting for a retry.
-    held: AtomicUsize,
-    capacity: usize,
-    /// Jobs the schedule holds.
-    scheduled: Arc<AtomicUsize>,
+    capacity: Arc<Capacity>,
 }
 
 impl Dispatch {
-    /// A channel for `capacity` messages and a started schedule thread.
+    /// A channel sized for the capacity and a started schedule thread;
+    /// `activate` turns scheduled sends into jobs when they are due.
     pub(crate) fn start(
-        capacity: usize,
+        capacity: Arc<Capacity>,
         workers: usize,
+        activate: Activate,
     ) -> std::io::Result<(Dispatch, Receiver<Job>, std::thread::JoinHandle<()>)> {
-        let channel_size = capacity.clamp(workers, 1 << 20);
+        let channel_size = capacity.limit.clamp(workers, 1 << 20);
         let (work, receiver) = crossbeam_channel::bounded(channel_size);
-        let scheduled = Arc::new(AtomicUsize::new(0));
-        let (schedule, thread) = Schedule::start(work.clone(), Arc::clone(&scheduled))?;
+        let (schedule, thread) = Schedule::start(work.clone(), activate)?;
         Ok((
             Dispatch {
                 work,
                 schedule,
-                held: AtomicUsize::new(0),
                 capacity,
-                scheduled,
             },
             receiver,
             thread,
         ))
     }
 
-    /// Takes a place for one more unfinished message; false when full.
-    pub(crate) fn reserve(&self) -> bool {
-        self.held
-            .fetch_update(Ordering::SeqCst, Ordering::SeqCst, |held| {
-                (held < self.capacity).then_some(held + 1)
-            })
-            .is_ok()
-    }
-
-    /// Takes places for messages found at start, whatever the capacity.
-    pub(crate) fn reserve_recovered(&self, count: usize) {
-        self.held.fetch_add(count, Ordering::SeqCst);
-    }
-
-    /// One unfinished message is done (or was never accepted).
-    pub(crate) fn release(&self) {
-        let _ = self
-            .held
-            .fetch_update(Ordering::SeqCst, Ordering::SeqCst, |held| {
-                held.checked_sub(1)
-            });
-    }
-
-    /// Unfinished messages held.
-    pub(crate) fn held(&self) -> usize {
-        self.held.load(Ordering::SeqCst)
-    }
-
-    /// True when no more messages fit.
-    pub(crate) fn is_full(&self) -> bool {
-        self.held() >= self.capacity
+    /// The capacity counts.
+    pub(crate) fn capacity(&self) -> &Capacity {
+        &self.capacity
     }
 
     /// Jobs waiting in the channel for a worker.
@@ -87,25 +138,19 @@ impl Dispatch {
         self.work.len()
     }
 
-    /// Jobs waiting in the schedule for their time (retries; cancelled
-    /// ones until their time comes).
-    pub(crate) fn scheduled_depth(&self) -> usize {
-        self.scheduled.load(Ordering::Relaxed)
-    }
-
     /// Hands a reserved job to the workers now.
     pub(crate) fn now(&self, job: Job) {
         match self.work.try_send(job) {
             Ok(()) => {}
             Err(TrySendError::Full(job) | TrySendError::Disconnected(job)) => {
-                self.at(Instant::now(), job);
+                self.at(Instant::now(), Waiting::Retry(job));
             }
         }
     }
 
-    /// Hands a reserved job to the workers at `due`.
-    pub(crate) fn at(&self, due: Instant, job: Job) {
-        if let Err(stopped) = self.schedule.schedule(due, job) {
+    /// Hands a reserved job (or a scheduled send) to the workers at `due`.
+    pub(crate) fn at(&self, due: Instant, waiting: Waiting) {
+        if let Err(stopped) = self.schedule.schedule(due, waiting) {
             // Only while stopping: the message stays in the spool (or, in
             // memory mode, is among those reported dropped).
             log::warn!(
@@ -121,9 +166,9 @@ impl Dispatch {
         self.work.try_send(job).map_err(|error| error.into_inner())
     }
 
-    /// Stops the schedule; with `release_all`, hands everything it holds
-    /// to the workers first (memory mode drains at shutdown).
-    pub(crate) fn stop_schedule(&self, release_all: bool) {
-        self.schedule.stop(release_all);
+    /// Stops the schedule; with `release_retries`, hands the retries it
+    /// holds to the workers first (memory mode drains at shutdown).
+    pub(crate) fn stop_schedule(&self, release_retries: bool) {
+        self.schedule.stop(release_retries);
     }
 }

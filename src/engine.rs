@@ -8,18 +8,72 @@ use std::thread::JoinHandle;
 use std::time::{Duration, Instant, SystemTime};
 
 use crate::config::{Config, SpoolSetting};
-use crate::dispatch::Dispatch;
+use crate::dispatch::{Capacity, Dispatch};
 use crate::health::RelayHealth;
 use crate::job::{Job, RetryPolicy, WaitedOutcome};
 use crate::message::{MailRequest, MessageError, OutgoingMessage};
 use crate::metrics::{Gauges, Metrics};
 use crate::pool::{start_workers, PoolControl, RateLimiter, WorkerContext};
+use crate::schedule::{Activate, Waiting};
 use crate::status::{Event, EventKind, MessageStatus, State};
 use crate::store::{id_key, ActionRefusal, KeyClaim, MessageRecord, StatusRecord, Store};
 use crate::time::{from_millis, to_millis};
 use crate::transport::TransportFactory;
 
 pub use crate::store::{ListQuery, Suppression};
+
+/// How far ahead `send_at` may be.
+pub const MAX_SCHEDULE_DAYS: u64 = 30;
+
+/// When a message with this `send_at` is to be sent: `None` for now (no
+/// time, or one not in the future).
+fn scheduled_time(send_at: Option<SystemTime>) -> Result<Option<SystemTime>, SubmitError> {
+    let Some(send_at) = send_at else {
+        return Ok(None);
+    };
+    let now = SystemTime::now();
+    if send_at <= now {
+        return Ok(None);
+    }
+    if send_at > now + Duration::from_secs(MAX_SCHEDULE_DAYS * 86_400) {
+        return Err(SubmitError::SendAtTooLate);
+    }
+    Ok(Some(send_at))
+}
+
+/// What the schedule does with a scheduled send when it is due: it
+/// becomes queued (unless cancelled meanwhile), its content read back from
+/// the spool when it waited there.
+fn activation(store: Arc<Store>, capacity: Arc<Capacity>) -> Activate {
+    Box::new(move |waiting| {
+        let (id, in_memory) = match waiting {
+            Waiting::OnDisk(id) => (id, None),
+            Waiting::InMemory(job) | Waiting::Retry(job) => (job.id().to_string(), Some(job)),
+        };
+        let status = store.activate(&id)?;
+        capacity.promote();
+        log::info!("message {id}: due, queued");
+        if let Some(job) = in_memory {
+            return Some(job);
+        }
+        match store.load(&id) {
+            Ok(record) => Some(Job::new(
+                record.message,
+                status.pending_recipients().to_vec(),
+                status.attempts,
+            )),
+            Err(error) => {
+                log::error!("message {id}: cannot read its content back from the spool: {error}");
+                store.fail_unreadable(
+                    &id,
+                    &format!("its content could not be read back from the spool: {error}"),
+                );
+                capacity.release();
+                None
+            }
+        }
+    })
+}
 
 /// The engine could not start.
 #[derive(Debug)]
@@ -67,8 +121,12 @@ pub enum SubmitError {
         /// The key.
         key: String,
     },
+    /// `send_at` is not within the next [`MAX_SCHEDULE_DAYS`] days (HTTP 400).
+    SendAtTooLate,
     /// `MAILROOM_QUEUE_CAPACITY` messages are unfinished (HTTP 503).
     Full,
+    /// `MAILROOM_SCHEDULED_CAPACITY` messages wait for their time (HTTP 503).
+    ScheduleFull,
     /// The engine is stopping (HTTP 503).
     ShuttingDown,
     /// The message could not be written to the spool (HTTP 503).
@@ -86,9 +144,16 @@ impl std::fmt::Display for SubmitError {
                 f,
                 "Idempotency-Key {key:?} was already used for a different request"
             ),
+            SubmitError::SendAtTooLate => write!(
+                f,
+                "field `send_at` must be at most {MAX_SCHEDULE_DAYS} days ahead"
+            ),
             SubmitError::Full => {
                 f.write_str("the queue is full (MAILROOM_QUEUE_CAPACITY); retry later")
             }
+            SubmitError::ScheduleFull => f.write_str(
+                "too many scheduled messages (MAILROOM_SCHEDULED_CAPACITY); retry later",
+            ),
             SubmitError::ShuttingDown => f.write_str("the service is shutting down; retry later"),
             SubmitError::Spool(error) => {
                 write!(f, "cannot write the message to the spool: {error}")
@@ -331,6 +396,7 @@ struct Inner {
     config: Config,
     store: Arc<Store>,
     dispatch: Arc<Dispatch>,
+    capacity: Arc<Capacity>,
     metrics: Arc<Metrics>,
     health: Arc<RelayHealth>,
     control: Arc<PoolControl>,
@@ -417,13 +483,20 @@ impl Engine {
         let (store, pending, corrupt) =
             Store::open(&config.spool, config.status_retention).map_err(StartError::Spool)?;
         let store = Arc::new(store);
+        let capacity = Arc::new(Capacity::new(
+            config.queue_capacity,
+            config.scheduled_capacity,
+        ));
+        let activate = activation(Arc::clone(&store), Arc::clone(&capacity));
         let (dispatch, work, schedule) =
-            Dispatch::start(config.queue_capacity, config.workers).map_err(StartError::Thread)?;
+            Dispatch::start(Arc::clone(&capacity), config.workers, activate)
+                .map_err(StartError::Thread)?;
         let dispatch = Arc::new(dispatch);
         let (stop, stop_receiver) = crossbeam_channel::bounded(0);
         let inner = Arc::new(Inner {
             store: Arc::clone(&store),
             dispatch: Arc::clone(&dispatch),
+            capacity: Arc::clone(&capacity),
             metrics: Arc::new(Metrics::default()),
             health: Arc::new(RelayHealth::default()),
             control: Arc::new(PoolControl::default()),
@@ -432,22 +505,37 @@ impl Engine {
         });
 
         let count = pending.len();
-        dispatch.reserve_recovered(count);
+        let scheduled = pending
+            .iter()
+            .filter(|record| record.status.state() == State::Scheduled)
+            .count();
+        capacity.reserve_recovered(count - scheduled, scheduled);
         for record in pending {
-            let due = record.status.next_attempt_at_ms.map(from_millis);
+            let due = record
+                .status
+                .next_attempt_at_ms
+                .map(from_millis)
+                .and_then(|due| due.duration_since(SystemTime::now()).ok())
+                .map(|wait| Instant::now() + wait);
+            if record.status.state() == State::Scheduled {
+                // Its content stays on disk until it is due.
+                let id = record.status.id.clone();
+                dispatch.at(due.unwrap_or_else(Instant::now), Waiting::OnDisk(id));
+                continue;
+            }
             let job = Job::new(
                 record.message,
                 record.status.pending_recipients().to_vec(),
                 record.status.attempts,
             );
-            match due.and_then(|due| due.duration_since(SystemTime::now()).ok()) {
-                Some(wait) => dispatch.at(Instant::now() + wait, job),
+            match due {
+                Some(due) => dispatch.at(due, Waiting::Retry(job)),
                 None => dispatch.now(job),
             }
         }
         if count > 0 || corrupt > 0 {
             log::info!(
-                "spool: recovered {count} unfinished messages ({corrupt} set aside as corrupt)"
+                "spool: recovered {count} unfinished messages ({scheduled} scheduled; {corrupt} set aside as corrupt)"
             );
         }
 
@@ -595,15 +683,29 @@ impl Engine {
                     }
                     first_with_key.insert(key, (position, fingerprint(item.request)));
                 }
+                let send_at = scheduled_time(item.request.send_at)?;
                 let guard = match self.claim(item.idempotency_key, item.request, &message.id)? {
                     Claim::Repeat(first) => return Ok(Some(Err(self.repeated(first)))),
                     Claim::New(guard) => guard,
                 };
-                if !inner.dispatch.reserve() {
-                    return Err(SubmitError::Full);
+                let reserved = match send_at {
+                    Some(_) => inner.capacity.reserve_scheduled(),
+                    None => inner.capacity.reserve(),
+                };
+                if !reserved {
+                    return Err(if send_at.is_some() {
+                        SubmitError::ScheduleFull
+                    } else {
+                        SubmitError::Full
+                    });
+                }
+                let mut status = Engine::new_status(&message, item.idempotency_key, item.request);
+                if let Some(send_at) = send_at {
+                    status.set_state(State::Scheduled);
+                    status.next_attempt_at_ms = Some(to_millis(send_at));
                 }
                 let record = MessageRecord {
-                    status: Engine::new_status(&message, item.idempotency_key, item.request),
+                    status,
                     message: Arc::new(message),
                 };
                 Ok(Some(Ok((record, guard))))
@@ -626,8 +728,12 @@ impl Engine {
                     "{} messages refused, the spool cannot be written: {error}",
                     records.len()
                 );
-                for (position, _) in &accepted {
-                    inner.dispatch.release();
+                for (position, record) in &accepted {
+                    if record.status.state() == State::Scheduled {
+                        inner.capacity.release_scheduled();
+                    } else {
+                        inner.capacity.release();
+                    }
                     results[*position] = Some(Err(SubmitError::Spool(std::io::Error::new(
                         error.kind(),
                         error.to_string(),
@@ -642,13 +748,12 @@ impl Engine {
                 }
                 for (position, record) in accepted {
                     let id = record.status.id.clone();
+                    let state = record.status.state();
                     inner.metrics.message_accepted();
-                    log::info!("message {id}: queued");
-                    let recipients = record.status.recipients.clone();
-                    inner.dispatch.now(Job::new(record.message, recipients, 0));
+                    self.hand_over(record);
                     results[position] = Some(Ok(Accepted {
                         id,
-                        state: State::Queued,
+                        state,
                         repeated: false,
                     }));
                 }
@@ -668,6 +773,34 @@ impl Engine {
             .into_iter()
             .map(|result| result.unwrap_or(Err(SubmitError::ShuttingDown)))
             .collect()
+    }
+
+    /// Hands a newly accepted message to the workers, now or at its time.
+    fn hand_over(&self, record: MessageRecord) {
+        let inner = &self.inner;
+        let id = record.status.id.clone();
+        if record.status.state() == State::Scheduled {
+            let send_at = record.status.next_attempt_at_ms.map(from_millis);
+            let wait = send_at
+                .and_then(|at| at.duration_since(SystemTime::now()).ok())
+                .unwrap_or_default();
+            log::info!(
+                "message {id}: scheduled for {}",
+                send_at.map(crate::time::rfc3339).unwrap_or_default()
+            );
+            let waiting = if inner.store.is_durable() {
+                // Only its id waits in memory; the content is on disk.
+                Waiting::OnDisk(id)
+            } else {
+                let recipients = record.status.recipients.clone();
+                Waiting::InMemory(Job::new(record.message, recipients, 0))
+            };
+            inner.dispatch.at(Instant::now() + wait, waiting);
+            return;
+        }
+        log::info!("message {id}: queued");
+        let recipients = record.status.recipients.clone();
+        inner.dispatch.now(Job::new(record.message, recipients, 0));
     }
 
     fn repeated(&self, id: String) -> Accepted {
@@ -710,7 +843,7 @@ impl Engine {
             Claim::Repeat(first) => return self.outcome_of(first, deadline),
             Claim::New(guard) => guard,
         };
-        if !inner.dispatch.reserve() {
+        if !inner.capacity.reserve() {
             return Err(SendError::Rejected(SubmitError::Full));
         }
         let (waiter, outcome) = crossbeam_channel::bounded::<WaitedOutcome>(1);
@@ -720,7 +853,7 @@ impl Engine {
         let mut job = Job::new(Arc::new(message), recipients, 0);
         job.waiter = Some(waiter);
         if inner.dispatch.try_now(job).is_err() {
-            inner.dispatch.release();
+            inner.capacity.release();
             inner.store.forget(&id);
             return Err(SendError::Rejected(SubmitError::Full));
         }
@@ -820,8 +953,12 @@ impl Engine {
     pub fn cancel(&self, id: &str) -> Result<MessageStatus, ActionError> {
         let inner = &self.inner;
         match inner.store.cancel(id) {
-            Ok(status) => {
-                inner.dispatch.release();
+            Ok((before, status)) => {
+                if before == State::Scheduled {
+                    inner.capacity.release_scheduled();
+                } else {
+                    inner.capacity.release();
+                }
                 log::info!("message {id}: cancelled");
                 Ok(status.to_status())
             }
@@ -848,7 +985,7 @@ impl Engine {
             }
             Some(_) => {}
         }
-        if !inner.dispatch.reserve() {
+        if !inner.capacity.reserve() {
             return Err(ActionError::Unavailable(SubmitError::Full));
         }
         match inner.store.requeue(id) {
@@ -860,7 +997,7 @@ impl Engine {
                 Ok(status)
             }
             Err(refusal) => {
-                inner.dispatch.release();
+                inner.capacity.release();
                 Err(action_error(id, refusal))
             }
         }
@@ -920,7 +1057,7 @@ impl Engine {
             Readiness::ShuttingDown
         } else if let Some(problem) = inner.store.write_problem() {
             Readiness::SpoolFailing(problem)
-        } else if inner.dispatch.is_full() {
+        } else if inner.capacity.is_full() {
             Readiness::Full
         } else if let Some(detail) = inner.health.failing() {
             Readiness::RelayFailing(detail)
@@ -936,7 +1073,7 @@ impl Engine {
         inner.metrics.render(Gauges {
             queue_depth: inner.dispatch.queue_depth() as u64,
             retry_depth: counts.get(&State::Retrying).copied().unwrap_or(0) as u64,
-            held: inner.dispatch.held() as u64,
+            held: inner.capacity.held() as u64,
         })
     }
 
@@ -952,12 +1089,12 @@ impl Engine {
 
     /// Unfinished messages held (queued, sending, waiting for retry).
     pub fn unfinished(&self) -> usize {
-        self.inner.dispatch.held()
+        self.inner.capacity.held()
     }
 
-    /// Jobs the schedule holds until their time.
-    pub fn scheduled_jobs(&self) -> usize {
-        self.inner.dispatch.scheduled_depth()
+    /// Messages waiting for their `send_at`.
+    pub fn scheduled(&self) -> usize {
+        self.inner.capacity.scheduled()
     }
 
     /// Stops taking new messages (they get `ShuttingDown`); idempotent.
@@ -991,7 +1128,7 @@ impl Engine {
         threads.stop = None; // closes the stop channel: workers finish what they hold
         let workers = std::mem::take(&mut threads.workers);
         join_until(workers, deadline);
-        let unfinished = inner.dispatch.held();
+        let unfinished = inner.capacity.held() + inner.capacity.scheduled();
         let report = if durable {
             log::info!(
                 "stopped; {unfinished} unfinished messages kept in the spool for the next start"
@@ -1024,7 +1161,9 @@ fn copy_error(error: &SubmitError) -> SubmitError {
         SubmitError::IdempotencyConflict { key } => {
             SubmitError::IdempotencyConflict { key: key.clone() }
         }
+        SubmitError::SendAtTooLate => SubmitError::SendAtTooLate,
         SubmitError::Full => SubmitError::Full,
+        SubmitError::ScheduleFull => SubmitError::ScheduleFull,
         SubmitError::ShuttingDown => SubmitError::ShuttingDown,
         SubmitError::Spool(error) => {
             SubmitError::Spool(std::io::Error::new(error.kind(), error.to_string()))

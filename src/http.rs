@@ -841,7 +841,10 @@ fn invalid(detail: &str) -> Reply {
 
 fn refusal(error: &SubmitError) -> Reply {
     match error {
-        SubmitError::Invalid(_) | SubmitError::InvalidIdempotencyKey => invalid(&error.to_string()),
+        SubmitError::Invalid(_)
+        | SubmitError::InvalidIdempotencyKey
+        | SubmitError::SendAtTooLate => invalid(&error.to_string()),
+        SubmitError::ScheduleFull => Reply::unavailable("too many scheduled", &error.to_string()),
         SubmitError::IdempotencyConflict { .. } => {
             Reply::error(409, &error.to_string(), &error.to_string())
         }

@@ -57,6 +57,8 @@ pub struct MailRequest {
     pub headers: BTreeMap<String, String>,
     /// Attached files.
     pub attachments: Vec<AttachmentRequest>,
+    /// Send at this time instead of now (`send_at`, RFC 3339 in JSON).
+    pub send_at: Option<std::time::SystemTime>,
 }
 
 /// Why a request cannot become a message. Each names the field at fault.
@@ -232,6 +234,7 @@ impl MailRequest {
             reply_to: optional_string(&object, "reply_to")?,
             headers,
             attachments,
+            send_at: None,
         })
     }
 

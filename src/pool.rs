@@ -17,6 +17,7 @@ use crate::health::RelayHealth;
 use crate::job::{decide, describe, AttemptOutcome, Decision, Job, RetryPolicy, WaitedOutcome};
 use crate::message::random_u64;
 use crate::metrics::{AttemptResult, Metrics};
+use crate::schedule::Waiting;
 use crate::status::{Event, EventKind, State};
 use crate::store::{MessageRecord, StatusRecord, Store};
 use crate::time::to_millis;
@@ -290,7 +291,7 @@ fn deliver(context: &WorkerContext, transport: &mut Transport, mut job: Job) {
                 log::error!("message {id}: sent but not recorded in the spool ({error}); it may be sent again after a restart");
             }
             context.metrics.message_sent();
-            context.dispatch.release();
+            context.dispatch.capacity().release();
             answer(
                 &mut job,
                 WaitedOutcome {
@@ -334,7 +335,9 @@ fn deliver(context: &WorkerContext, transport: &mut Transport, mut job: Job) {
                 log::error!("message {id}: cannot record the retry in the spool: {write_error}");
             }
             job.recipients = recipients;
-            context.dispatch.at(Instant::now() + delay, job);
+            context
+                .dispatch
+                .at(Instant::now() + delay, Waiting::Retry(job));
         }
         Decision::Failed {
             undelivered,
@@ -362,7 +365,7 @@ fn deliver(context: &WorkerContext, transport: &mut Transport, mut job: Job) {
                 log::error!("message {id}: cannot keep it as a dead letter: {write_error}");
             }
             context.metrics.message_failed();
-            context.dispatch.release();
+            context.dispatch.capacity().release();
             answer(
                 &mut job,
                 WaitedOutcome {
@@ -422,7 +425,7 @@ fn skip_suppressed(context: &WorkerContext, job: &mut Job, status: &mut StatusRe
     if let Err(write_error) = context.store.finish(status.clone(), durable) {
         log::error!("message {id}: suppressed, but not recorded in the spool: {write_error}");
     }
-    context.dispatch.release();
+    context.dispatch.capacity().release();
     answer(
         job,
         WaitedOutcome {

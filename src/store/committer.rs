@@ -19,16 +19,21 @@
 //! latest record is in it *and* every older segment is already gone
 //! (deletion strictly oldest first, each made durable before the next), so
 //! a `remove` record never disappears before the `store` it cancels. When
-//! too many sealed segments remain because a few long-waiting messages pin
-//! them, those messages' latest records are copied (verbatim) into the
-//! active segment, which unpins the oldest one.
+//! sealed segments hold more than twice the bytes still live in them
+//! because a few long-waiting messages pin the oldest, those messages'
+//! latest records are copied (verbatim) into the active segment, which
+//! unpins it. Segments that are mostly live (e.g. many messages scheduled
+//! weeks ahead) are left alone: copying them would free nothing.
+//!
+//! The index is shared with readers ([`Locations`]): a scheduled message's
+//! content stays on disk until it is due, and is read back from there.
 
 use std::collections::{BTreeMap, HashMap};
 use std::fs::{self, File};
 use std::io;
 use std::os::unix::fs::FileExt;
 use std::path::{Path, PathBuf};
-use std::sync::{Condvar, Mutex, MutexGuard};
+use std::sync::{Arc, Condvar, Mutex, MutexGuard};
 
 use super::frame;
 
@@ -119,7 +124,7 @@ impl Queue {
 
 /// Where a message's latest record is.
 #[derive(Debug, Clone, Copy)]
-struct Location {
+pub(super) struct Location {
     segment: u64,
     offset: u64,
     length: usize,
@@ -139,16 +144,30 @@ const MAX_SEALED: usize = 4;
 /// Zero-fill this much ahead of the write position at a time.
 const ZERO_FILL: u64 = 2 << 20;
 
+/// The index of the latest record of every unfinished message, shared by
+/// the committer (which changes it) and readers.
+pub(super) type Locations = Arc<Mutex<HashMap<String, Location>>>;
+
+/// What a segment holds that is still needed.
+#[derive(Debug, Clone, Copy, Default)]
+struct SegmentUse {
+    /// Messages whose latest record is in it.
+    messages: usize,
+    /// The bytes of those records.
+    live_bytes: u64,
+    /// The bytes written into it.
+    size: u64,
+}
+
 /// The journal's writer state; owned by its thread once started.
 pub(super) struct Committer {
     directory: PathBuf,
     segment_bytes: u64,
     active: Option<Active>,
     next_number: u64,
-    /// Every segment on disk, oldest first, with how many messages have
-    /// their latest record in it.
-    live: BTreeMap<u64, usize>,
-    index: HashMap<String, Location>,
+    /// Every segment on disk, oldest first, with what it holds.
+    live: BTreeMap<u64, SegmentUse>,
+    index: Locations,
     /// Runs before a segment is deleted: what its records say must be
     /// durable elsewhere by then (see `journal`'s finished log).
     before_delete: Box<dyn FnMut() -> io::Result<()> + Send>,
@@ -182,9 +201,23 @@ impl Committer {
             segment_bytes,
             active: None,
             next_number: existing.iter().max().map_or(1, |max| max + 1),
-            live: existing.iter().map(|number| (*number, 0)).collect(),
-            index: HashMap::new(),
+            live: existing
+                .iter()
+                .map(|number| (*number, SegmentUse::default()))
+                .collect(),
+            index: Arc::new(Mutex::new(HashMap::new())),
         }
+    }
+
+    /// The shared index, for readers.
+    pub(super) fn locations(&self) -> Locations {
+        Arc::clone(&self.index)
+    }
+
+    fn index(&self) -> MutexGuard<'_, HashMap<String, Location>> {
+        self.index
+            .lock()
+            .unwrap_or_else(|poisoned| poisoned.into_inner())
     }
 
     /// Appends `records` durably (one write, one fsync) and updates the index.
@@ -221,6 +254,7 @@ impl Committer {
         active.length += buffer.len() as u64;
         active.filled = active.filled.max(active.length);
         let segment = active.number;
+        self.live.entry(segment).or_default().size = active.length;
         for (change, offset, length) in placed {
             self.apply(
                 change,
@@ -237,14 +271,17 @@ impl Committer {
     fn apply(&mut self, change: &Change, location: Location) {
         let previous = match change {
             Change::Store(id) => {
-                *self.live.entry(location.segment).or_insert(0) += 1;
-                self.index.insert(id.clone(), location)
+                let used = self.live.entry(location.segment).or_default();
+                used.messages += 1;
+                used.live_bytes += location.length as u64;
+                self.index().insert(id.clone(), location)
             }
-            Change::Remove(id) => self.index.remove(id),
+            Change::Remove(id) => self.index().remove(id),
         };
         if let Some(previous) = previous {
-            if let Some(count) = self.live.get_mut(&previous.segment) {
-                *count = count.saturating_sub(1);
+            if let Some(used) = self.live.get_mut(&previous.segment) {
+                used.messages = used.messages.saturating_sub(1);
+                used.live_bytes = used.live_bytes.saturating_sub(previous.length as u64);
             }
         }
     }
@@ -256,7 +293,7 @@ impl Committer {
         // The new name must be durable before any record in it is promised.
         sync_directory(&self.directory)?;
         self.next_number += 1;
-        self.live.entry(number).or_insert(0);
+        self.live.entry(number).or_default();
         self.active = Some(Active {
             number,
             file,
@@ -311,23 +348,25 @@ impl Committer {
     }
 
     /// Copies the live records of the oldest sealed segment forward when
-    /// too many sealed segments are kept.
+    /// many sealed segments are kept and they are mostly dead.
     fn compact(&mut self) {
         let active = self.active.as_ref().map(|active| active.number);
-        let sealed: Vec<u64> = self
+        let sealed: Vec<(u64, SegmentUse)> = self
             .live
-            .keys()
-            .copied()
-            .filter(|number| Some(*number) != active)
+            .iter()
+            .filter(|(number, _)| Some(**number) != active)
+            .map(|(number, used)| (*number, *used))
             .collect();
-        let Some(&oldest) = sealed.first() else {
+        let Some(&(oldest, oldest_use)) = sealed.first() else {
             return;
         };
-        if sealed.len() <= MAX_SEALED || self.live.get(&oldest) == Some(&0) {
+        let size: u64 = sealed.iter().map(|(_, used)| used.size).sum();
+        let live: u64 = sealed.iter().map(|(_, used)| used.live_bytes).sum();
+        if sealed.len() <= MAX_SEALED || oldest_use.messages == 0 || size <= 2 * live {
             return;
         }
         let mut pinned: Vec<(String, Location)> = self
-            .index
+            .index()
             .iter()
             .filter(|(_, location)| location.segment == oldest)
             .map(|(id, location)| (id.clone(), *location))
@@ -360,8 +399,8 @@ impl Committer {
     /// Deletes segments from the oldest while nothing refers to them.
     fn reclaim(&mut self) {
         let active = self.active.as_ref().map(|active| active.number);
-        while let Some((&oldest, &count)) = self.live.first_key_value() {
-            if count > 0 || Some(oldest) == active {
+        while let Some((&oldest, used)) = self.live.first_key_value() {
+            if used.messages > 0 || Some(oldest) == active {
                 return;
             }
             if let Err(error) = (self.before_delete)() {
@@ -428,6 +467,15 @@ impl Committer {
             self.maintain();
         }
     }
+}
+
+/// Reads the frame at `location` in `directory`, checking it is valid.
+pub(super) fn read_frame(directory: &Path, location: &Location) -> io::Result<Vec<u8>> {
+    let path = directory.join(segment_name(location.segment));
+    let mut frames = read_frames(&path, &[(String::new(), *location)])?;
+    frames
+        .pop()
+        .ok_or_else(|| io::Error::other("no frame read"))
 }
 
 /// Reads the frames at `locations`, checking each is still valid.

@@ -31,7 +31,9 @@ use std::thread::JoinHandle;
 
 use serde::{Deserialize, Serialize};
 
-use super::committer::{segment_name, segment_number, sync_directory, Change, Committer, Queue};
+use super::committer::{
+    read_frame, segment_name, segment_number, sync_directory, Change, Committer, Locations, Queue,
+};
 use super::finished::FinishedLog;
 use super::frame::{self, Piece};
 use super::record::{MessageRecord, StatusRecord};
@@ -76,6 +78,8 @@ enum Entry {
 pub(super) struct Journal {
     directory: PathBuf,
     queue: Arc<Queue>,
+    /// Where each unfinished message's latest record is.
+    locations: Locations,
     finished: Arc<FinishedLog>,
     committer: Option<JoinHandle<()>>,
     /// Held while the spool is open (released when closed, or when the process dies).
@@ -110,6 +114,7 @@ impl Journal {
         recovered.finished = all;
         let queue = Arc::new(Queue::default());
         let committer_queue = Arc::clone(&queue);
+        let locations = committer.locations();
         let committer = std::thread::Builder::new()
             .name("spool".into())
             .spawn(move || committer.run(&committer_queue))?;
@@ -117,6 +122,7 @@ impl Journal {
             Journal {
                 directory: directory.to_path_buf(),
                 queue,
+                locations,
                 finished,
                 committer: Some(committer),
                 _lock: lock,
@@ -138,6 +144,47 @@ impl Journal {
             })
             .collect::<io::Result<Vec<_>>>()?;
         self.queue.commit(frames)
+    }
+
+    /// Reads an unfinished message's latest record back from the journal
+    /// (a scheduled message, whose content is not kept in memory).
+    pub(super) fn load(&self, id: &str) -> io::Result<MessageRecord> {
+        let journal = self.directory.join("journal");
+        let mut last_error = io::Error::new(
+            io::ErrorKind::NotFound,
+            format!("message {id} is not in the journal"),
+        );
+        // Compaction may move the record (and delete its old segment)
+        // between the look-up and the read: look again.
+        for _ in 0..3 {
+            let location = self
+                .locations
+                .lock()
+                .unwrap_or_else(|poisoned| poisoned.into_inner())
+                .get(id)
+                .copied();
+            let Some(location) = location else {
+                return Err(last_error);
+            };
+            let frame = match read_frame(&journal, &location) {
+                Ok(frame) => frame,
+                Err(error) => {
+                    last_error = error;
+                    continue;
+                }
+            };
+            let payload = frame::frame_at(&frame, 0)
+                .ok_or_else(|| io::Error::new(io::ErrorKind::InvalidData, "not a frame"))?;
+            return match decode(payload) {
+                Ok(Entry::Store(record)) if record.status.id == id => Ok(record),
+                Ok(_) => Err(io::Error::new(
+                    io::ErrorKind::InvalidData,
+                    format!("the journal's record for message {id} is not its content"),
+                )),
+                Err(reason) => Err(io::Error::new(io::ErrorKind::InvalidData, reason)),
+            };
+        }
+        Err(last_error)
     }
 
     /// Durably records that a message is finished, with its final status.

@@ -202,6 +202,29 @@ impl Store {
         Ok(())
     }
 
+    /// Marks a message as failed without an attempt (e.g. a scheduled
+    /// send whose content cannot be read back), keeping what is known.
+    pub(crate) fn fail_unreadable(&self, id: &str, error: &str) {
+        let failed = self.index.update(
+            id,
+            |state| !state.is_finished(),
+            |status| {
+                status.set_state(State::Failed);
+                status.last_error = Some(error.to_string());
+                status.push_event(Event::now(EventKind::Failed {
+                    error: error.to_string(),
+                }));
+                status.clone()
+            },
+        );
+        if let (Ok(status), Some(journal)) = (failed, &self.journal) {
+            if let Err(write_error) = self.written(journal.finish(&status)) {
+                log::error!("message {id}: cannot record its failure: {write_error}");
+            }
+            self.notify(&status, 1);
+        }
+    }
+
     /// Shows a message that is sent and waited for (`/api/mail/v2`): not
     /// spooled, the caller learns the outcome.
     pub(crate) fn track(&self, status: StatusRecord) {
@@ -271,18 +294,48 @@ impl Store {
         Ok(())
     }
 
+    /// A scheduled send is due: it becomes `queued`; `None` when it is no
+    /// longer scheduled (cancelled meanwhile).
+    pub(crate) fn activate(&self, id: &str) -> Option<StatusRecord> {
+        self.index
+            .update(
+                id,
+                |state| state == State::Scheduled,
+                |status| {
+                    status.set_state(State::Queued);
+                    status.next_attempt_at_ms = None;
+                    status.clone()
+                },
+            )
+            .ok()
+    }
+
+    /// Reads an unfinished message's record back from the spool (a
+    /// scheduled send's content is not kept in memory).
+    pub(crate) fn load(&self, id: &str) -> io::Result<MessageRecord> {
+        match &self.journal {
+            Some(journal) => journal.load(id),
+            None => Err(io::Error::new(
+                io::ErrorKind::NotFound,
+                "memory mode keeps no records on disk",
+            )),
+        }
+    }
+
     /// Cancels a message that waits for a worker or for its time: it
-    /// becomes `cancelled`, durably, and is never sent.
-    pub(crate) fn cancel(&self, id: &str) -> Result<StatusRecord, ActionRefusal> {
-        let status = self
+    /// becomes `cancelled`, durably, and is never sent. Returns the state
+    /// it was in, and its status now.
+    pub(crate) fn cancel(&self, id: &str) -> Result<(State, StatusRecord), ActionRefusal> {
+        let (before, status) = self
             .index
             .update(id, State::is_cancellable, |status| {
+                let before = status.state();
                 status.set_state(State::Cancelled);
                 status.next_attempt_at_ms = None;
                 status.push_event(Event::now(EventKind::Cancelled));
                 status.revision += 1;
                 status.updated_at_ms = to_millis(SystemTime::now());
-                status.clone()
+                (before, status.clone())
             })
             .map_err(refusal)?;
         if let Some(journal) = &self.journal {
@@ -294,7 +347,7 @@ impl Store {
             }
         }
         self.notify(&status, 1);
-        Ok(status)
+        Ok((before, status))
     }
 
     /// Queues a failed message again with a fresh attempt budget, for the
