@@ -474,3 +474,152 @@ fn lock<T>(mutex: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
         .lock()
         .unwrap_or_else(|poisoned| poisoned.into_inner())
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::message::OutgoingMessage;
+    use crate::store::journal::tests::empty_directory;
+
+    fn message_id(n: u64) -> String {
+        format!("{:012x}{n:016x}", to_millis(SystemTime::now()))
+    }
+
+    fn record(id: &str) -> MessageRecord {
+        let status = StatusRecord::new(
+            id.to_string(),
+            to_millis(SystemTime::now()),
+            vec!["user@example.org".into()],
+        );
+        MessageRecord {
+            message: Arc::new(OutgoingMessage {
+                id: id.to_string(),
+                envelope_from: "app@example.com".into(),
+                recipients: vec!["user@example.org".into()],
+                content: "Subject: x\r\n\r\nhello\r\n".into(),
+            }),
+            status,
+        }
+    }
+
+    fn open(directory: &std::path::Path) -> (Store, Vec<MessageRecord>) {
+        let (store, pending, corrupt) =
+            Store::open(&SpoolSetting::Directory(directory.to_path_buf()), 100).unwrap();
+        assert_eq!(corrupt, 0);
+        (store, pending)
+    }
+
+    fn failed(store: &Store, id: &str) {
+        let mut failed = record(id);
+        store.begin_attempt(id, 1).unwrap();
+        failed.status.set_state(State::Failed);
+        failed.status.attempts = 1;
+        failed.status.last_error = Some("550 no".into());
+        store.fail(failed, true).unwrap();
+    }
+
+    /// A cancel and a worker taking the message race: exactly one wins,
+    /// whichever comes first.
+    #[test]
+    fn a_cancel_and_a_worker_taking_the_message_never_both_win() {
+        for round in 0..200 {
+            let store = Arc::new(Store::open(&SpoolSetting::Memory, 1000).unwrap().0);
+            let id = message_id(round);
+            store.accept(&[record(&id)]).unwrap();
+            let worker = {
+                let store = Arc::clone(&store);
+                let id = id.clone();
+                std::thread::spawn(move || store.begin_attempt(&id, 1).is_ok())
+            };
+            let cancelled = store.cancel(&id).is_ok();
+            let taken = worker.join().unwrap();
+            assert!(
+                cancelled != taken,
+                "round {round}: cancelled {cancelled}, taken {taken}"
+            );
+            let state = store.get(&id).unwrap().state();
+            assert_eq!(
+                state,
+                if cancelled {
+                    State::Cancelled
+                } else {
+                    State::Sending
+                }
+            );
+        }
+    }
+
+    #[test]
+    fn cancelled_and_failed_messages_read_the_same_after_a_restart() {
+        let directory = empty_directory("store-restart");
+        let (cancelled, dead) = (message_id(1), message_id(2));
+        {
+            let (store, _) = open(&directory);
+            store.accept(&[record(&cancelled), record(&dead)]).unwrap();
+            let (before, _) = store.cancel(&cancelled).unwrap();
+            assert_eq!(before, State::Queued);
+            failed(&store, &dead);
+        }
+        let (store, pending) = open(&directory);
+        assert!(pending.is_empty(), "nothing is left to send");
+        let status = store.get(&cancelled).unwrap();
+        assert_eq!(status.state(), State::Cancelled);
+        assert!(status
+            .events
+            .iter()
+            .any(|event| event.kind == EventKind::Cancelled));
+        assert_eq!(store.get(&dead).unwrap().state(), State::Failed);
+        assert!(matches!(
+            store.cancel(&dead),
+            Err(ActionRefusal::State(State::Failed))
+        ));
+    }
+
+    /// A dead letter queued again by hand is queued after a restart, even
+    /// when the crash came before its dead-letter file was deleted.
+    #[test]
+    fn a_requeued_dead_letter_stays_queued_after_a_restart() {
+        let directory = empty_directory("store-requeue");
+        let id = message_id(3);
+        {
+            let (store, _) = open(&directory);
+            store.accept(&[record(&id)]).unwrap();
+            failed(&store, &id);
+        }
+        let dead_letter = directory.join("dead").join(format!("{id}.json"));
+        let kept = std::fs::read(&dead_letter).unwrap();
+        {
+            let (store, _) = open(&directory);
+            let requeued = store.requeue(&id).unwrap();
+            assert_eq!(requeued.status.state(), State::Queued);
+            assert_eq!(requeued.status.attempts, 0);
+            assert!(matches!(
+                store.requeue(&id),
+                Err(ActionRefusal::State(State::Queued))
+            ));
+        }
+        assert!(!dead_letter.exists());
+        // As if the crash came between the journal record and the delete.
+        std::fs::write(&dead_letter, kept).unwrap();
+        let (store, pending) = open(&directory);
+        assert_eq!(pending.len(), 1);
+        assert_eq!(pending[0].status.id, id);
+        assert_eq!(store.get(&id).unwrap().state(), State::Queued);
+        assert!(!dead_letter.exists(), "the stale dead letter is removed");
+    }
+
+    #[test]
+    fn a_scheduled_message_is_read_back_from_the_journal_when_due() {
+        let directory = empty_directory("store-scheduled");
+        let (store, _) = open(&directory);
+        let id = message_id(4);
+        let mut scheduled = record(&id);
+        scheduled.status.set_state(State::Scheduled);
+        scheduled.status.next_attempt_at_ms = Some(to_millis(SystemTime::now()) + 60_000);
+        store.accept(&[scheduled.clone()]).unwrap();
+        assert_eq!(store.load(&id).unwrap().message, scheduled.message);
+        assert!(store.activate(&id).is_some());
+        assert_eq!(store.get(&id).unwrap().state(), State::Queued);
+        assert!(store.activate(&id).is_none(), "only once");
+    }
+}
