@@ -381,6 +381,28 @@ pub enum Readiness {
     RelayFailing(String),
 }
 
+/// The figures the dashboard shows (`GET /api/stats`).
+#[derive(Debug, Clone, PartialEq, Eq)]
+#[non_exhaustive]
+pub struct Stats {
+    /// Messages waiting for a worker.
+    pub queue_depth: usize,
+    /// Messages waiting for their next attempt.
+    pub retry_depth: usize,
+    /// Messages waiting for their `send_at`.
+    pub scheduled: usize,
+    /// Unfinished messages held against `MAILROOM_QUEUE_CAPACITY`.
+    pub held: usize,
+    /// Messages kept, by state.
+    pub by_state: Vec<(State, usize)>,
+    /// Why the relay counts as failing, while it does.
+    pub relay_failing: Option<String>,
+    /// The last failure to use the relay and when (kept after it recovers).
+    pub relay_last_error: Option<(SystemTime, String)>,
+    /// Sent and failed per minute over the last hour, oldest first.
+    pub last_hour: Vec<crate::metrics::Minute>,
+}
+
 /// What a shutdown left behind.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 #[non_exhaustive]
@@ -1063,6 +1085,25 @@ impl Engine {
             Readiness::RelayFailing(detail)
         } else {
             Readiness::Ready
+        }
+    }
+
+    /// The figures of the moment, and the last hour's per minute.
+    pub fn stats(&self) -> Stats {
+        let inner = &self.inner;
+        let counts = inner.store.counts();
+        Stats {
+            queue_depth: inner.dispatch.queue_depth(),
+            retry_depth: counts.get(&State::Retrying).copied().unwrap_or(0),
+            scheduled: inner.capacity.scheduled(),
+            held: inner.capacity.held(),
+            by_state: State::ALL
+                .iter()
+                .map(|state| (*state, counts.get(state).copied().unwrap_or(0)))
+                .collect(),
+            relay_failing: inner.health.failing(),
+            relay_last_error: inner.health.last_error(),
+            last_hour: inner.metrics.last_hour(),
         }
     }
 

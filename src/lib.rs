@@ -50,7 +50,7 @@ pub mod transport;
 pub use config::{Config, ConfigError};
 pub use engine::{
     Accepted, ActionError, BatchItem, Engine, ListError, ListQuery, MessagePage, Readiness,
-    SendError, ShutdownReport, StartError, SubmitError, Suppression, SuppressionError,
+    SendError, ShutdownReport, StartError, Stats, SubmitError, Suppression, SuppressionError,
     SuppressionPage,
 };
 pub use message::{AttachmentRequest, MailRequest, MessageError, OutgoingMessage};

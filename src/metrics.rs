@@ -24,9 +24,84 @@ pub enum AttemptResult {
     Permanent,
 }
 
+/// Minutes of history kept for the dashboard's chart.
+pub const MINUTES_KEPT: usize = 60;
+
+/// Messages finished in one minute.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+#[non_exhaustive]
+pub struct Minute {
+    /// The minute's start, in minutes since the Unix epoch.
+    pub minute: u64,
+    /// Messages that reached `sent` in it.
+    pub sent: u64,
+    /// Messages that reached `failed` in it.
+    pub failed: u64,
+}
+
+/// A ring of per-minute counts over the last [`MINUTES_KEPT`] minutes.
+#[derive(Default)]
+struct PerMinute {
+    ring: Mutex<Vec<Minute>>,
+}
+
+impl PerMinute {
+    fn count(&self, sent: u64, failed: u64) {
+        let minute = now_minute();
+        let mut ring = self
+            .ring
+            .lock()
+            .unwrap_or_else(|poisoned| poisoned.into_inner());
+        if ring.is_empty() {
+            ring.resize(MINUTES_KEPT, Minute::default());
+        }
+        let slot = &mut ring[(minute % MINUTES_KEPT as u64) as usize];
+        if slot.minute != minute {
+            *slot = Minute {
+                minute,
+                sent: 0,
+                failed: 0,
+            };
+        }
+        slot.sent += sent;
+        slot.failed += failed;
+    }
+
+    /// The last [`MINUTES_KEPT`] minutes, oldest first (the current one last).
+    fn last_hour(&self) -> Vec<Minute> {
+        let now = now_minute();
+        let ring = self
+            .ring
+            .lock()
+            .unwrap_or_else(|poisoned| poisoned.into_inner());
+        (0..MINUTES_KEPT as u64)
+            .rev()
+            .map(|ago| {
+                let minute = now.saturating_sub(ago);
+                ring.get((minute % MINUTES_KEPT as u64) as usize)
+                    .filter(|slot| slot.minute == minute)
+                    .copied()
+                    .unwrap_or(Minute {
+                        minute,
+                        sent: 0,
+                        failed: 0,
+                    })
+            })
+            .collect()
+    }
+}
+
+fn now_minute() -> u64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|elapsed| elapsed.as_secs() / 60)
+        .unwrap_or(0)
+}
+
 /// The service's counters.
 #[derive(Default)]
 pub struct Metrics {
+    per_minute: PerMinute,
     accepted: AtomicU64,
     sent: AtomicU64,
     failed: AtomicU64,
@@ -59,10 +134,16 @@ impl Metrics {
     /// A message reached `sent`.
     pub fn message_sent(&self) {
         self.sent.fetch_add(1, Ordering::Relaxed);
+        self.per_minute.count(1, 0);
     }
     /// A message reached `failed`.
     pub fn message_failed(&self) {
         self.failed.fetch_add(1, Ordering::Relaxed);
+        self.per_minute.count(0, 1);
+    }
+    /// Sent and failed messages per minute over the last hour, oldest first.
+    pub fn last_hour(&self) -> Vec<Minute> {
+        self.per_minute.last_hour()
     }
     /// A new SMTP connection was opened.
     pub fn connection_opened(&self) {
@@ -203,5 +284,26 @@ impl Metrics {
         let sum = self.duration_sum_micros.load(Ordering::Relaxed) as f64 / 1e6;
         let _ = writeln!(out, "{name}_sum {sum}\n{name}_count {count}");
         out
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_last_hour_ends_with_this_minute() {
+        let metrics = Metrics::default();
+        metrics.message_sent();
+        metrics.message_sent();
+        metrics.message_failed();
+        let hour = metrics.last_hour();
+        assert_eq!(hour.len(), MINUTES_KEPT);
+        let this = hour[MINUTES_KEPT - 1];
+        // (A minute boundary may fall between the counts and the read.)
+        assert!(this.sent + this.failed <= 3);
+        assert_eq!(hour.iter().map(|m| m.sent).sum::<u64>(), 2);
+        assert_eq!(hour.iter().map(|m| m.failed).sum::<u64>(), 1);
+        assert!(hour.windows(2).all(|w| w[0].minute + 1 == w[1].minute));
     }
 }
