@@ -37,6 +37,7 @@ use tiny_http::{Header, Method, Request, Response, Server};
 use crate::allocator;
 use crate::connections::{self, Connections, HEAD_DEADLINE, READ_TIMEOUT};
 use crate::engine::{Engine, Readiness, SendError, SubmitError};
+use crate::http_actions as actions;
 use crate::message::MailRequest;
 
 /// Connections the kernel holds for tiny_http to accept.
@@ -672,21 +673,74 @@ fn route(exchange: &mut Exchange<'_>, request: &mut Request) -> Reply {
             if let Some(refusal) = check_token(engine, request) {
                 return refusal;
             }
+            let query = request
+                .url()
+                .split_once('?')
+                .map_or("", |(_, query)| query)
+                .to_string();
             match path.as_str() {
                 "/api/mail" if method == Method::Post => submit(exchange, request),
+                "/api/mail" if is(&Method::Get) => answer(actions::list(engine, &query)),
+                "/api/mail" => method_not_allowed("GET, HEAD, POST"),
                 "/api/mail/v2" if method == Method::Post => send_and_wait(exchange, request),
-                "/api/mail" | "/api/mail/v2" => method_not_allowed("POST"),
-                _ => match path
-                    .strip_prefix("/api/mail/")
-                    .filter(|id| !id.is_empty() && !id.contains('/'))
-                {
-                    Some(id) if is(&Method::Get) => status(engine, id),
-                    Some(_) => method_not_allowed("GET, HEAD"),
-                    None => not_found(&path),
+                "/api/mail/v2" => method_not_allowed("POST"),
+                "/api/mail/batch" if method == Method::Post => match read_body(exchange, request) {
+                    Ok(body) => answer(actions::batch(engine, &body)),
+                    Err(reply) => reply,
                 },
+                "/api/mail/batch" => method_not_allowed("POST"),
+                "/api/stats" if is(&Method::Get) => answer(actions::stats(engine)),
+                "/api/stats" => method_not_allowed("GET, HEAD"),
+                "/api/suppressions" if is(&Method::Get) => {
+                    answer(actions::suppressions(engine, &query))
+                }
+                "/api/suppressions" => method_not_allowed("GET, HEAD"),
+                _ => {
+                    if let Some(address) = path
+                        .strip_prefix("/api/suppressions/")
+                        .filter(|address| !address.is_empty() && !address.contains('/'))
+                    {
+                        let address = match actions::decode(address) {
+                            Ok(address) => address,
+                            Err(reason) => return invalid(&reason),
+                        };
+                        return match method {
+                            Method::Put => match read_body(exchange, request) {
+                                Ok(body) => answer(actions::suppress(engine, &address, &body)),
+                                Err(reply) => reply,
+                            },
+                            Method::Delete => answer(actions::unsuppress(engine, &address)),
+                            _ => method_not_allowed("PUT, DELETE"),
+                        };
+                    }
+                    let Some(rest) = path.strip_prefix("/api/mail/") else {
+                        return not_found(&path);
+                    };
+                    match rest.split('/').collect::<Vec<_>>().as_slice() {
+                        [id] if !id.is_empty() && is(&Method::Get) => status(engine, id),
+                        [id] if !id.is_empty() && method == Method::Delete => {
+                            answer(actions::cancel(engine, id))
+                        }
+                        [id] if !id.is_empty() => method_not_allowed("GET, HEAD, DELETE"),
+                        [id, "retry"] if !id.is_empty() && method == Method::Post => {
+                            answer(actions::retry(engine, id))
+                        }
+                        [id, "retry"] if !id.is_empty() => method_not_allowed("POST"),
+                        _ => not_found(&path),
+                    }
+                }
             }
         }
         _ => not_found(&path),
+    }
+}
+
+fn answer(answer: actions::Answer) -> Reply {
+    Reply {
+        code: answer.code,
+        body: answer.body.to_string().into_bytes(),
+        content_type: "application/json",
+        headers: answer.headers,
     }
 }
 

@@ -36,6 +36,7 @@ mod dispatch;
 pub mod engine;
 mod health;
 pub mod http;
+mod http_actions;
 mod job;
 pub mod message;
 pub mod metrics;

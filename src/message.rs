@@ -133,6 +133,25 @@ impl fmt::Display for MessageError {
     }
 }
 
+impl MessageError {
+    /// The request field at fault, when there is one (`None` for a body
+    /// that is not JSON at all).
+    pub fn field(&self) -> Option<&str> {
+        match self {
+            MessageError::MalformedJson(_) | MessageError::NotAnObject => None,
+            MessageError::MissingField(field) => Some(field),
+            MessageError::WrongType { field, .. }
+            | MessageError::HeaderInjection { field }
+            | MessageError::InvalidAddress { field, .. } => Some(field),
+            MessageError::NoRecipients => Some("receiver"),
+            MessageError::InvalidHeader { .. } => Some("headers"),
+            MessageError::InvalidAttachment { .. } => Some("attachments"),
+            MessageError::SenderNotAllowed { .. } => Some("sender"),
+            MessageError::Build(_) => None,
+        }
+    }
+}
+
 impl std::error::Error for MessageError {}
 
 /// A message ready for delivery: built once, at acceptance, and never

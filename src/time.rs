@@ -30,8 +30,6 @@ pub fn rfc3339(time: SystemTime) -> String {
     )
 }
 
-// Used by the list's `since`/`until` (HTTP layer, next).
-#[allow(dead_code)]
 /// Parses an RFC 3339 date-time (`2026-12-01T10:00:00Z`,
 /// `2026-12-01T11:00:00.5+01:00`); `None` when it is not one. Times before
 /// the Unix epoch are not representable here and count as invalid.
@@ -129,7 +127,6 @@ fn civil_from_days(days: i64) -> (i64, i64, i64) {
     (year, month, day)
 }
 
-#[allow(dead_code)]
 /// The inverse of [`civil_from_days`].
 fn days_from_civil(year: i64, month: i64, day: i64) -> i64 {
     let year = if month <= 2 { year - 1 } else { year };

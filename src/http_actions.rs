@@ -1,0 +1,412 @@
+//! The API's answers about kept messages and lists: the message list,
+//! cancel and retry, the suppression list, batches and the dashboard's
+//! figures. Each takes what the request said (query string, path part,
+//! body) and returns the JSON answer; the HTTP layer frames it.
+
+use serde_json::{json, Map, Value};
+
+use crate::engine::{ActionError, BatchItem, Engine, ListError, SubmitError, SuppressionError};
+use crate::message::MailRequest;
+use crate::status::State;
+use crate::store::ListQuery;
+use crate::time::{from_millis, parse_rfc3339, rfc3339};
+
+/// Largest batch.
+pub const MAX_BATCH: usize = 500;
+
+/// An answer: status code, JSON body, extra headers.
+#[derive(Debug)]
+pub(crate) struct Answer {
+    pub code: u16,
+    pub body: Value,
+    pub headers: Vec<(&'static str, String)>,
+}
+
+impl Answer {
+    pub(crate) fn ok(data: Value) -> Answer {
+        Answer::with(200, "ok", data)
+    }
+
+    pub(crate) fn with(code: u16, message: &str, data: Value) -> Answer {
+        Answer {
+            code,
+            body: json!({ "message": message, "data": data }),
+            headers: Vec::new(),
+        }
+    }
+
+    pub(crate) fn error(code: u16, message: &str, detail: &str) -> Answer {
+        Answer::with(code, message, json!({ "error": detail }))
+    }
+
+    fn unavailable(message: &str, detail: &str) -> Answer {
+        let mut answer = Answer::error(503, message, detail);
+        answer.headers.push(("Retry-After", "1".to_string()));
+        answer
+    }
+}
+
+/// The `(name, value)` pairs of a query string, percent-decoded (`+` is a space).
+pub(crate) fn query_pairs(query: &str) -> Result<Vec<(String, String)>, String> {
+    query
+        .split('&')
+        .filter(|pair| !pair.is_empty())
+        .map(|pair| {
+            let (name, value) = pair.split_once('=').unwrap_or((pair, ""));
+            Ok((decode(name)?, decode(value)?))
+        })
+        .collect()
+}
+
+/// Percent-decodes a URL part (`+` as a space in query strings too).
+pub(crate) fn decode(text: &str) -> Result<String, String> {
+    let bytes = text.as_bytes();
+    let mut out = Vec::with_capacity(bytes.len());
+    let mut index = 0;
+    while index < bytes.len() {
+        match bytes[index] {
+            b'%' => {
+                let hex = bytes
+                    .get(index + 1..index + 3)
+                    .and_then(|hex| std::str::from_utf8(hex).ok())
+                    .and_then(|hex| u8::from_str_radix(hex, 16).ok())
+                    .ok_or_else(|| format!("{text:?} has a bad percent escape"))?;
+                out.push(hex);
+                index += 3;
+            }
+            b'+' => {
+                out.push(b' ');
+                index += 1;
+            }
+            byte => {
+                out.push(byte);
+                index += 1;
+            }
+        }
+    }
+    String::from_utf8(out).map_err(|_| format!("{text:?} is not UTF-8 once decoded"))
+}
+
+fn bad_parameter(name: &str, reason: &str) -> Answer {
+    let detail = format!("query parameter `{name}` {reason}");
+    Answer::error(400, &detail, &detail)
+}
+
+fn limit_of(value: &str, name: &str) -> Result<usize, Answer> {
+    match value.parse::<usize>() {
+        Ok(limit) if (1..=ListQuery::MAX_LIMIT).contains(&limit) => Ok(limit),
+        _ => Err(bad_parameter(
+            name,
+            &format!("must be a whole number from 1 to {}", ListQuery::MAX_LIMIT),
+        )),
+    }
+}
+
+/// `GET /api/mail?status=&recipient=&tag=&since=&until=&limit=&cursor=`
+pub(crate) fn list(engine: &Engine, query: &str) -> Answer {
+    let pairs = match query_pairs(query) {
+        Ok(pairs) => pairs,
+        Err(reason) => return Answer::error(400, "malformed query string", &reason),
+    };
+    let mut list = ListQuery::new();
+    for (name, value) in pairs {
+        let time = |value: &str| {
+            parse_rfc3339(value).ok_or_else(|| {
+                bad_parameter(&name, "must be an RFC 3339 time, e.g. 2026-12-01T10:00:00Z")
+            })
+        };
+        let parsed = match name.as_str() {
+            "status" => match State::parse(&value) {
+                Some(state) => {
+                    list.state = Some(state);
+                    Ok(())
+                }
+                None => Err(bad_parameter(
+                    "status",
+                    &format!(
+                        "must be one of {}",
+                        State::ALL.map(State::as_str).join(", ")
+                    ),
+                )),
+            },
+            "recipient" => {
+                list.recipient = Some(value);
+                Ok(())
+            }
+            "tag" => {
+                list.tag = Some(value);
+                Ok(())
+            }
+            "since" => time(&value).map(|since| list.since = Some(since)),
+            "until" => time(&value).map(|until| list.until = Some(until)),
+            "limit" => limit_of(&value, "limit").map(|limit| list.limit = limit),
+            "cursor" => {
+                list.cursor = Some(value);
+                Ok(())
+            }
+            other => Err(bad_parameter(
+                other,
+                "is unknown; known: status, recipient, tag, since, until, limit, cursor",
+            )),
+        };
+        if let Err(answer) = parsed {
+            return answer;
+        }
+    }
+    match engine.list(&list) {
+        Ok(page) => Answer::ok(json!({
+            "messages": page.messages.iter().map(|status| status.summary_json()).collect::<Vec<_>>(),
+            "next_cursor": page.next_cursor,
+        })),
+        Err(ListError::InvalidCursor(detail)) => {
+            bad_parameter("cursor", &format!("is not valid ({detail})"))
+        }
+    }
+}
+
+fn action_refused(error: ActionError) -> Answer {
+    let detail = error.to_string();
+    match error {
+        ActionError::NotFound { .. } => Answer::error(404, "not found", &detail),
+        ActionError::WrongState { state, .. } => Answer::with(
+            409,
+            &detail,
+            json!({ "error": detail, "status": state.as_str() }),
+        ),
+        ActionError::Unavailable(_) => Answer::unavailable("not available", &detail),
+        ActionError::Spool(_) => Answer::unavailable("cannot record it", &detail),
+    }
+}
+
+/// `DELETE /api/mail/{id}`
+pub(crate) fn cancel(engine: &Engine, id: &str) -> Answer {
+    match engine.cancel(id) {
+        Ok(status) => Answer::ok(status.to_json()),
+        Err(error) => action_refused(error),
+    }
+}
+
+/// `POST /api/mail/{id}/retry`
+pub(crate) fn retry(engine: &Engine, id: &str) -> Answer {
+    match engine.retry(id) {
+        Ok(status) => Answer::with(
+            202,
+            "ok",
+            json!({ "id": status.id, "status": status.state.as_str() }),
+        ),
+        Err(error) => action_refused(error),
+    }
+}
+
+/// `GET /api/suppressions?cursor=&limit=`
+pub(crate) fn suppressions(engine: &Engine, query: &str) -> Answer {
+    let pairs = match query_pairs(query) {
+        Ok(pairs) => pairs,
+        Err(reason) => return Answer::error(400, "malformed query string", &reason),
+    };
+    let mut cursor = None;
+    let mut limit = ListQuery::DEFAULT_LIMIT;
+    for (name, value) in pairs {
+        match name.as_str() {
+            "cursor" => cursor = Some(value),
+            "limit" => match limit_of(&value, "limit") {
+                Ok(value) => limit = value,
+                Err(answer) => return answer,
+            },
+            other => return bad_parameter(other, "is unknown; known: cursor, limit"),
+        }
+    }
+    let page = engine.suppressions(cursor.as_deref(), limit);
+    Answer::ok(json!({
+        "suppressions": page.suppressions.iter().map(|entry| entry.to_json()).collect::<Vec<_>>(),
+        "next_cursor": page.next_cursor,
+    }))
+}
+
+fn suppression_refused(error: SuppressionError) -> Answer {
+    let detail = error.to_string();
+    match error {
+        SuppressionError::InvalidAddress(_) => Answer::error(400, &detail, &detail),
+        SuppressionError::NotFound(_) => Answer::error(404, "not found", &detail),
+        _ => Answer::unavailable("cannot record it", &detail),
+    }
+}
+
+/// `PUT /api/suppressions/{address}` with an optional `{"reason"}` body.
+pub(crate) fn suppress(engine: &Engine, address: &str, body: &[u8]) -> Answer {
+    let reason = if body.iter().all(u8::is_ascii_whitespace) {
+        None
+    } else {
+        match serde_json::from_slice::<Value>(body) {
+            Ok(Value::Object(object)) => {
+                if let Some(unknown) = object.keys().find(|key| key.as_str() != "reason") {
+                    let detail = format!("unknown field `{unknown}`; the only field is `reason`");
+                    return Answer::error(400, &detail, &detail);
+                }
+                match object.get("reason") {
+                    None | Some(Value::Null) => None,
+                    Some(Value::String(reason)) => Some(reason.clone()),
+                    Some(_) => {
+                        let detail = "field `reason` must be a string";
+                        return Answer::error(400, detail, detail);
+                    }
+                }
+            }
+            Ok(_) => {
+                let detail = "the body must be a JSON object like {\"reason\": \"...\"}";
+                return Answer::error(400, detail, detail);
+            }
+            Err(error) => {
+                let detail = format!("malformed JSON (the body must be JSON): {error}");
+                return Answer::error(400, &detail, &detail);
+            }
+        }
+    };
+    match engine.suppress(address, reason) {
+        Ok(entry) => Answer::ok(entry.to_json()),
+        Err(error) => suppression_refused(error),
+    }
+}
+
+/// `DELETE /api/suppressions/{address}`
+pub(crate) fn unsuppress(engine: &Engine, address: &str) -> Answer {
+    match engine.unsuppress(address) {
+        Ok(()) => Answer::ok(json!({ "address": address })),
+        Err(error) => suppression_refused(error),
+    }
+}
+
+/// The item error of a batch: `{"message", "field"}`.
+fn item_error(error: &SubmitError) -> Value {
+    let field = match error {
+        SubmitError::Invalid(error) => error.field().map(str::to_string),
+        SubmitError::InvalidIdempotencyKey | SubmitError::IdempotencyConflict { .. } => {
+            Some("idempotency_key".into())
+        }
+        SubmitError::SendAtTooLate => Some("send_at".into()),
+        _ => None,
+    };
+    json!({ "error": { "message": error.to_string(), "field": field } })
+}
+
+/// `POST /api/mail/batch` with `{"messages": [...]}`.
+pub(crate) fn batch(engine: &Engine, body: &[u8]) -> Answer {
+    let value: Value = match serde_json::from_slice(body) {
+        Ok(value) => value,
+        Err(error) => {
+            let detail = format!("malformed JSON (the body must be JSON): {error}");
+            return Answer::error(400, &detail, &detail);
+        }
+    };
+    let Value::Object(mut object) = value else {
+        let detail = "the body must be a JSON object {\"messages\": [...]}";
+        return Answer::error(400, detail, detail);
+    };
+    if let Some(unknown) = object.keys().find(|key| key.as_str() != "messages") {
+        let detail = format!("unknown field `{unknown}`; the only field is `messages`");
+        return Answer::error(400, &detail, &detail);
+    }
+    let Some(Value::Array(items)) = object.remove("messages") else {
+        let detail = "field `messages` must be an array of message requests";
+        return Answer::error(400, detail, detail);
+    };
+    if items.is_empty() || items.len() > MAX_BATCH {
+        let detail = format!("field `messages` must hold 1 to {MAX_BATCH} items");
+        return Answer::error(400, &detail, &detail);
+    }
+    // Parse every item; the valid ones go to the engine together.
+    let mut parsed: Vec<Result<(MailRequest, Option<String>), Value>> = Vec::new();
+    for item in items {
+        parsed.push(parse_item(item));
+    }
+    let requests: Vec<BatchItem<'_>> = parsed
+        .iter()
+        .filter_map(|item| item.as_ref().ok())
+        .map(|(request, key)| BatchItem::new(request, key.as_deref()))
+        .collect();
+    let mut outcomes = engine.submit_batch(&requests).into_iter();
+    let results: Vec<Value> = parsed
+        .iter()
+        .map(|item| match item {
+            Err(error) => error.clone(),
+            Ok(_) => match outcomes.next() {
+                Some(Ok(accepted)) => {
+                    json!({ "id": accepted.id, "status": accepted.state.as_str() })
+                }
+                Some(Err(error)) => item_error(&error),
+                None => json!({ "error": { "message": "not accepted", "field": null } }),
+            },
+        })
+        .collect();
+    Answer::ok(json!({ "results": results }))
+}
+
+/// One batch item: a message request with an optional `idempotency_key`.
+fn parse_item(item: Value) -> Result<(MailRequest, Option<String>), Value> {
+    let Value::Object(mut object) = item else {
+        return Err(
+            json!({ "error": { "message": "an item must be a JSON object (a message request)", "field": null } }),
+        );
+    };
+    let key = match object.remove("idempotency_key") {
+        None | Some(Value::Null) => None,
+        Some(Value::String(key)) => Some(key),
+        Some(_) => {
+            return Err(
+                json!({ "error": { "message": "field `idempotency_key` must be a string", "field": "idempotency_key" } }),
+            )
+        }
+    };
+    let body = Value::Object(Map::from_iter(object)).to_string();
+    MailRequest::from_json(body.as_bytes())
+        .map(|request| (request, key))
+        .map_err(
+            |error| json!({ "error": { "message": error.to_string(), "field": error.field() } }),
+        )
+}
+
+/// `GET /api/stats`: the dashboard's figures.
+pub(crate) fn stats(engine: &Engine) -> Answer {
+    let stats = engine.stats();
+    let by_state: Map<String, Value> = stats
+        .by_state
+        .iter()
+        .map(|(state, count)| (state.as_str().to_string(), json!(count)))
+        .collect();
+    Answer::ok(json!({
+        "queue_depth": stats.queue_depth,
+        "retry_depth": stats.retry_depth,
+        "scheduled": stats.scheduled,
+        "held": stats.held,
+        "by_state": by_state,
+        "relay": {
+            "status": if stats.relay_failing.is_some() { "failing" } else { "ok" },
+            "last_error": stats.relay_last_error.as_ref().map(|(_, error)| error),
+            "last_error_at": stats.relay_last_error.as_ref().map(|(at, _)| rfc3339(*at)),
+        },
+        "last_hour": stats.last_hour.iter().map(|minute| json!({
+            "minute": rfc3339(from_millis(minute.minute * 60_000)),
+            "sent": minute.sent,
+            "failed": minute.failed,
+        })).collect::<Vec<_>>(),
+    }))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn query_strings_are_decoded() {
+        assert_eq!(
+            query_pairs("recipient=a%40b.org&tag=x+y&limit=5&&").unwrap(),
+            vec![
+                ("recipient".to_string(), "a@b.org".to_string()),
+                ("tag".to_string(), "x y".to_string()),
+                ("limit".to_string(), "5".to_string()),
+            ]
+        );
+        assert!(query_pairs("a=%zz").is_err());
+        assert!(query_pairs("a=%ff").is_err(), "not UTF-8");
+    }
+}
