@@ -16,7 +16,8 @@ use std::time::SystemTime;
 /// Some headers cannot be changed. Trying to define the value
 /// of one of these will have no effect:
 ///
-///  - `Connection`
+///  - `Connection`, except `Connection: close`, which makes the server
+///    close the connection after this answer
 ///  - `Trailer`
 ///  - `Transfer-Encoding`
 ///  - `Upgrade`
@@ -254,9 +255,19 @@ where
     {
         let header = header.into();
 
+        // `Connection: close` is honoured: the connection closes after this
+        // answer; other `Connection` values are the library's to set
+        if header.field.equiv("Connection") {
+            if header.value.as_str().trim().eq_ignore_ascii_case("close")
+                && !self.closes_connection()
+            {
+                self.headers.push(header);
+            }
+            return;
+        }
+
         // ignoring forbidden headers
-        if header.field.equiv("Connection")
-            || header.field.equiv("Trailer")
+        if header.field.equiv("Trailer")
             || header.field.equiv("Transfer-Encoding")
             || header.field.equiv("Upgrade")
         {
@@ -283,6 +294,14 @@ where
         }
 
         self.headers.push(header);
+    }
+
+    /// True when the answer says `Connection: close`: the server closes the
+    /// connection after it.
+    pub fn closes_connection(&self) -> bool {
+        self.headers.iter().any(|h| {
+            h.field.equiv("Connection") && h.value.as_str().trim().eq_ignore_ascii_case("close")
+        })
     }
 
     /// Returns the same request, but with an additional header.

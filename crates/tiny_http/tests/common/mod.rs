@@ -161,3 +161,11 @@ pub fn closed(reader: &mut impl Read) -> bool {
     }
 }
 
+/// A server on a free loopback port held to `limits` (changed by `tune`
+/// from the defaults).
+pub fn server_with(tune: impl FnOnce(&mut tiny_http::Limits)) -> Server {
+    let mut limits = tiny_http::Limits::default();
+    tune(&mut limits);
+    let listener = std::net::TcpListener::bind("127.0.0.1:0").expect("bind");
+    Server::from_listener_with_limits(listener, None, limits).expect("server")
+}
