@@ -192,11 +192,7 @@ impl ClientConnection {
                     if line.is_empty() {
                         break;
                     };
-                    let line = match AsciiString::from_ascii(line) {
-                        Ok(line) => line,
-                        Err(_) => return Err(ReadError::WrongHeader(version)),
-                    };
-                    headers.push(match FromStr::from_str(line.as_str()) {
+                    headers.push(match crate::Header::parse(&line) {
                         Ok(h) => h,
                         _ => return Err(ReadError::WrongHeader(version)),
                     });

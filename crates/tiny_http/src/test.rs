@@ -61,7 +61,7 @@ impl From<TestRequest> for Request {
         {
             mock.headers.push(Header {
                 field: HeaderField::from_str("Content-Length").unwrap(),
-                value: AsciiString::from_ascii(mock.body.len().to_string()).unwrap(),
+                value: crate::HeaderValue::from_bytes(mock.body.len().to_string()).unwrap(),
             });
         }
         new_request(
