@@ -100,7 +100,8 @@ use std::io::ErrorKind as IoErrorKind;
 use std::io::Result as IoResult;
 use std::net::{Shutdown, TcpStream, ToSocketAddrs};
 use std::sync::atomic::AtomicBool;
-use std::sync::atomic::Ordering::Relaxed;
+use std::sync::atomic::AtomicUsize;
+use std::sync::atomic::Ordering::{Relaxed, SeqCst};
 use std::sync::mpsc;
 use std::sync::Arc;
 use std::thread;
@@ -130,6 +131,9 @@ mod util;
 /// First pause of the accept loop after an accept error; doubled while
 /// errors continue, up to [`ACCEPT_BACKOFF_MAX`].
 const ACCEPT_BACKOFF_MIN: Duration = Duration::from_millis(10);
+/// Connections refused for being over the limit are logged at most this often.
+const REFUSAL_LOG_INTERVAL: Duration = Duration::from_secs(10);
+
 /// Longest pause of the accept loop between failing accepts.
 const ACCEPT_BACKOFF_MAX: Duration = Duration::from_secs(1);
 
@@ -148,6 +152,38 @@ pub struct Server {
 
     // result of TcpListener::local_addr()
     listening_addr: ListenAddr,
+
+    // connections being served
+    active: Arc<AtomicUsize>,
+}
+
+/// Counts a connection as served until dropped.
+struct Served(Arc<AtomicUsize>);
+
+impl Drop for Served {
+    fn drop(&mut self) {
+        self.0.fetch_sub(1, SeqCst);
+    }
+}
+
+/// Answers a connection beyond the limit `503` and closes it, without
+/// waiting for anything: the socket is not blocking, the answer fits its
+/// empty send buffer, and what the client already sent is read so that
+/// the close is not a reset.
+fn refuse_busy(socket: Connection) {
+    use std::io::{Read, Write};
+    let _ = socket.set_nonblocking(true);
+    let _ = (&socket).write_all(
+        b"HTTP/1.1 503 Service Unavailable\r\nRetry-After: 1\r\nConnection: close\r\nContent-Length: 0\r\n\r\n",
+    );
+    let _ = socket.shutdown(Shutdown::Write);
+    let mut drain = [0u8; 4096];
+    for _ in 0..16 {
+        match (&socket).read(&mut drain) {
+            Ok(n) if n > 0 => {}
+            _ => break,
+        }
+    }
 }
 
 enum Message {
@@ -310,16 +346,36 @@ impl Server {
 
         let inside_close_trigger = close_trigger.clone();
         let inside_messages = messages.clone();
+        let active = Arc::new(AtomicUsize::new(0));
+        let inside_active = Arc::clone(&active);
         thread::spawn(move || {
             // a tasks pool is used to dispatch the connections into threads
             let tasks_pool = util::TaskPool::new();
 
             log::debug!("Running accept thread");
             let mut backoff = ACCEPT_BACKOFF_MIN;
+            let mut refused = 0usize;
+            let mut refusal_logged: Option<std::time::Instant> = None;
             while !inside_close_trigger.load(Relaxed) {
                 let new_client = match server.accept() {
                     Ok((sock, _)) => {
                         backoff = ACCEPT_BACKOFF_MIN;
+                        // Each connection costs a thread: beyond the limit
+                        // new ones are turned away at once.
+                        if inside_active.load(SeqCst) >= limits.max_connections {
+                            refuse_busy(sock);
+                            refused += 1;
+                            if refusal_logged.map_or(true, |at| at.elapsed() >= REFUSAL_LOG_INTERVAL) {
+                                log::warn!(
+                                    "{} connections refused with 503: {} are served already (the limit)",
+                                    refused,
+                                    limits.max_connections
+                                );
+                                refused = 0;
+                                refusal_logged = Some(std::time::Instant::now());
+                            }
+                            continue;
+                        }
                         // Before anything reads from it: a silent client
                         // must not hold its thread.
                         let timeouts = sock
@@ -382,7 +438,10 @@ impl Server {
 
                 let messages = inside_messages.clone();
                 let mut client = Some(new_client);
+                inside_active.fetch_add(1, SeqCst);
+                let mut served = Some(Served(Arc::clone(&inside_active)));
                 tasks_pool.spawn(Box::new(move || {
+                    let _served = served.take();
                     if let Some(client) = client.take() {
                         // Synchronization is needed for HTTPS requests to avoid a deadlock
                         if client.secure() {
@@ -409,6 +468,7 @@ impl Server {
             messages,
             close: close_trigger,
             listening_addr: local_addr,
+            active,
         })
     }
 
@@ -428,8 +488,7 @@ impl Server {
 
     /// Returns the number of clients currently connected to the server.
     pub fn num_connections(&self) -> usize {
-        unimplemented!()
-        //self.requests_receiver.lock().len()
+        self.active.load(SeqCst)
     }
 
     /// Blocks until an HTTP request has been submitted and returns it.
