@@ -25,13 +25,10 @@
 //! validated email), [`engine`] (the API), `pool` (workers), `retry`
 //! (scheduler), [`transport`] (SMTP/outbox and error classification),
 //! [`spool`] (durable queue), [`status`], [`metrics`], [`http`] (the API over
-//! HTTP), [`connections`] (limits on HTTP connections that tiny_http lacks),
-//! [`allocator`] (the binary's allocator, for huge declared bodies),
-//! [`systemd`] (readiness notification).
+//! HTTP, on our tiny_http fork, with its own [`HttpSettings`]), [`systemd`]
+//! (readiness notification).
 
-pub mod allocator;
 pub mod config;
-pub mod connections;
 pub mod engine;
 pub mod http;
 pub mod message;
@@ -45,6 +42,7 @@ pub mod transport;
 
 pub use config::{Config, ConfigError};
 pub use engine::{Accepted, Engine, Readiness, SendError, ShutdownReport, StartError, SubmitError};
+pub use http::{BindError, HttpServer, HttpSettings};
 pub use message::{AttachmentRequest, MailRequest, MessageError, OutgoingMessage};
 pub use pool::WORKER_NICENESS;
 pub use status::{MessageStatus, State};
