@@ -106,6 +106,8 @@ impl ClientConnection {
         let mut prev_byte_was_cr = false;
 
         loop {
+            // The source is a `BufReader`: a byte at a time costs no read.
+            #[allow(clippy::unbuffered_bytes)]
             let byte = self.next_header_source.by_ref().bytes().next();
 
             let byte = match byte {
@@ -182,9 +184,7 @@ impl ClientConnection {
                 loop {
                     let line = match self.read_next_line(left) {
                         Ok(line) => line,
-                        Err(LineError::TooLong) => {
-                            return Err(ReadError::HeadersTooLarge(version))
-                        }
+                        Err(LineError::TooLong) => return Err(ReadError::HeadersTooLarge(version)),
                         Err(LineError::Io(error)) => return Err(self.io_error(error)),
                     };
                     left = left.saturating_sub(line.len() + 2);

@@ -123,7 +123,10 @@ impl Connection {
         }
     }
 
-    pub(crate) fn set_read_timeout(&self, timeout: Option<std::time::Duration>) -> std::io::Result<()> {
+    pub(crate) fn set_read_timeout(
+        &self,
+        timeout: Option<std::time::Duration>,
+    ) -> std::io::Result<()> {
         match self {
             Self::Tcp(s) => s.set_read_timeout(timeout),
             #[cfg(unix)]
@@ -131,7 +134,10 @@ impl Connection {
         }
     }
 
-    pub(crate) fn set_write_timeout(&self, timeout: Option<std::time::Duration>) -> std::io::Result<()> {
+    pub(crate) fn set_write_timeout(
+        &self,
+        timeout: Option<std::time::Duration>,
+    ) -> std::io::Result<()> {
         match self {
             Self::Tcp(s) => s.set_write_timeout(timeout),
             #[cfg(unix)]

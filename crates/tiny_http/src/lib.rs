@@ -365,7 +365,8 @@ impl Server {
                         if inside_active.load(SeqCst) >= limits.max_connections {
                             refuse_busy(sock);
                             refused += 1;
-                            if refusal_logged.map_or(true, |at| at.elapsed() >= REFUSAL_LOG_INTERVAL) {
+                            if refusal_logged.is_none_or(|at| at.elapsed() >= REFUSAL_LOG_INTERVAL)
+                            {
                                 log::warn!(
                                     "{} connections refused with 503: {} are served already (the limit)",
                                     refused,
@@ -496,7 +497,7 @@ impl Server {
         match self.messages.pop() {
             Some(Message::Error(err)) => Err(err),
             Some(Message::NewRequest(rq)) => Ok(rq),
-            None => Err(IoError::new(IoErrorKind::Other, "thread unblocked")),
+            None => Err(IoError::other("thread unblocked")),
         }
     }
 

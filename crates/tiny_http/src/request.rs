@@ -8,10 +8,10 @@ use std::str::FromStr;
 use std::sync::mpsc::Sender;
 
 use crate::util::ConnectionState;
-use std::sync::atomic::{AtomicU64, Ordering};
-use std::sync::Arc;
 use crate::{HTTPVersion, Header, Method, Response, StatusCode};
 use chunked_transfer::Decoder;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::Arc;
 
 /// Represents an HTTP request made by a client.
 ///
@@ -154,7 +154,9 @@ impl<R: Read> Read for LengthBody<R> {
         let Some(inner) = self.inner.as_mut() else {
             return Ok(0);
         };
-        let wanted = buf.len().min(<usize as std::convert::TryFrom<u64>>::try_from(self.remaining).unwrap_or(usize::MAX));
+        let wanted = buf.len().min(
+            <usize as std::convert::TryFrom<u64>>::try_from(self.remaining).unwrap_or(usize::MAX),
+        );
         let read = inner.read(&mut buf[..wanted])?;
         self.remaining -= read as u64;
         self.progress.store(self.remaining, Ordering::Relaxed);

@@ -39,7 +39,10 @@ fn exhaust_descriptors() -> Vec<File> {
 }
 
 fn healthy(address: std::net::SocketAddr) -> bool {
-    let (answer, _) = exchange(address, b"GET / HTTP/1.1\r\nHost: t\r\nConnection: close\r\n\r\n");
+    let (answer, _) = exchange(
+        address,
+        b"GET / HTTP/1.1\r\nHost: t\r\nConnection: close\r\n\r\n",
+    );
     answer.is_some_and(|answer| answer.code == 200)
 }
 
@@ -49,7 +52,10 @@ fn running_out_of_descriptors_pauses_the_server_but_never_ends_it() {
     log::set_max_level(log::LevelFilter::Debug);
     // A small limit, so that exhausting it is quick (the soft one only).
     let _ = std::process::Command::new("prlimit")
-        .args([format!("--pid={}", std::process::id()), "--nofile=512:".into()])
+        .args([
+            format!("--pid={}", std::process::id()),
+            "--nofile=512:".into(),
+        ])
         .status();
     let server = TestServer::ok(default_server());
     assert!(healthy(server.address));

@@ -62,7 +62,10 @@ fn a_response_header_with_cr_or_lf_is_refused() {
         (b"X-Echo:", b"b"),
         (b"", b"b"),
     ] {
-        assert!(Header::from_bytes(name, value).is_err(), "{name:?} {value:?}");
+        assert!(
+            Header::from_bytes(name, value).is_err(),
+            "{name:?} {value:?}"
+        );
     }
     assert!("X-Echo: a\r\nSet-Cookie: b".parse::<Header>().is_err());
     assert!(Header::from_bytes(&b"X-Echo"[..], &b"caf\xc3\xa9\tok"[..]).is_ok());
@@ -72,7 +75,10 @@ fn a_response_header_with_cr_or_lf_is_refused() {
 fn what_a_client_sends_cannot_inject_a_response_header() {
     // A handler echoing a (query) value into a header, as applications do.
     let server = TestServer::start(default_server(), 2, |request| {
-        let echoed = request.url().trim_start_matches("/?v=").replace("%0D%0A", "\r\n");
+        let echoed = request
+            .url()
+            .trim_start_matches("/?v=")
+            .replace("%0D%0A", "\r\n");
         let mut response = Response::from_string("ok");
         if let Ok(header) = Header::from_bytes(&b"X-Echo"[..], echoed.as_bytes()) {
             response.add_header(header);

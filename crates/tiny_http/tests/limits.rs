@@ -268,7 +268,10 @@ fn pipelined_requests_are_read_ahead_only_up_to_the_limit() {
     writer.join().unwrap().unwrap();
     let mut reader = BufReader::new(&mut stream);
     for _ in 0..total {
-        assert_eq!(read_answer(&mut reader).map(|answer| answer.code), Some(200));
+        assert_eq!(
+            read_answer(&mut reader).map(|answer| answer.code),
+            Some(200)
+        );
     }
     assert!(most <= 4, "{most} requests handed out at once");
 }

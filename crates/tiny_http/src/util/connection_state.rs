@@ -188,7 +188,9 @@ impl ConnectionState {
             Phase::Idle { .. } if inner.outstanding > 0 => None,
             Phase::Idle { since } => Some(since.max(inner.last_answer) + self.limits.idle_timeout),
             Phase::Head { deadline } | Phase::Draining { deadline } => Some(deadline),
-            Phase::Body { deadline: Some(deadline) } => Some(deadline),
+            Phase::Body {
+                deadline: Some(deadline),
+            } => Some(deadline),
             Phase::Body { deadline: None } => {
                 let deadline = now + self.limits.body_timeout;
                 inner.phase = Phase::Body {
@@ -205,9 +207,9 @@ impl ConnectionState {
             None => self.limits.io_timeout,
         }
         .max(Duration::from_millis(1));
-        let off = inner.socket_timeout.map_or(true, |set| {
-            set > wanted + TIMEOUT_SLACK || set + TIMEOUT_SLACK < wanted
-        });
+        let off = inner
+            .socket_timeout
+            .is_none_or(|set| set > wanted + TIMEOUT_SLACK || set + TIMEOUT_SLACK < wanted);
         if off {
             if let Some(socket) = &self.socket {
                 if socket.set_read_timeout(Some(wanted)).is_ok() {

@@ -4,9 +4,9 @@ use std::net::{Shutdown, SocketAddr};
 use std::sync::Arc;
 
 use crate::connection::Connection;
-use crate::util::ConnectionState;
 #[cfg(any(feature = "ssl-openssl", feature = "ssl-rustls"))]
 use crate::ssl::SslStream;
+use crate::util::ConnectionState;
 
 pub(crate) enum Stream {
     /// Shared by the reading and the writing half: a copy of the descriptor
