@@ -17,14 +17,13 @@ use std::net::SocketAddr;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use common::client::{post_request, run_load, LoadReport};
 use common::sink::{Sink, SinkOptions};
 use common::{
     config_for, env_number, heading, median, median_duration, ms, process_cpu, rounds, seed_json,
 };
 use mailroom::config::SpoolSetting;
-use mailroom::http::HttpServer;
-use mailroom::Engine;
+use mailroom::{Engine, HttpServer};
+use mailroom_testkit::load::{post_request, run_load, LoadReport};
 
 /// Per server: load reports, messages delivered, CPU microseconds per request.
 type Figures = (Server, Vec<LoadReport>, Vec<u64>, Vec<f64>);
@@ -182,11 +181,9 @@ fn run(
                 config.spool = SpoolSetting::Directory(spool.clone());
             }
             let engine = Engine::start(config).expect("the engine starts");
-            let http = Arc::new(
-                HttpServer::bind(engine.clone(), "127.0.0.1:0".parse().expect("address"))
-                    .expect("bind"),
-            );
-            let address = http.local_addr().expect("address");
+            let http =
+                Arc::new(HttpServer::bind(engine.clone(), common::http_settings()).expect("bind"));
+            let address = http.local_addr();
             let runner = Arc::clone(&http);
             let accept = std::thread::spawn(move || runner.run());
             let before = sink.messages();
@@ -231,7 +228,7 @@ const BARE_THREADS: usize = 2;
 
 impl Bare {
     /// With `close`, every answer says `Connection: close` (one request per
-    /// connection), as the ops branch's HTTP layer does.
+    /// connection; the fork honours it, 0.12.0 dropped the header).
     fn start(close: bool) -> Bare {
         let server = Arc::new(tiny_http::Server::http("127.0.0.1:0").expect("bind"));
         let address = server.server_addr().to_ip().expect("an IP address");

@@ -21,8 +21,7 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use mailroom::config::{Relay, SmtpSettings, SpoolSetting, TlsMode};
-use mailroom::http::HttpServer;
-use mailroom::{Config, Engine};
+use mailroom::{Config, Engine, HttpServer};
 
 const SEED_BODY: &str = r#"{"sender":"App <app@example.com>","receiver":"user@example.org","subject":"Welcome","message":"Hello from mailroom"}"#;
 
@@ -112,9 +111,8 @@ fn run(spool: SpoolSetting, sink: SocketAddr, clients: usize, seconds: u64) -> F
     config.queue_capacity = 10_000_000;
     config.shutdown_timeout = Duration::from_secs(2);
     let engine = Engine::start(config).expect("engine starts");
-    let server =
-        Arc::new(HttpServer::bind(engine.clone(), "127.0.0.1:0".parse().unwrap()).expect("bind"));
-    let address = server.local_addr().unwrap();
+    let server = Arc::new(HttpServer::bind(engine.clone(), http_settings()).expect("bind"));
+    let address = server.local_addr();
     let runner = Arc::clone(&server);
     let accept_loop = std::thread::spawn(move || runner.run());
 
@@ -346,4 +344,11 @@ fn directory_bytes(directory: &std::path::Path) -> u64 {
             Err(_) => 0,
         })
         .sum()
+}
+
+/// HTTP settings for an in-process server on a free loopback port.
+fn http_settings() -> mailroom::HttpSettings {
+    let mut settings = mailroom::HttpSettings::default();
+    settings.listen = "127.0.0.1:0".parse().expect("address");
+    settings
 }

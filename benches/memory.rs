@@ -11,9 +11,9 @@ use std::path::PathBuf;
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
-use common::client::{post_request, run_load};
 use common::sink::{Sink, SinkOptions};
 use common::{env_number, machine, one_kb_json, seed_json};
+use mailroom_testkit::load::{post_request, run_load};
 
 fn main() {
     let _ = rustls::crypto::ring::default_provider().install_default();

@@ -26,6 +26,11 @@ pub const VARIABLES: &[(&str, Option<&str>, &str)] = &[
     ("MAILROOM_ALLOW_NO_AUTH", Some("0"), "1 allows a non-loopback listen address without a token"),
     ("MAILROOM_ALLOWED_SENDERS", None, "comma list of sender addresses and @domain entries (default: any)"),
     ("MAILROOM_MAX_BODY_BYTES", Some("10485760"), "largest accepted request body"),
+    ("MAILROOM_HTTP_IO_TIMEOUT_MS", Some("10000"), "longest pause in a read from or a write to an HTTP client"),
+    ("MAILROOM_HTTP_HEAD_TIMEOUT_MS", Some("10000"), "time a client has to send a request line and headers, from their first byte"),
+    ("MAILROOM_HTTP_IDLE_TIMEOUT_MS", Some("10000"), "how long a connection may wait for its next request (keep-alive)"),
+    ("MAILROOM_HTTP_BODY_TIMEOUT_MS", Some("30000"), "time a client has to send a request body"),
+    ("MAILROOM_HTTP_MAX_CONNECTIONS", Some("512"), "HTTP connections served at once (each has a thread); more get 503"),
     ("MAILROOM_RATE_LIMIT", Some("0"), "deliveries per second over the whole pool (0: unlimited)"),
     ("MAILROOM_SYNC_TIMEOUT_MS", Some("60000"), "how long POST /api/mail/v2 waits for an outcome"),
     ("MAILROOM_SHUTDOWN_TIMEOUT_MS", Some("30000"), "how long a stop waits for deliveries in flight"),
@@ -153,11 +158,10 @@ pub enum SenderRule {
     Domain(String),
 }
 
-/// The whole configuration, parsed and checked.
+/// The engine's configuration, parsed and checked (the HTTP server's is
+/// [`crate::http::HttpSettings`]).
 #[derive(Debug, Clone)]
 pub struct Config {
-    /// HTTP listen address.
-    pub listen: SocketAddr,
     /// SMTP relay or outbox.
     pub relay: Relay,
     /// Delivery threads.
@@ -172,12 +176,8 @@ pub struct Config {
     pub retry_max: Duration,
     /// Durable spool or memory.
     pub spool: SpoolSetting,
-    /// Bearer token for `/api/`.
-    pub api_token: Option<Secret>,
     /// Allowed senders; `None` allows any.
     pub allowed_senders: Option<Vec<SenderRule>>,
-    /// Largest request body.
-    pub max_body_bytes: u64,
     /// Deliveries per second over the pool; 0 is unlimited.
     pub rate_limit: f64,
     /// How long `/api/mail/v2` waits.
@@ -213,11 +213,6 @@ impl Config {
         // An empty value means unset, as in most .env conventions.
         let get = |name: &str| lookup(name).filter(|value| !value.trim().is_empty());
 
-        let listen = parse_listen(
-            get("MAILROOM_LISTEN")
-                .as_deref()
-                .unwrap_or("127.0.0.1:8080"),
-        )?;
         let timeout = millis(&get, "MAILROOM_SMTP_TIMEOUT_MS", 30_000, 1)?;
         let relay = parse_relay(&get, timeout)?;
         let workers = number(&get, "MAILROOM_WORKERS", 5, 1, 1024)? as usize;
@@ -243,12 +238,9 @@ impl Config {
                 None => SpoolSetting::Directory(PathBuf::from("./spool")),
             },
         };
-        let api_token = get("MAILROOM_API_TOKEN").map(|token| Secret::new(token.trim()));
-        let allow_no_auth = flag(&get, "MAILROOM_ALLOW_NO_AUTH")?;
         let allowed_senders = get("MAILROOM_ALLOWED_SENDERS")
             .map(|list| parse_sender_rules(&list))
             .transpose()?;
-        let max_body_bytes = number(&get, "MAILROOM_MAX_BODY_BYTES", 10_485_760, 1, u64::MAX)?;
         let rate_limit = match get("MAILROOM_RATE_LIMIT") {
             None => 0.0,
             Some(value) => match value.trim().parse::<f64>() {
@@ -267,19 +259,7 @@ impl Config {
         let status_retention =
             number(&get, "MAILROOM_STATUS_RETENTION", 100_000, 0, 100_000_000)? as usize;
 
-        if !listen.ip().is_loopback() && api_token.is_none() && !allow_no_auth {
-            return Err(ConfigError::Refused {
-                variable: "MAILROOM_API_TOKEN",
-                reason: format!(
-                    "MAILROOM_LISTEN={listen} is reachable from other machines and no token is set: \
-                     anyone could send mail through this relay. Set MAILROOM_API_TOKEN, listen on \
-                     127.0.0.1, or set MAILROOM_ALLOW_NO_AUTH=1 if something in front authenticates"
-                ),
-            });
-        }
-
         Ok(Config {
-            listen,
             relay,
             workers,
             queue_capacity,
@@ -287,9 +267,7 @@ impl Config {
             retry_base,
             retry_max,
             spool,
-            api_token,
             allowed_senders,
-            max_body_bytes,
             rate_limit,
             sync_timeout,
             shutdown_timeout,
@@ -312,7 +290,6 @@ impl Config {
     /// spool, everything else at its default.
     pub fn for_outbox(outbox: impl Into<PathBuf>) -> Config {
         Config {
-            listen: SocketAddr::from(([127, 0, 0, 1], 0)),
             relay: Relay::Outbox(outbox.into()),
             workers: 5,
             queue_capacity: 10_000,
@@ -320,9 +297,7 @@ impl Config {
             retry_base: Duration::from_millis(2_000),
             retry_max: Duration::from_millis(600_000),
             spool: SpoolSetting::Memory,
-            api_token: None,
             allowed_senders: None,
-            max_body_bytes: 10_485_760,
             rate_limit: 0.0,
             sync_timeout: Duration::from_millis(60_000),
             shutdown_timeout: Duration::from_millis(30_000),
@@ -353,17 +328,13 @@ impl Config {
             SpoolSetting::Memory => "spool none (memory only)".to_string(),
         };
         format!(
-            "listen {}, {relay}, {spool}, {} workers, queue capacity {}, max attempts {}, auth token {}",
-            self.listen,
-            self.workers,
-            self.queue_capacity,
-            self.max_attempts,
-            if self.api_token.is_some() { "set" } else { "not set" }
+            "{relay}, {spool}, {} workers, queue capacity {}, max attempts {}",
+            self.workers, self.queue_capacity, self.max_attempts,
         )
     }
 }
 
-fn parse_listen(value: &str) -> Result<SocketAddr, ConfigError> {
+pub(crate) fn parse_listen(value: &str) -> Result<SocketAddr, ConfigError> {
     let invalid = |reason: String| ConfigError::Invalid {
         variable: "MAILROOM_LISTEN",
         value: value.to_string(),
@@ -377,7 +348,7 @@ fn parse_listen(value: &str) -> Result<SocketAddr, ConfigError> {
     }
 }
 
-fn number(
+pub(crate) fn number(
     get: &impl Fn(&str) -> Option<String>,
     variable: &'static str,
     default: u64,
@@ -402,7 +373,7 @@ fn number(
     }
 }
 
-fn millis(
+pub(crate) fn millis(
     get: &impl Fn(&str) -> Option<String>,
     variable: &'static str,
     default: u64,
@@ -411,7 +382,7 @@ fn millis(
     number(get, variable, default, min, 365 * 24 * 3600 * 1000).map(Duration::from_millis)
 }
 
-fn flag(
+pub(crate) fn flag(
     get: &impl Fn(&str) -> Option<String>,
     variable: &'static str,
 ) -> Result<bool, ConfigError> {
@@ -634,7 +605,6 @@ mod tests {
         assert_eq!(config.workers, 5);
         assert_eq!(config.queue_capacity, 10_000);
         assert_eq!(config.spool, SpoolSetting::Directory("./spool".into()));
-        assert_eq!(config.listen, "127.0.0.1:8080".parse().unwrap());
     }
 
     #[test]
@@ -643,8 +613,6 @@ mod tests {
         assert!(error.to_string().contains("MAILROOM_WORKERS"), "{error}");
         let error = config(&[("MAILROOM_WORKERS", "0")]).unwrap_err();
         assert!(error.to_string().contains("MAILROOM_WORKERS"), "{error}");
-        let error = config(&[("MAILROOM_LISTEN", "nowhere")]).unwrap_err();
-        assert!(error.to_string().contains("MAILROOM_LISTEN"), "{error}");
         let error = config(&[("MAILROOM_SMTP_URL", "http://x")]).unwrap_err();
         assert!(error.to_string().contains("MAILROOM_SMTP_URL"), "{error}");
     }
@@ -675,20 +643,7 @@ mod tests {
     }
 
     #[test]
-    fn refuses_open_relay_and_plaintext_credentials() {
-        let error = config(&[("MAILROOM_LISTEN", "0.0.0.0:8080")]).unwrap_err();
-        assert!(error.to_string().contains("MAILROOM_API_TOKEN"), "{error}");
-        assert!(config(&[
-            ("MAILROOM_LISTEN", "0.0.0.0:8080"),
-            ("MAILROOM_ALLOW_NO_AUTH", "1")
-        ])
-        .is_ok());
-        assert!(config(&[
-            ("MAILROOM_LISTEN", "0.0.0.0:8080"),
-            ("MAILROOM_API_TOKEN", "t")
-        ])
-        .is_ok());
-
+    fn refuses_plaintext_credentials() {
         let error = config(&[(
             "MAILROOM_SMTP_URL",
             "smtp://u:secretpw@relay.example.com:25",

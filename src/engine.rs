@@ -1118,11 +1118,6 @@ impl Engine {
         })
     }
 
-    /// Counts an HTTP answer for `/metrics`.
-    pub fn record_http(&self, code: u16) {
-        self.inner.metrics.http_request(code);
-    }
-
     /// SMTP connections opened since start.
     pub fn connections_opened(&self) -> u64 {
         self.inner.metrics.connections_opened()

@@ -27,16 +27,15 @@
 //! (getting jobs to workers, now or when due), `transport` (SMTP/outbox and
 //! error classification), `store` (statuses, events, indexes and the
 //! durable journal), [`status`] (what the API shows), [`metrics`],
-//! [`http`] (the API over HTTP), [`systemd`] (readiness notification).
+//! [`http`] (the API over HTTP, on our tiny_http fork, with its own
+//! [`HttpSettings`]), [`systemd`] (readiness notification).
 
-pub mod allocator;
 pub mod config;
-pub mod connections;
 mod dispatch;
 pub mod engine;
 mod health;
 pub mod http;
-mod http_actions;
+
 mod job;
 pub mod message;
 pub mod metrics;
@@ -54,6 +53,7 @@ pub use engine::{
     SendError, ShutdownReport, StartError, Stats, SubmitError, Suppression, SuppressionError,
     SuppressionPage,
 };
+pub use http::{BindError, HttpServer, HttpSettings};
 pub use message::{AttachmentRequest, MailRequest, MessageError, OutgoingMessage};
 pub use status::{Event, EventKind, MessageStatus, State};
 pub use transport::{DeliveryError, FailureKind};

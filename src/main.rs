@@ -4,15 +4,8 @@
 use std::process::ExitCode;
 use std::sync::Arc;
 
-use mailroom::allocator::HugeAllocator;
-use mailroom::config::{Relay, VARIABLES};
-use mailroom::http::HttpServer;
-use mailroom::{systemd, Config, Engine};
-
-/// Lets tiny_http discard the unread body of a request that declared an
-/// enormous `Content-Length` without aborting the process (see the module).
-#[global_allocator]
-static ALLOCATOR: HugeAllocator = HugeAllocator;
+use mailroom::config::{ConfigError, Relay, VARIABLES};
+use mailroom::{systemd, Config, Engine, HttpServer, HttpSettings};
 
 fn main() -> ExitCode {
     let arguments: Vec<String> = std::env::args().skip(1).collect();
@@ -50,23 +43,27 @@ fn main() -> ExitCode {
     }
     env_logger::Builder::from_env(env_logger::Env::default().default_filter_or("info")).init();
 
-    let config = match Config::from_env() {
-        Ok(config) => config,
-        Err(error) => {
-            eprintln!("mailroom: configuration error: {error}");
-            return ExitCode::from(2);
-        }
+    let settings = Config::from_env().and_then(|config| Ok((config, HttpSettings::from_env()?)));
+    let (config, http) = match settings {
+        Ok(settings) => settings,
+        Err(error) => return configuration_error(&error),
     };
     if check {
-        return run_check(&config, check_smtp);
+        return run_check(&config, &http, check_smtp);
     }
-    run(config)
+    run(config, http)
 }
 
-fn run(config: Config) -> ExitCode {
+fn configuration_error(error: &ConfigError) -> ExitCode {
+    eprintln!("mailroom: configuration error: {error}");
+    ExitCode::from(2)
+}
+
+fn run(config: Config, http: HttpSettings) -> ExitCode {
     log::info!(
-        "starting mailroom {}: {}",
+        "starting mailroom {}: {}, {}",
         env!("CARGO_PKG_VERSION"),
+        http.summary(),
         config.summary()
     );
     if let Relay::Outbox(dir) = &config.relay {
@@ -76,7 +73,6 @@ fn run(config: Config) -> ExitCode {
             dir.display()
         );
     }
-    let listen = config.listen;
     let engine = match Engine::start(config) {
         Ok(engine) => engine,
         Err(error) => {
@@ -84,10 +80,10 @@ fn run(config: Config) -> ExitCode {
             return ExitCode::from(1);
         }
     };
-    let server = match HttpServer::bind(engine.clone(), listen) {
+    let server = match HttpServer::bind(engine.clone(), http) {
         Ok(server) => Arc::new(server),
         Err(error) => {
-            eprintln!("mailroom: MAILROOM_LISTEN={listen}: cannot listen: {error}");
+            eprintln!("mailroom: {error}");
             engine.shutdown();
             return ExitCode::from(1);
         }
@@ -96,10 +92,7 @@ fn run(config: Config) -> ExitCode {
         eprintln!("mailroom: cannot install signal handlers: {error}");
         return ExitCode::from(1);
     }
-    match server.local_addr() {
-        Ok(address) => log::info!("listening on http://{address}"),
-        Err(error) => log::warn!("listening, but the address is unknown: {error}"),
-    }
+    log::info!("listening on http://{}", server.local_addr());
     systemd::notify("READY=1");
     server.run();
     ExitCode::SUCCESS
@@ -123,8 +116,8 @@ fn watch_signals(engine: Engine, server: Arc<HttpServer>) -> std::io::Result<()>
     Ok(())
 }
 
-fn run_check(config: &Config, check_smtp: bool) -> ExitCode {
-    println!("configuration ok: {}", config.summary());
+fn run_check(config: &Config, http: &HttpSettings, check_smtp: bool) -> ExitCode {
+    println!("configuration ok: {}, {}", http.summary(), config.summary());
     if !check_smtp {
         return ExitCode::SUCCESS;
     }

@@ -1,8 +1,7 @@
-//! Counters and the delivery-time histogram, rendered in the Prometheus
-//! text exposition format for `GET /metrics`. Plain atomics: the hot paths
-//! only add.
+//! The engine's counters and the delivery-time histogram, rendered in the
+//! Prometheus text exposition format for `GET /metrics` (the HTTP layer
+//! adds its own). Plain atomics: the hot paths only add.
 
-use std::collections::BTreeMap;
 use std::fmt::Write as _;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Mutex;
@@ -109,7 +108,6 @@ pub struct Metrics {
     attempts_transient: AtomicU64,
     attempts_permanent: AtomicU64,
     connections_opened: AtomicU64,
-    http_requests: Mutex<BTreeMap<u16, u64>>,
     duration_buckets: [AtomicU64; DURATION_BUCKETS.len()],
     duration_count: AtomicU64,
     duration_sum_micros: AtomicU64,
@@ -171,15 +169,6 @@ impl Metrics {
         self.duration_sum_micros
             .fetch_add(elapsed.as_micros() as u64, Ordering::Relaxed);
     }
-    /// An HTTP answer with this status code was sent.
-    pub fn http_request(&self, code: u16) {
-        let mut counts = self
-            .http_requests
-            .lock()
-            .unwrap_or_else(|poisoned| poisoned.into_inner());
-        *counts.entry(code).or_insert(0) += 1;
-    }
-
     /// The exposition text.
     pub fn render(&self, gauges: Gauges) -> String {
         let mut out = String::with_capacity(4096);
@@ -247,23 +236,6 @@ impl Metrics {
             let _ = writeln!(
                 out,
                 "# HELP {name} {help}\n# TYPE {name} gauge\n{name} {value}"
-            );
-        }
-
-        let _ = writeln!(
-            out,
-            "# HELP mailroom_http_requests_total HTTP answers by status code."
-        );
-        let _ = writeln!(out, "# TYPE mailroom_http_requests_total counter");
-        let counts = self
-            .http_requests
-            .lock()
-            .unwrap_or_else(|poisoned| poisoned.into_inner())
-            .clone();
-        for (code, value) in counts {
-            let _ = writeln!(
-                out,
-                "mailroom_http_requests_total{{code=\"{code}\"}} {value}"
             );
         }
 

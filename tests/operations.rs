@@ -562,9 +562,9 @@ fn readyz_is_503_while_the_relay_is_unreachable() {
 fn every_api_path_needs_the_token_and_operations_paths_do_not() {
     let _turn = light();
     let relay = TestRelay::plain();
-    let mut config = config_for(&relay);
-    config.api_token = Some(mailroom::config::Secret::new("s3cret-token"));
-    let service = Service::start(config);
+    let mut http = http_settings();
+    http.api_token = Some(mailroom::config::Secret::new("s3cret-token"));
+    let service = Service::start_with(config_for(&relay), http);
     let good = [("Authorization", "Bearer s3cret-token")];
     let body = seed_body("a@example.org", "auth");
     let id = request(service.address, "POST", "/api/mail", &good, body.as_bytes()).id();
@@ -713,8 +713,7 @@ fn a_50_gb_content_length_is_refused_and_the_process_lives() {
 #[test]
 fn a_giant_content_length_does_not_kill_a_program_embedding_the_server() {
     let _turn = light();
-    // The test binary does not use the HugeAllocator: such connections
-    // are closed without an answer instead.
+    // In the test process itself, with the default allocator.
     let relay = TestRelay::plain();
     let service = Service::start(config_for(&relay));
     for length in ["50000000000", "9000000000000000000"] {
@@ -872,7 +871,10 @@ fn clients_that_stop_reading_their_answers_do_not_delay_a_normal_request() {
 }
 
 #[test]
-fn a_connection_pipelining_without_end_is_closed_and_holds_one_thread() {
+/// The server reads a pipelining connection only while few of its answers
+/// are pending (8): the flood is held back by TCP, not buffered, and holds
+/// few threads; its answers come in order once the client reads them.
+fn a_connection_pipelining_without_end_is_held_back_and_holds_few_threads() {
     let _heavy = heavy();
     let mut child = child_in("pipelining", &[]);
     let threads_before = status_number(child.child.id(), "Threads");
@@ -899,9 +901,9 @@ fn a_connection_pipelining_without_end_is_closed_and_holds_one_thread() {
     );
     assert!(
         !matches!(end, Err(ErrorKind::WouldBlock | ErrorKind::TimedOut)),
-        "the flooding connection was never closed"
+        "the flooding connection never ended"
     );
-    assert!(answered < 1000, "{answered}");
+    assert!(answered <= 100_000, "{answered}");
     assert!(slowest < ONE_SECOND, "{slowest:?}");
     assert!(
         threads_after < threads_before + 20,
@@ -968,7 +970,7 @@ fn a_long_keep_alive_session_is_not_mistaken_for_an_oversized_head() {
     let mut writer = stream.try_clone().unwrap();
     let mut reader = BufReader::new(stream);
     // Twice one head's limit in all (76 KiB), with pauses between requests
-    // so that the janitor's passes find the connection between requests.
+    // so that the server sees the connection idle between requests.
     let began = Instant::now();
     let mut answered = 0;
     while answered < 40 {
@@ -1083,7 +1085,9 @@ fn a_2_mb_header_line_neither_crashes_nor_bloats_the_process() {
     while sent < 1024 * 1024 * 1024 && stream.write_all(&chunk).is_ok() {
         sent += chunk.len();
     }
-    assert_eq!(outcome(stream), None, "closed by the service");
+    // Answered 431 (or just closed) by the service.
+    let answer = outcome(stream);
+    assert!(matches!(answer, None | Some(431)), "{answer:?}");
     let peak = status_number(child.child.id(), "VmHWM");
     alive(&mut child);
     let after = rss_kib(child.child.id());
@@ -1156,10 +1160,10 @@ fn an_accept_error_does_not_leave_the_service_deaf() {
         .status()
         .unwrap();
     assert!(status.success());
-    // Exhaust it: tiny_http's accept fails with EMFILE and its acceptor stops.
+    // Exhaust it: the accept fails with EMFILE (logged, retried).
     let flood: Vec<TcpStream> = (0..40).map(|_| connect(child.address)).collect();
     let deadline = Instant::now() + PATIENCE;
-    while !child.log_text().contains("starting a new acceptor") {
+    while !child.log_text().contains("Error accepting new client") {
         assert!(
             Instant::now() < deadline,
             "no accept error: {}",
@@ -1187,7 +1191,7 @@ fn an_accept_error_does_not_leave_the_service_deaf() {
     }
     alive(&mut child);
     let log = child.log_text();
-    assert!(log.contains("HTTP acceptor restarted"), "{log}");
+    assert!(!log.contains("panicked"), "{log}");
 }
 
 // ---------------------------------------------------------------- rate limit
@@ -1400,4 +1404,172 @@ fn secrets_never_reach_the_logs() {
     ] {
         assert!(!log.contains(secret), "{secret} in the log:\n{log}");
     }
+}
+
+// ---------------------------------------------------------------- framing
+
+/// Sends raw bytes on a new connection; the answer's status, and whether
+/// the service closed the connection after it.
+fn raw_exchange(address: SocketAddr, bytes: &[u8]) -> (Option<u16>, bool) {
+    let mut stream = connect(address);
+    stream.write_all(bytes).unwrap();
+    let mut reader = BufReader::new(stream);
+    let mut status = String::new();
+    let code = match std::io::BufRead::read_line(&mut reader, &mut status) {
+        Ok(n) if n > 0 => status
+            .split_whitespace()
+            .nth(1)
+            .and_then(|c| c.parse().ok()),
+        _ => None,
+    };
+    let mut rest = Vec::new();
+    let end = reader.read_to_end(&mut rest);
+    let closed = !matches!(&end, Err(error) if matches!(error.kind(), ErrorKind::WouldBlock | ErrorKind::TimedOut));
+    (code, closed)
+}
+
+#[test]
+fn a_request_smuggled_behind_content_length_and_chunked_never_runs() {
+    let _turn = light();
+    let relay = TestRelay::plain();
+    let service = Service::start(config_for(&relay));
+    let hidden_body = seed_body("victim@example.org", "smuggled");
+    let hidden = format!(
+        "POST /api/mail HTTP/1.1\r\nHost: t\r\nContent-Type: application/json\r\nContent-Length: {}\r\n\r\n{hidden_body}",
+        hidden_body.len()
+    );
+    // The chunked body ends at once; a proxy framing by Content-Length
+    // would see the hidden request as part of this one's body.
+    let body = format!("0\r\n\r\n{hidden}");
+    let smuggling = format!(
+        "POST /api/mail HTTP/1.1\r\nHost: t\r\nContent-Length: {}\r\nTransfer-Encoding: chunked\r\n\r\n{body}",
+        body.len()
+    );
+    let (code, closed) = raw_exchange(service.address, smuggling.as_bytes());
+    assert_eq!(code, Some(400));
+    assert!(closed, "the connection stays open after the 400");
+    // A marker sent afterwards arrives alone.
+    let marker = service.post("/api/mail", &seed_body("m@example.org", "marker"));
+    assert_eq!(marker.code, 202, "{}", marker.body_text());
+    service.wait_for_status(&marker.id(), "sent");
+    let subjects: Vec<String> = relay
+        .received()
+        .iter()
+        .map(|message| message.parsed().subject().unwrap_or_default().to_string())
+        .collect();
+    assert_eq!(subjects, ["marker"]);
+    let metrics = service.get("/metrics").body_text();
+    assert!(
+        metrics.contains("mailroom_messages_accepted_total 1\n"),
+        "{metrics}"
+    );
+}
+
+#[test]
+fn ambiguous_or_invalid_framing_is_a_400_and_closes_the_connection() {
+    let _turn = light();
+    let relay = TestRelay::plain();
+    let service = Service::start(config_for(&relay));
+    let body = seed_body("f@example.org", "framing");
+    let cases = [
+        format!(
+            "Content-Length: {}\r\nContent-Length: 5\r\n\r\n{body}",
+            body.len()
+        ),
+        format!("Content-Length: 12abc\r\n\r\n{body}"),
+        format!("Content-Length: -{}\r\n\r\n{body}", body.len()),
+        format!(
+            "Transfer-Encoding: gzip\r\n\r\n{:x}\r\n{body}\r\n0\r\n\r\n",
+            body.len()
+        ),
+        format!(
+            "Transfer-Encoding: gzip, chunked\r\n\r\n{:x}\r\n{body}\r\n0\r\n\r\n",
+            body.len()
+        ),
+    ];
+    for case in &cases {
+        let request = format!("POST /api/mail HTTP/1.1\r\nHost: t\r\n{case}");
+        let (code, closed) = raw_exchange(service.address, request.as_bytes());
+        assert_eq!(code, Some(400), "{case:?}");
+        assert!(closed, "{case:?}: the connection stays open");
+    }
+    assert_eq!(service.engine.unfinished(), 0);
+    assert!(relay.received().is_empty());
+    assert_eq!(service.get("/healthz").code, 200);
+}
+
+#[test]
+fn obs_text_in_user_agent_and_idempotency_key_is_answered_normally() {
+    let _turn = light();
+    let relay = TestRelay::plain();
+    let service = Service::start(config_for(&relay));
+    let (code, _) = raw_exchange(
+        service.address,
+        "GET /healthz HTTP/1.1\r\nHost: t\r\nUser-Agent: aé\r\nConnection: close\r\n\r\n"
+            .as_bytes(),
+    );
+    assert_eq!(code, Some(200));
+    let body = seed_body("k@example.org", "unicode key");
+    let headers = [("Idempotency-Key", "clé-42-✓"), ("User-Agent", "mailer/ü")];
+    let first = request(
+        service.address,
+        "POST",
+        "/api/mail",
+        &headers,
+        body.as_bytes(),
+    );
+    assert_eq!(first.code, 202, "{}", first.body_text());
+    let again = request(
+        service.address,
+        "POST",
+        "/api/mail",
+        &headers,
+        body.as_bytes(),
+    );
+    assert_eq!(again.code, 202, "{}", again.body_text());
+    assert_eq!(again.id(), first.id(), "the same key is the same message");
+    service.wait_for_status(&first.id(), "sent");
+    assert_eq!(relay.received().len(), 1);
+}
+
+#[test]
+fn connections_beyond_the_limit_get_503_and_the_service_keeps_serving() {
+    let _heavy = heavy();
+    let mut child = child_in(
+        "connection-cap",
+        &[("MAILROOM_HTTP_MAX_CONNECTIONS", "4".to_string())],
+    );
+    // Four keep-alive connections, each answered once and kept open.
+    let held: Vec<BufReader<TcpStream>> = (0..4)
+        .map(|_| {
+            let mut stream = connect(child.address);
+            stream
+                .write_all(b"GET /healthz HTTP/1.1\r\nHost: t\r\n\r\n")
+                .unwrap();
+            let mut reader = BufReader::new(stream);
+            assert_eq!(read_reply(&mut reader).code, 200);
+            reader
+        })
+        .collect();
+    let (code, closed) = raw_exchange(child.address, b"GET /healthz HTTP/1.1\r\nHost: t\r\n\r\n");
+    assert_eq!(code, Some(503));
+    assert!(closed);
+    drop(held);
+    let deadline = Instant::now() + PATIENCE;
+    loop {
+        let (reply, _) = timed_post(child.address, &[]);
+        if reply.code == 202 {
+            break;
+        }
+        assert_eq!(reply.code, 503);
+        assert!(Instant::now() < deadline, "never served again");
+        // Polling as a client would, with a deadline.
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    alive(&mut child);
+    assert!(
+        child.log_text().contains("refused with 503"),
+        "{}",
+        child.log_text()
+    );
 }

@@ -1,9 +1,8 @@
-//! Shared by the benchmarks: the SMTP sink, the HTTP load generator, the
+//! Shared by the benchmarks: the SMTP sink, the
 //! two delivery drivers (mailroom's engine and a raw lettre loop) and small
 //! helpers for figures. Benchmarks print figures; they never assert timings.
 #![allow(dead_code)]
 
-pub mod client;
 pub mod deliver;
 pub mod sink;
 
@@ -74,6 +73,13 @@ pub fn config_for(sink: &Sink, workers: usize, capacity: usize) -> Config {
     config.workers = workers;
     config.queue_capacity = capacity;
     config
+}
+
+/// HTTP settings for an in-process server on a free loopback port.
+pub fn http_settings() -> mailroom::HttpSettings {
+    let mut settings = mailroom::HttpSettings::default();
+    settings.listen = "127.0.0.1:0".parse().expect("address");
+    settings
 }
 
 /// Rounds per figure (`BENCH_ROUNDS`, default 3); figures are medians.

@@ -13,8 +13,7 @@ use std::time::{Duration, Instant};
 
 use mailin_embedded::{AuthMechanism, Handler, Response, Server, SslConfig};
 use mailroom::config::{Relay, SmtpSettings, TlsMode};
-use mailroom::http::HttpServer;
-use mailroom::{Config, Engine};
+use mailroom::{Config, Engine, HttpServer, HttpSettings};
 
 pub use mailroom_testkit::certs::{certificates, TestCertificates};
 pub use mailroom_testkit::http::{read_reply, request, HttpReply};
@@ -366,12 +365,22 @@ pub struct Service {
     pub address: SocketAddr,
 }
 
+/// HTTP settings for a service on a free loopback port.
+pub fn http_settings() -> HttpSettings {
+    let mut settings = HttpSettings::default();
+    settings.listen = "127.0.0.1:0".parse().unwrap();
+    settings
+}
+
 impl Service {
     pub fn start(config: Config) -> Service {
+        Service::start_with(config, http_settings())
+    }
+
+    pub fn start_with(config: Config, http: HttpSettings) -> Service {
         let engine = Engine::start(config).expect("engine starts");
-        let server =
-            Arc::new(HttpServer::bind(engine.clone(), "127.0.0.1:0".parse().unwrap()).unwrap());
-        let address = server.local_addr().unwrap();
+        let server = Arc::new(HttpServer::bind(engine.clone(), http).unwrap());
+        let address = server.local_addr();
         let runner = Arc::clone(&server);
         std::thread::spawn(move || runner.run());
         Service {

@@ -61,7 +61,7 @@ impl From<TestRequest> for Request {
         {
             mock.headers.push(Header {
                 field: HeaderField::from_str("Content-Length").unwrap(),
-                value: AsciiString::from_ascii(mock.body.len().to_string()).unwrap(),
+                value: crate::HeaderValue::from_bytes(mock.body.len().to_string()).unwrap(),
             });
         }
         new_request(
@@ -73,6 +73,7 @@ impl From<TestRequest> for Request {
             Some(mock.remote_addr),
             mock.body.as_bytes(),
             std::io::sink(),
+            None,
         )
         .unwrap()
     }

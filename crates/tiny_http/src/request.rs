@@ -7,9 +7,11 @@ use std::str::FromStr;
 
 use std::sync::mpsc::Sender;
 
-use crate::util::{EqualReader, FusedReader};
+use crate::util::ConnectionState;
 use crate::{HTTPVersion, Header, Method, Response, StatusCode};
 use chunked_transfer::Decoder;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::Arc;
 
 /// Represents an HTTP request made by a client.
 ///
@@ -74,6 +76,15 @@ pub struct Request {
 
     // If Some, a message must be sent after responding
     notify_when_responded: Option<Sender<()>>,
+
+    // the connection it came from (None for a `TestRequest`)
+    state: Option<Arc<ConnectionState>>,
+
+    // bytes of the body not read yet (u64::MAX: unknown, an unfinished chunked body)
+    unread: Arc<AtomicU64>,
+
+    // the client said `Connection: close`
+    client_closes: bool,
 }
 
 struct NotifyOnDrop<R> {
@@ -108,11 +119,172 @@ pub enum RequestCreationError {
 
     /// Error while reading data from the socket during the creation of the `Request`.
     CreationIoError(IoError),
+
+    /// The length of the body cannot be known for sure (RFC 9112 section 6).
+    BadFraming,
 }
 
 impl From<IoError> for RequestCreationError {
     fn from(err: IoError) -> RequestCreationError {
         RequestCreationError::CreationIoError(err)
+    }
+}
+
+/// A request body of known length, read from the connection's stream.
+///
+/// What the handler leaves unread is not read here: it is reported to the
+/// connection, which skips it (with a fixed buffer, within its limits)
+/// before the next request, or closes.
+struct LengthBody<R> {
+    inner: Option<R>,
+    remaining: u64,
+    progress: Arc<AtomicU64>,
+    state: Option<Arc<ConnectionState>>,
+    started: bool,
+}
+
+impl<R: Read> Read for LengthBody<R> {
+    fn read(&mut self, buf: &mut [u8]) -> io::Result<usize> {
+        if !self.started {
+            self.started = true;
+            if let Some(state) = &self.state {
+                state.start_body();
+            }
+        }
+        let Some(inner) = self.inner.as_mut() else {
+            return Ok(0);
+        };
+        let wanted = buf.len().min(
+            <usize as std::convert::TryFrom<u64>>::try_from(self.remaining).unwrap_or(usize::MAX),
+        );
+        let read = inner.read(&mut buf[..wanted])?;
+        self.remaining -= read as u64;
+        self.progress.store(self.remaining, Ordering::Relaxed);
+        if self.remaining == 0 {
+            // The stream goes on to the next request at once.
+            self.inner = None;
+        }
+        Ok(read)
+    }
+}
+
+impl<R> Drop for LengthBody<R> {
+    fn drop(&mut self) {
+        if self.remaining > 0 && self.inner.is_some() {
+            if let Some(state) = &self.state {
+                state.leave_unread(self.remaining);
+            }
+        }
+    }
+}
+
+/// A chunked request body; one left unfinished closes the connection.
+struct ChunkedBody<R: Read> {
+    inner: Option<Decoder<R>>,
+    progress: Arc<AtomicU64>,
+    state: Option<Arc<ConnectionState>>,
+    started: bool,
+}
+
+impl<R: Read> Read for ChunkedBody<R> {
+    fn read(&mut self, buf: &mut [u8]) -> io::Result<usize> {
+        if !self.started {
+            self.started = true;
+            if let Some(state) = &self.state {
+                state.start_body();
+            }
+        }
+        let Some(inner) = self.inner.as_mut() else {
+            return Ok(0);
+        };
+        let read = inner.read(buf)?;
+        if read == 0 && !buf.is_empty() {
+            self.progress.store(0, Ordering::Relaxed);
+            self.inner = None;
+        }
+        Ok(read)
+    }
+}
+
+impl<R: Read> Drop for ChunkedBody<R> {
+    fn drop(&mut self) {
+        if self.inner.is_some() {
+            if let Some(state) = &self.state {
+                state.leave_unread(u64::MAX);
+            }
+        }
+    }
+}
+
+/// The writer of an answer: its end (written, or given up) is reported to
+/// the connection.
+struct AnswerWriter<W> {
+    inner: W,
+    state: Arc<ConnectionState>,
+}
+
+impl<W: Write> Write for AnswerWriter<W> {
+    fn write(&mut self, buf: &[u8]) -> io::Result<usize> {
+        self.inner.write(buf)
+    }
+    fn flush(&mut self) -> io::Result<()> {
+        self.inner.flush()
+    }
+}
+
+impl<W> Drop for AnswerWriter<W> {
+    fn drop(&mut self) {
+        self.state.answer_finished();
+    }
+}
+
+/// How the body of a request is delimited (RFC 9112 section 6.3), or
+/// `BadFraming` when that cannot be known for sure: `Transfer-Encoding`
+/// with `Content-Length`, in HTTP/1.0, or with another coding than a
+/// single `chunked`; several or invalid `Content-Length` values. A server
+/// must then answer 400 and close the connection, or a proxy in front and
+/// this server could disagree on where the next request starts (request
+/// smuggling).
+fn framing(
+    headers: &[Header],
+    version: &HTTPVersion,
+) -> Result<(bool, Option<usize>), RequestCreationError> {
+    let transfer_encodings: Vec<&Header> = headers
+        .iter()
+        .filter(|h| h.field.equiv("Transfer-Encoding"))
+        .collect();
+    let content_lengths: Vec<&Header> = headers
+        .iter()
+        .filter(|h| h.field.equiv("Content-Length"))
+        .collect();
+    if !transfer_encodings.is_empty() {
+        if !content_lengths.is_empty() || *version < (1, 1) {
+            return Err(RequestCreationError::BadFraming);
+        }
+        let codings: Vec<String> = transfer_encodings
+            .iter()
+            .flat_map(|h| h.value.as_str().split(','))
+            .map(|coding| coding.trim().to_ascii_lowercase())
+            .filter(|coding| !coding.is_empty())
+            .collect();
+        if codings != ["chunked"] {
+            return Err(RequestCreationError::BadFraming);
+        }
+        return Ok((true, None));
+    }
+    match content_lengths.as_slice() {
+        [] => Ok((false, None)),
+        [one] => {
+            let value = one.value.as_str().trim();
+            if value.is_empty() || !value.bytes().all(|b| b.is_ascii_digit()) {
+                return Err(RequestCreationError::BadFraming);
+            }
+            let length = value
+                .parse::<usize>()
+                .map_err(|_| RequestCreationError::BadFraming)?;
+            Ok((false, Some(length)))
+        }
+        _ => Err(RequestCreationError::BadFraming),
     }
 }
 
@@ -126,7 +298,7 @@ impl From<IoError> for RequestCreationError {
 ///
 /// The `Write` object will be used by the `Request` to write the response.
 #[allow(clippy::too_many_arguments)]
-pub fn new_request<R, W>(
+pub(crate) fn new_request<R, W>(
     secure: bool,
     method: Method,
     path: String,
@@ -135,28 +307,13 @@ pub fn new_request<R, W>(
     remote_addr: Option<SocketAddr>,
     mut source_data: R,
     writer: W,
+    state: Option<Arc<ConnectionState>>,
 ) -> Result<Request, RequestCreationError>
 where
     R: Read + Send + 'static,
     W: Write + Send + 'static,
 {
-    // finding the transfer-encoding header
-    let transfer_encoding = headers
-        .iter()
-        .find(|h: &&Header| h.field.equiv("Transfer-Encoding"))
-        .map(|h| h.value.clone());
-
-    // finding the content-length header
-    let content_length = if transfer_encoding.is_some() {
-        // if transfer-encoding is specified, the Content-Length
-        // header must be ignored (RFC2616 #4.4)
-        None
-    } else {
-        headers
-            .iter()
-            .find(|h: &&Header| h.field.equiv("Content-Length"))
-            .and_then(|h| FromStr::from_str(h.value.as_str()).ok())
-    };
+    let (chunked, content_length) = framing(&headers, &version)?;
 
     // true if the client sent a `Expect: 100-continue` header
     let expects_continue = {
@@ -183,6 +340,9 @@ where
         }
     };
 
+    // the rest of the body still to be read (u64::MAX: unknown)
+    let progress = Arc::new(AtomicU64::new(0));
+
     // we wrap `source_data` around a reading whose nature depends on the transfer-encoding and
     // content-length headers
     let reader = if connection_upgrade {
@@ -193,6 +353,9 @@ where
             Box::new(io::empty()) as Box<dyn Read + Send + 'static>
         } else if content_length <= 1024 && !expects_continue {
             // if the content-length is small enough, we just read everything into a buffer
+            if let Some(state) = &state {
+                state.start_body();
+            }
 
             let mut buffer = vec![0; content_length];
             let mut offset = 0;
@@ -212,13 +375,23 @@ where
 
             Box::new(Cursor::new(buffer)) as Box<dyn Read + Send + 'static>
         } else {
-            let (data_reader, _) = EqualReader::new(source_data, content_length); // TODO:
-            Box::new(FusedReader::new(data_reader)) as Box<dyn Read + Send + 'static>
+            progress.store(content_length as u64, Ordering::Relaxed);
+            Box::new(LengthBody {
+                inner: Some(source_data),
+                remaining: content_length as u64,
+                progress: Arc::clone(&progress),
+                state: state.clone(),
+                started: false,
+            }) as Box<dyn Read + Send + 'static>
         }
-    } else if transfer_encoding.is_some() {
-        // if a transfer-encoding was specified, then "chunked" is ALWAYS applied
-        // over the message (RFC2616 #3.6)
-        Box::new(FusedReader::new(Decoder::new(source_data))) as Box<dyn Read + Send + 'static>
+    } else if chunked {
+        progress.store(u64::MAX, Ordering::Relaxed);
+        Box::new(ChunkedBody {
+            inner: Some(Decoder::new(source_data)),
+            progress: Arc::clone(&progress),
+            state: state.clone(),
+            started: false,
+        }) as Box<dyn Read + Send + 'static>
     } else {
         // if we have neither a Content-Length nor a Transfer-Encoding,
         // assuming that we have no data
@@ -226,9 +399,25 @@ where
         Box::new(io::empty()) as Box<dyn Read + Send + 'static>
     };
 
+    let client_closes = headers
+        .iter()
+        .filter(|h| h.field.equiv("Connection"))
+        .any(|h| h.value.as_str().to_ascii_lowercase().contains("close"));
+
+    let response_writer = match &state {
+        Some(state) => {
+            state.request_started();
+            Box::new(AnswerWriter {
+                inner: writer,
+                state: Arc::clone(state),
+            }) as Box<dyn Write + Send + 'static>
+        }
+        None => Box::new(writer) as Box<dyn Write + Send + 'static>,
+    };
+
     Ok(Request {
         data_reader: Some(reader),
-        response_writer: Some(Box::new(writer) as Box<dyn Write + Send + 'static>),
+        response_writer: Some(response_writer),
         remote_addr,
         secure,
         method,
@@ -238,6 +427,9 @@ where
         body_length: content_length,
         must_send_continue: expects_continue,
         notify_when_responded: None,
+        state,
+        unread: progress,
+        client_closes,
     })
 }
 
@@ -338,21 +530,12 @@ impl Request {
     /// # Example
     ///
     /// ```no_run
-    /// # extern crate rustc_serialize;
-    /// # extern crate tiny_http;
-    /// # use rustc_serialize::json::Json;
     /// # use std::io::Read;
-    /// # fn get_content_type(_: &tiny_http::Request) -> &'static str { "" }
-    /// # fn main() {
     /// # let server = tiny_http::Server::http("0.0.0.0:0").unwrap();
     /// let mut request = server.recv().unwrap();
     ///
-    /// if get_content_type(&request) == "application/json" {
-    ///     let mut content = String::new();
-    ///     request.as_reader().read_to_string(&mut content).unwrap();
-    ///     let json: Json = content.parse().unwrap();
-    /// }
-    /// # }
+    /// let mut content = String::new();
+    /// request.as_reader().read_to_string(&mut content).unwrap();
     /// ```
     ///
     /// If the client sent a `Expect: 100-continue` header with the request, calling this
@@ -440,7 +623,7 @@ impl Request {
         res
     }
 
-    fn respond_impl<R>(&mut self, response: Response<R>) -> Result<(), IoError>
+    fn respond_impl<R>(&mut self, mut response: Response<R>) -> Result<(), IoError>
     where
         R: Read,
     {
@@ -448,15 +631,43 @@ impl Request {
 
         let do_not_send_body = self.method == Method::Head;
 
-        Self::ignore_client_closing_errors(response.raw_print(
+        // The connection closes after this answer when the handler says so,
+        // when the client did, or when the rest of the body cannot be
+        // skipped within the limits (or was never asked for, with
+        // `Expect: 100-continue`).
+        let closes = match &self.state {
+            Some(state) => {
+                let unread = self.unread.load(Ordering::Relaxed);
+                response.closes_connection()
+                    || self.client_closes
+                    || state.closing()
+                    || (unread > 0
+                        && (unread > state.limits.max_discard_bytes || self.must_send_continue))
+            }
+            None => response.closes_connection(),
+        };
+        if closes && !response.closes_connection() {
+            response.add_header(Header::from_bytes(&b"Connection"[..], &b"close"[..]).unwrap());
+        }
+
+        let written = Self::ignore_client_closing_errors(response.raw_print(
             writer.by_ref(),
             self.http_version.clone(),
             &self.headers,
             do_not_send_body,
             None,
-        ))?;
+        ))
+        .and_then(|()| Self::ignore_client_closing_errors(writer.flush()));
 
-        Self::ignore_client_closing_errors(writer.flush())
+        if let Some(state) = &self.state {
+            if written.is_err() {
+                // Later answers cannot be written in step: the connection ends.
+                state.abort();
+            } else if closes {
+                state.close(true);
+            }
+        }
+        written
     }
 
     fn ignore_client_closing_errors(result: io::Result<()>) -> io::Result<()> {

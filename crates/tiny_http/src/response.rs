@@ -16,7 +16,8 @@ use std::time::SystemTime;
 /// Some headers cannot be changed. Trying to define the value
 /// of one of these will have no effect:
 ///
-///  - `Connection`
+///  - `Connection`, except `Connection: close`, which makes the server
+///    close the connection after this answer
 ///  - `Trailer`
 ///  - `Transfer-Encoding`
 ///  - `Upgrade`
@@ -24,18 +25,18 @@ use std::time::SystemTime;
 /// Some headers have special behaviors:
 ///
 ///  - `Content-Encoding`: If you define this header, the library
-///     will assume that the data from the `Read` object has the specified encoding
-///     and will just pass-through.
+///    will assume that the data from the `Read` object has the specified encoding
+///    and will just pass-through.
 ///
 ///  - `Content-Length`: The length of the data should be set manually
-///     using the `Reponse` object's API. Attempting to set the value of this
-///     header will be equivalent to modifying the size of the data but the header
-///     itself may not be present in the final result.
+///    using the `Reponse` object's API. Attempting to set the value of this
+///    header will be equivalent to modifying the size of the data but the header
+///    itself may not be present in the final result.
 ///
 ///  - `Content-Type`: You may only set this header to one value at a time. If you
-///     try to set it more than once, the existing value will be overwritten. This
-///     behavior differs from the default for most headers, which is to allow them to
-///     be set multiple times in the same response.
+///    try to set it more than once, the existing value will be overwritten. This
+///    behavior differs from the default for most headers, which is to allow them to
+///    be set multiple times in the same response.
 ///
 pub struct Response<R> {
     reader: R,
@@ -99,7 +100,7 @@ where
     for header in headers.iter() {
         writer.write_all(header.field.as_str().as_ref())?;
         write!(&mut writer, ": ")?;
-        writer.write_all(header.value.as_str().as_ref())?;
+        writer.write_all(header.value.as_bytes())?;
         write!(&mut writer, "\r\n")?;
     }
 
@@ -174,7 +175,7 @@ fn choose_transfer_encoding(
     // if we don't have a Content-Length, or if the Content-Length is too big, using chunks writer
     if entity_length
         .as_ref()
-        .map_or(true, |val| *val >= chunked_threshold)
+        .is_none_or(|val| *val >= chunked_threshold)
     {
         return TransferEncoding::Chunked;
     }
@@ -254,9 +255,19 @@ where
     {
         let header = header.into();
 
+        // `Connection: close` is honoured: the connection closes after this
+        // answer; other `Connection` values are the library's to set
+        if header.field.equiv("Connection") {
+            if header.value.as_str().trim().eq_ignore_ascii_case("close")
+                && !self.closes_connection()
+            {
+                self.headers.push(header);
+            }
+            return;
+        }
+
         // ignoring forbidden headers
-        if header.field.equiv("Connection")
-            || header.field.equiv("Trailer")
+        if header.field.equiv("Trailer")
             || header.field.equiv("Transfer-Encoding")
             || header.field.equiv("Upgrade")
         {
@@ -283,6 +294,14 @@ where
         }
 
         self.headers.push(header);
+    }
+
+    /// True when the answer says `Connection: close`: the server closes the
+    /// connection after it.
+    pub fn closes_connection(&self) -> bool {
+        self.headers.iter().any(|h| {
+            h.field.equiv("Connection") && h.value.as_str().trim().eq_ignore_ascii_case("close")
+        })
     }
 
     /// Returns the same request, but with an additional header.

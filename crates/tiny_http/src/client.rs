@@ -2,15 +2,16 @@ use ascii::AsciiString;
 
 use std::io::Error as IoError;
 use std::io::Result as IoResult;
-use std::io::{BufReader, BufWriter, ErrorKind, Read};
+use std::io::{BufReader, BufWriter, ErrorKind, Read, Write};
 
 use std::net::SocketAddr;
 use std::str::FromStr;
+use std::sync::Arc;
 
 use crate::common::{HTTPVersion, Method};
-use crate::util::RefinedTcpStream;
+use crate::util::{ConnectionState, RefinedTcpStream};
 use crate::util::{SequentialReader, SequentialReaderBuilder, SequentialWriterBuilder};
-use crate::Request;
+use crate::{Limits, Request};
 
 /// A ClientConnection is an object that will store a socket to a client
 /// and return Request objects.
@@ -34,6 +35,9 @@ pub struct ClientConnection {
 
     // true if the connection goes through SSL
     secure: bool,
+
+    // deadlines, pending answers, closing
+    state: Arc<ConnectionState>,
 }
 
 /// Error that can happen when reading a request.
@@ -43,7 +47,22 @@ enum ReadError {
     WrongHeader(HTTPVersion),
     /// the client sent an unrecognized `Expect` header
     ExpectationFailed(HTTPVersion),
+    /// the request line is longer than the limit
+    RequestLineTooLong,
+    /// the header lines are larger than the limit
+    HeadersTooLarge(HTTPVersion),
+    /// the length of the body cannot be known for sure (RFC 9112 section 6)
+    BadFraming(HTTPVersion),
+    /// no request came before the idle deadline, or the connection is closing
+    Idle,
     ReadIoError(IoError),
+}
+
+/// Why a line could not be read.
+enum LineError {
+    /// Longer than allowed.
+    TooLong,
+    Io(IoError),
 }
 
 impl ClientConnection {
@@ -51,12 +70,15 @@ impl ClientConnection {
     pub fn new(
         write_socket: RefinedTcpStream,
         mut read_socket: RefinedTcpStream,
+        limits: Arc<Limits>,
     ) -> ClientConnection {
         let remote_addr = read_socket.peer_addr();
         let secure = read_socket.secure();
+        let state = Arc::new(ConnectionState::new(limits, read_socket.socket()));
+        read_socket.watch(Arc::clone(&state));
 
         let mut source = SequentialReaderBuilder::new(BufReader::with_capacity(1024, read_socket));
-        let first_header = source.next().unwrap();
+        let first_header = source.new_reader();
 
         ClientConnection {
             source,
@@ -65,6 +87,7 @@ impl ClientConnection {
             next_header_source: first_header,
             no_more_requests: false,
             secure,
+            state,
         }
     }
 
@@ -73,30 +96,41 @@ impl ClientConnection {
         self.secure
     }
 
-    /// Reads the next line from self.next_header_source.
+    /// Reads the next line from self.next_header_source, at most `limit`
+    /// bytes before its `CRLF`.
     ///
     /// Reads until `CRLF` is reached. The next read will start
     ///  at the first byte of the new line.
-    fn read_next_line(&mut self) -> IoResult<AsciiString> {
+    fn read_next_line(&mut self, limit: usize) -> Result<Vec<u8>, LineError> {
         let mut buf = Vec::new();
         let mut prev_byte_was_cr = false;
 
         loop {
+            // The source is a `BufReader`: a byte at a time costs no read.
+            #[allow(clippy::unbuffered_bytes)]
             let byte = self.next_header_source.by_ref().bytes().next();
 
             let byte = match byte {
-                Some(b) => b?,
-                None => return Err(IoError::new(ErrorKind::ConnectionAborted, "Unexpected EOF")),
+                Some(b) => b.map_err(LineError::Io)?,
+                None => {
+                    return Err(LineError::Io(IoError::new(
+                        ErrorKind::ConnectionAborted,
+                        "Unexpected EOF",
+                    )))
+                }
             };
 
             if byte == b'\n' && prev_byte_was_cr {
                 buf.pop(); // removing the '\r'
-                return AsciiString::from_ascii(buf)
-                    .map_err(|_| IoError::new(ErrorKind::InvalidInput, "Header is not in ASCII"));
+                return Ok(buf);
             }
 
             prev_byte_was_cr = byte == b'\r';
 
+            // the CR of the line end may still come
+            if buf.len() > limit {
+                return Err(LineError::TooLong);
+            }
             buf.push(byte);
         }
     }
@@ -104,27 +138,61 @@ impl ClientConnection {
     /// Reads a request from the stream.
     /// Blocks until the header has been read.
     fn read(&mut self) -> Result<Request, ReadError> {
+        // The request before this one is done with the stream: what it left
+        // of its body is skipped first.
+        self.state.wait_for_room();
+        self.next_header_source
+            .wait_turn()
+            .map_err(ReadError::ReadIoError)?;
+        if self.state.closing() {
+            return Err(ReadError::Idle);
+        }
+        let skip = self.state.take_skip();
+        if skip > 0 {
+            self.state.start_draining();
+            let skipped = std::io::copy(
+                &mut self.next_header_source.by_ref().take(skip),
+                &mut std::io::sink(),
+            );
+            if !matches!(skipped, Ok(n) if n == skip) {
+                self.state.close(false);
+                return Err(ReadError::Idle);
+            }
+        }
+        self.state.start_idle();
+        let limits = Arc::clone(&self.state.limits);
+
         let (method, path, version, headers) = {
             // reading the request line
             let (method, path, version) = {
-                let line = self.read_next_line().map_err(ReadError::ReadIoError)?;
+                let line = match self.read_next_line(limits.max_request_line) {
+                    Ok(line) => line,
+                    Err(LineError::TooLong) => return Err(ReadError::RequestLineTooLong),
+                    Err(LineError::Io(error)) => return Err(self.io_error(error)),
+                };
+                let line = String::from_utf8(line).map_err(|_| ReadError::WrongRequestLine)?;
 
                 parse_request_line(
-                    line.as_str().trim(), // TODO: remove this conversion
+                    line.trim(), // TODO: remove this conversion
                 )?
             };
 
             // getting all headers
             let headers = {
                 let mut headers = Vec::new();
+                let mut left = limits.max_header_bytes;
                 loop {
-                    let line = self.read_next_line().map_err(ReadError::ReadIoError)?;
+                    let line = match self.read_next_line(left) {
+                        Ok(line) => line,
+                        Err(LineError::TooLong) => return Err(ReadError::HeadersTooLarge(version)),
+                        Err(LineError::Io(error)) => return Err(self.io_error(error)),
+                    };
+                    left = left.saturating_sub(line.len() + 2);
 
                     if line.is_empty() {
                         break;
                     };
-                    headers.push(match FromStr::from_str(line.as_str().trim()) {
-                        // TODO: remove this conversion
+                    headers.push(match crate::Header::parse(&line) {
                         Ok(h) => h,
                         _ => return Err(ReadError::WrongHeader(version)),
                     });
@@ -135,12 +203,15 @@ impl ClientConnection {
 
             (method, path, version, headers)
         };
+        if self.state.closing() {
+            return Err(ReadError::Idle);
+        }
 
         // building the writer for the request
-        let writer = self.sink.next().unwrap();
+        let writer = self.sink.new_writer();
 
         // follow-up for next potential request
-        let mut data_source = self.source.next().unwrap();
+        let mut data_source = self.source.new_reader();
         std::mem::swap(&mut self.next_header_source, &mut data_source);
 
         // building the next reader
@@ -150,22 +221,61 @@ impl ClientConnection {
             path,
             version.clone(),
             headers,
-            *self.remote_addr.as_ref().unwrap(),
+            self.remote_addr.as_ref().ok().copied().flatten(),
             data_source,
             writer,
+            Some(Arc::clone(&self.state)),
         )
         .map_err(|e| {
             use crate::request;
             match e {
                 request::RequestCreationError::CreationIoError(e) => ReadError::ReadIoError(e),
                 request::RequestCreationError::ExpectationFailed => {
-                    ReadError::ExpectationFailed(version)
+                    ReadError::ExpectationFailed(version.clone())
                 }
+                request::RequestCreationError::BadFraming => ReadError::BadFraming(version),
             }
         })?;
 
         // return the request
         Ok(request)
+    }
+
+    /// What a failed read while waiting for a request means: a timeout
+    /// before its first byte ends an idle connection quietly.
+    fn io_error(&self, error: IoError) -> ReadError {
+        if self.state.idle() || self.state.closing() {
+            ReadError::Idle
+        } else {
+            ReadError::ReadIoError(error)
+        }
+    }
+
+    /// Answers a request that cannot be served with `code`, then drains the
+    /// connection (for a bounded time and size, so that the client can read
+    /// the answer rather than a reset) and ends it.
+    fn refuse(&mut self, code: u16, version: HTTPVersion) {
+        use crate::{Header, Response, StatusCode};
+        let mut writer = self.sink.new_writer();
+        let response = Response::empty(StatusCode(code))
+            .with_header(Header::from_bytes(&b"Connection"[..], &b"close"[..]).unwrap());
+        let _ = response
+            .raw_print(&mut writer, version, &[], false, None)
+            .and_then(|()| writer.flush());
+        self.state.close(true);
+        self.linger();
+    }
+
+    /// Reads and drops what the client still sends, until it closes its
+    /// side or the discard limits are reached.
+    fn linger(&mut self) {
+        self.state.close(true);
+        self.state.start_draining();
+        let limit = self.state.limits.max_discard_bytes;
+        let _ = std::io::copy(
+            &mut self.next_header_source.by_ref().take(limit),
+            &mut std::io::sink(),
+        );
     }
 }
 
@@ -186,55 +296,67 @@ impl Iterator for ClientConnection {
         loop {
             let rq = match self.read() {
                 Err(ReadError::WrongRequestLine) => {
-                    let writer = self.sink.next().unwrap();
-                    let response = Response::new_empty(StatusCode(400));
-                    response
-                        .raw_print(writer, HTTPVersion(1, 1), &[], false, None)
-                        .ok();
-                    return None; // we don't know where the next request would start,
-                                 // se we have to close
+                    // we don't know where the next request would start,
+                    // so we have to close
+                    self.refuse(400, HTTPVersion(1, 1));
+                    return None;
                 }
 
-                Err(ReadError::WrongHeader(ver)) => {
-                    let writer = self.sink.next().unwrap();
-                    let response = Response::new_empty(StatusCode(400));
-                    response.raw_print(writer, ver, &[], false, None).ok();
-                    return None; // we don't know where the next request would start,
-                                 // se we have to close
+                Err(ReadError::WrongHeader(ver)) | Err(ReadError::BadFraming(ver)) => {
+                    self.refuse(400, ver);
+                    return None;
+                }
+
+                Err(ReadError::RequestLineTooLong) => {
+                    self.refuse(414, HTTPVersion(1, 1));
+                    return None;
+                }
+
+                Err(ReadError::HeadersTooLarge(ver)) => {
+                    self.refuse(431, ver);
+                    return None;
                 }
 
                 Err(ReadError::ReadIoError(ref err)) if err.kind() == ErrorKind::TimedOut => {
                     // request timeout
-                    let writer = self.sink.next().unwrap();
-                    let response = Response::new_empty(StatusCode(408));
-                    response
-                        .raw_print(writer, HTTPVersion(1, 1), &[], false, None)
-                        .ok();
+                    self.refuse(408, HTTPVersion(1, 1));
                     return None; // closing the connection
                 }
 
                 Err(ReadError::ExpectationFailed(ver)) => {
-                    let writer = self.sink.next().unwrap();
+                    let mut writer = self.sink.new_writer();
                     let response = Response::new_empty(StatusCode(417));
-                    response.raw_print(writer, ver, &[], true, None).ok();
+                    let _ = response
+                        .raw_print(&mut writer, ver, &[], true, None)
+                        .and_then(|()| writer.flush());
+                    self.state.close(true);
+                    self.linger();
                     return None; // TODO: should be recoverable, but needs handling in case of body
                 }
 
-                Err(ReadError::ReadIoError(_)) => return None,
+                Err(ReadError::Idle) => {
+                    self.state.close(true);
+                    return None;
+                }
+
+                Err(ReadError::ReadIoError(_)) => {
+                    self.state.close(true);
+                    return None;
+                }
 
                 Ok(rq) => rq,
             };
 
             // checking HTTP version
             if *rq.http_version() > (1, 1) {
-                let writer = self.sink.next().unwrap();
+                let mut writer = self.sink.new_writer();
                 let response = Response::from_string(
                     "This server only supports HTTP versions 1.0 and 1.1".to_owned(),
                 )
                 .with_status_code(StatusCode(505));
-                response
-                    .raw_print(writer, HTTPVersion(1, 1), &[], false, None)
-                    .ok();
+                let _ = response
+                    .raw_print(&mut writer, HTTPVersion(1, 1), &[], false, None)
+                    .and_then(|()| writer.flush());
                 continue;
             }
 

@@ -100,7 +100,8 @@ use std::io::ErrorKind as IoErrorKind;
 use std::io::Result as IoResult;
 use std::net::{Shutdown, TcpStream, ToSocketAddrs};
 use std::sync::atomic::AtomicBool;
-use std::sync::atomic::Ordering::Relaxed;
+use std::sync::atomic::AtomicUsize;
+use std::sync::atomic::Ordering::{Relaxed, SeqCst};
 use std::sync::mpsc;
 use std::sync::Arc;
 use std::thread;
@@ -110,8 +111,9 @@ use client::ClientConnection;
 use connection::Connection;
 use util::MessagesQueue;
 
-pub use common::{HTTPVersion, Header, HeaderField, Method, StatusCode};
+pub use common::{HTTPVersion, Header, HeaderField, HeaderValue, Method, StatusCode};
 pub use connection::{ConfigListenAddr, ListenAddr, Listener};
+pub use limits::Limits;
 pub use request::{ReadWrite, Request};
 pub use response::{Response, ResponseBox};
 pub use test::TestRequest;
@@ -119,11 +121,21 @@ pub use test::TestRequest;
 mod client;
 mod common;
 mod connection;
+mod limits;
 mod request;
 mod response;
 mod ssl;
 mod test;
 mod util;
+
+/// First pause of the accept loop after an accept error; doubled while
+/// errors continue, up to [`ACCEPT_BACKOFF_MAX`].
+const ACCEPT_BACKOFF_MIN: Duration = Duration::from_millis(10);
+/// Connections refused for being over the limit are logged at most this often.
+const REFUSAL_LOG_INTERVAL: Duration = Duration::from_secs(10);
+
+/// Longest pause of the accept loop between failing accepts.
+const ACCEPT_BACKOFF_MAX: Duration = Duration::from_secs(1);
 
 /// The main class of this library.
 ///
@@ -140,6 +152,38 @@ pub struct Server {
 
     // result of TcpListener::local_addr()
     listening_addr: ListenAddr,
+
+    // connections being served
+    active: Arc<AtomicUsize>,
+}
+
+/// Counts a connection as served until dropped.
+struct Served(Arc<AtomicUsize>);
+
+impl Drop for Served {
+    fn drop(&mut self) {
+        self.0.fetch_sub(1, SeqCst);
+    }
+}
+
+/// Answers a connection beyond the limit `503` and closes it, without
+/// waiting for anything: the socket is not blocking, the answer fits its
+/// empty send buffer, and what the client already sent is read so that
+/// the close is not a reset.
+fn refuse_busy(socket: Connection) {
+    use std::io::{Read, Write};
+    let _ = socket.set_nonblocking(true);
+    let _ = (&socket).write_all(
+        b"HTTP/1.1 503 Service Unavailable\r\nRetry-After: 1\r\nConnection: close\r\nContent-Length: 0\r\n\r\n",
+    );
+    let _ = socket.shutdown(Shutdown::Write);
+    let mut drain = [0u8; 4096];
+    for _ in 0..16 {
+        match (&socket).read(&mut drain) {
+            Ok(n) if n > 0 => {}
+            _ => break,
+        }
+    }
 }
 
 enum Message {
@@ -177,6 +221,9 @@ pub struct ServerConfig {
 
     /// If `Some`, then the server will use SSL to encode the communications.
     pub ssl: Option<SslConfig>,
+
+    /// Timeouts, deadlines and sizes applied to every connection.
+    pub limits: Limits,
 }
 
 /// Configuration of the server for SSL.
@@ -198,6 +245,7 @@ impl Server {
         Server::new(ServerConfig {
             addr: ConfigListenAddr::from_socket_addrs(addr)?,
             ssl: None,
+            limits: Limits::default(),
         })
     }
 
@@ -214,6 +262,7 @@ impl Server {
         Server::new(ServerConfig {
             addr: ConfigListenAddr::from_socket_addrs(addr)?,
             ssl: Some(config),
+            limits: Limits::default(),
         })
     }
 
@@ -226,13 +275,14 @@ impl Server {
         Server::new(ServerConfig {
             addr: ConfigListenAddr::unix_from_path(path),
             ssl: None,
+            limits: Limits::default(),
         })
     }
 
     /// Builds a new server that listens on the specified address.
     pub fn new(config: ServerConfig) -> Result<Server, Box<dyn Error + Send + Sync + 'static>> {
         let listener = config.addr.bind()?;
-        Self::from_listener(listener, config.ssl)
+        Self::from_listener_with_limits(listener, config.ssl, config.limits)
     }
 
     /// Builds a new server using the specified TCP listener.
@@ -243,7 +293,18 @@ impl Server {
         listener: L,
         ssl_config: Option<SslConfig>,
     ) -> Result<Server, Box<dyn Error + Send + Sync + 'static>> {
+        Self::from_listener_with_limits(listener, ssl_config, Limits::default())
+    }
+
+    /// Builds a new server using the specified listener, holding its
+    /// connections to `limits`.
+    pub fn from_listener_with_limits<L: Into<Listener>>(
+        listener: L,
+        ssl_config: Option<SslConfig>,
+        limits: Limits,
+    ) -> Result<Server, Box<dyn Error + Send + Sync + 'static>> {
         let listener = listener.into();
+        let limits = Arc::new(limits);
         // building the "close" variable
         let close_trigger = Arc::new(AtomicBool::new(false));
 
@@ -285,14 +346,46 @@ impl Server {
 
         let inside_close_trigger = close_trigger.clone();
         let inside_messages = messages.clone();
+        let active = Arc::new(AtomicUsize::new(0));
+        let inside_active = Arc::clone(&active);
         thread::spawn(move || {
             // a tasks pool is used to dispatch the connections into threads
             let tasks_pool = util::TaskPool::new();
 
             log::debug!("Running accept thread");
+            let mut backoff = ACCEPT_BACKOFF_MIN;
+            let mut refused = 0usize;
+            let mut refusal_logged: Option<std::time::Instant> = None;
             while !inside_close_trigger.load(Relaxed) {
                 let new_client = match server.accept() {
                     Ok((sock, _)) => {
+                        backoff = ACCEPT_BACKOFF_MIN;
+                        // Each connection costs a thread: beyond the limit
+                        // new ones are turned away at once.
+                        if inside_active.load(SeqCst) >= limits.max_connections {
+                            refuse_busy(sock);
+                            refused += 1;
+                            if refusal_logged.is_none_or(|at| at.elapsed() >= REFUSAL_LOG_INTERVAL)
+                            {
+                                log::warn!(
+                                    "{} connections refused with 503: {} are served already (the limit)",
+                                    refused,
+                                    limits.max_connections
+                                );
+                                refused = 0;
+                                refusal_logged = Some(std::time::Instant::now());
+                            }
+                            continue;
+                        }
+                        // Before anything reads from it: a silent client
+                        // must not hold its thread.
+                        let timeouts = sock
+                            .set_read_timeout(Some(limits.io_timeout))
+                            .and_then(|()| sock.set_write_timeout(Some(limits.io_timeout)));
+                        if let Err(e) = timeouts {
+                            log::debug!("Cannot set timeouts on a new connection: {}", e);
+                            continue;
+                        }
                         use util::RefinedTcpStream;
                         let (read_closable, write_closable) = match ssl {
                             None => RefinedTcpStream::new(sock),
@@ -311,39 +404,62 @@ impl Server {
                             Some(ref _ssl) => unreachable!(),
                         };
 
-                        Ok(ClientConnection::new(write_closable, read_closable))
+                        ClientConnection::new(write_closable, read_closable, Arc::clone(&limits))
                     }
-                    Err(e) => Err(e),
+                    // The client gave up while queued, or a signal: nothing
+                    // wrong with the listener.
+                    Err(e)
+                        if matches!(
+                            e.kind(),
+                            IoErrorKind::ConnectionAborted | IoErrorKind::Interrupted
+                        ) =>
+                    {
+                        log::debug!("Error accepting new client: {}", e);
+                        continue;
+                    }
+                    Err(e) => {
+                        if inside_close_trigger.load(Relaxed) {
+                            break;
+                        }
+                        // Out of descriptors (EMFILE), of memory, ...: the
+                        // condition passes when connections close, so the
+                        // loop waits and tries again instead of ending (the
+                        // connection stays in the kernel's queue meanwhile).
+                        log::error!(
+                            "Error accepting new client: {}; retrying in {} ms",
+                            e,
+                            backoff.as_millis()
+                        );
+                        // Pacing retries against a persistent error.
+                        thread::sleep(backoff);
+                        backoff = (backoff * 2).min(ACCEPT_BACKOFF_MAX);
+                        continue;
+                    }
                 };
 
-                match new_client {
-                    Ok(client) => {
-                        let messages = inside_messages.clone();
-                        let mut client = Some(client);
-                        tasks_pool.spawn(Box::new(move || {
-                            if let Some(client) = client.take() {
-                                // Synchronization is needed for HTTPS requests to avoid a deadlock
-                                if client.secure() {
-                                    let (sender, receiver) = mpsc::channel();
-                                    for rq in client {
-                                        messages.push(rq.with_notify_sender(sender.clone()).into());
-                                        receiver.recv().unwrap();
-                                    }
-                                } else {
-                                    for rq in client {
-                                        messages.push(rq.into());
-                                    }
+                let messages = inside_messages.clone();
+                let mut client = Some(new_client);
+                inside_active.fetch_add(1, SeqCst);
+                let mut served = Some(Served(Arc::clone(&inside_active)));
+                tasks_pool.spawn(Box::new(move || {
+                    let _served = served.take();
+                    if let Some(client) = client.take() {
+                        // Synchronization is needed for HTTPS requests to avoid a deadlock
+                        if client.secure() {
+                            let (sender, receiver) = mpsc::channel();
+                            for rq in client {
+                                messages.push(rq.with_notify_sender(sender.clone()).into());
+                                if receiver.recv().is_err() {
+                                    break;
                                 }
                             }
-                        }));
+                        } else {
+                            for rq in client {
+                                messages.push(rq.into());
+                            }
+                        }
                     }
-
-                    Err(e) => {
-                        log::error!("Error accepting new client: {}", e);
-                        inside_messages.push(e.into());
-                        break;
-                    }
-                }
+                }));
             }
             log::debug!("Terminating accept thread");
         });
@@ -353,6 +469,7 @@ impl Server {
             messages,
             close: close_trigger,
             listening_addr: local_addr,
+            active,
         })
     }
 
@@ -372,8 +489,7 @@ impl Server {
 
     /// Returns the number of clients currently connected to the server.
     pub fn num_connections(&self) -> usize {
-        unimplemented!()
-        //self.requests_receiver.lock().len()
+        self.active.load(SeqCst)
     }
 
     /// Blocks until an HTTP request has been submitted and returns it.
@@ -381,7 +497,7 @@ impl Server {
         match self.messages.pop() {
             Some(Message::Error(err)) => Err(err),
             Some(Message::NewRequest(rq)) => Ok(rq),
-            None => Err(IoError::new(IoErrorKind::Other, "thread unblocked")),
+            None => Err(IoError::other("thread unblocked")),
         }
     }
 

@@ -87,7 +87,9 @@ impl TaskPool {
     fn add_thread(&self, initial_fn: Option<Box<dyn FnMut() + Send>>) {
         let sharing = self.sharing.clone();
 
-        thread::spawn(move || {
+        // Out of threads, the connection is dropped (closed) rather than the
+        // accept loop panicking.
+        let spawned = thread::Builder::new().spawn(move || {
             let sharing = sharing;
             let _active_guard = Registration::new(&sharing.active_tasks);
 
@@ -131,6 +133,9 @@ impl TaskPool {
                 task();
             }
         });
+        if let Err(error) = spawned {
+            log::error!("Cannot start a thread for a connection: {}", error);
+        }
     }
 }
 

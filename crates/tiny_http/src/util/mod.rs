@@ -1,5 +1,5 @@
+pub(crate) use self::connection_state::ConnectionState;
 pub use self::custom_stream::CustomStream;
-pub use self::equal_reader::EqualReader;
 pub use self::fused_reader::FusedReader;
 pub use self::messages_queue::MessagesQueue;
 pub use self::refined_tcp_stream::RefinedTcpStream;
@@ -9,8 +9,8 @@ pub use self::task_pool::TaskPool;
 
 use std::str::FromStr;
 
+mod connection_state;
 mod custom_stream;
-mod equal_reader;
 mod fused_reader;
 mod messages_queue;
 pub(crate) mod refined_tcp_stream;

@@ -1,4 +1,4 @@
-use ascii::{AsciiStr, AsciiString, FromAsciiError};
+use ascii::{AsciiStr, AsciiString};
 use std::cmp::Ordering;
 use std::fmt::{self, Display, Formatter};
 use std::str::FromStr;
@@ -151,16 +151,23 @@ impl PartialOrd<StatusCode> for u16 {
 #[derive(Debug, Clone)]
 pub struct Header {
     pub field: HeaderField,
-    pub value: AsciiString,
+    pub value: HeaderValue,
 }
 
 impl Header {
     /// Builds a `Header` from two `Vec<u8>`s or two `&[u8]`s.
     ///
+    /// The name must be a token (RFC 9110 section 5.1) and the value must
+    /// not contain control characters other than tab: CR or LF in either
+    /// would end the header early on the wire and let the rest be read as
+    /// another header or as the body (header injection), so such a header
+    /// is refused. Bytes from 0x80 (obs-text) are allowed in the value.
+    ///
     /// Example:
     ///
     /// ```
     /// let header = tiny_http::Header::from_bytes(&b"Content-Type"[..], &b"text/plain"[..]).unwrap();
+    /// assert!(tiny_http::Header::from_bytes(&b"X-A"[..], &b"a\r\nSet-Cookie: b"[..]).is_err());
     /// ```
     #[allow(clippy::result_unit_err)]
     pub fn from_bytes<B1, B2>(header: B1, value: B2) -> Result<Header, ()>
@@ -168,29 +175,45 @@ impl Header {
         B1: Into<Vec<u8>> + AsRef<[u8]>,
         B2: Into<Vec<u8>> + AsRef<[u8]>,
     {
-        let header = HeaderField::from_bytes(header).or(Err(()))?;
-        let value = AsciiString::from_ascii(value).or(Err(()))?;
+        let header = HeaderField::from_bytes(header)?;
+        let value = HeaderValue::from_bytes(value)?;
 
         Ok(Header {
             field: header,
             value,
         })
     }
+
+    /// Parses a header line (without its line end) as a client sent it:
+    /// `name: value`, with no whitespace before the colon (RFC 9112
+    /// section 5.1) and the value's surrounding whitespace removed.
+    #[allow(clippy::result_unit_err)]
+    pub fn parse(line: &[u8]) -> Result<Header, ()> {
+        let colon = line.iter().position(|&b| b == b':').ok_or(())?;
+        let field = HeaderField::from_bytes(&line[..colon])?;
+        let value = trim_whitespace(&line[colon + 1..]);
+        let value = HeaderValue::from_bytes(value)?;
+        Ok(Header { field, value })
+    }
+}
+
+fn trim_whitespace(bytes: &[u8]) -> &[u8] {
+    let start = bytes
+        .iter()
+        .position(|b| !matches!(b, b' ' | b'\t'))
+        .unwrap_or(bytes.len());
+    let end = bytes
+        .iter()
+        .rposition(|b| !matches!(b, b' ' | b'\t'))
+        .map_or(start, |end| end + 1);
+    &bytes[start..end.max(start)]
 }
 
 impl FromStr for Header {
     type Err = ();
 
     fn from_str(input: &str) -> Result<Header, ()> {
-        let mut elems = input.splitn(2, ':');
-
-        let field = elems.next().and_then(|f| f.parse().ok()).ok_or(())?;
-        let value = elems
-            .next()
-            .and_then(|v| AsciiString::from_ascii(v.trim()).ok())
-            .ok_or(())?;
-
-        Ok(Header { field, value })
+        Header::parse(input.as_bytes())
     }
 }
 
@@ -200,18 +223,100 @@ impl Display for Header {
     }
 }
 
+/// The value of a header: any bytes but control characters other than tab
+/// (RFC 9110 section 5.5), so obs-text (bytes from 0x80, e.g. UTF-8 text)
+/// is allowed, and CR and LF never are.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct HeaderValue {
+    /// The value as text: the bytes when they are UTF-8, else with
+    /// U+FFFD for what is not.
+    text: String,
+    /// The bytes, when they are not UTF-8.
+    raw: Option<Vec<u8>>,
+}
+
+impl HeaderValue {
+    /// Checks and keeps a value; refuses control characters other than tab.
+    #[allow(clippy::result_unit_err)]
+    pub fn from_bytes<B>(bytes: B) -> Result<HeaderValue, ()>
+    where
+        B: Into<Vec<u8>> + AsRef<[u8]>,
+    {
+        if bytes
+            .as_ref()
+            .iter()
+            .any(|&b| (b < 0x20 && b != b'\t') || b == 0x7f)
+        {
+            return Err(());
+        }
+        let bytes = bytes.into();
+        Ok(match String::from_utf8(bytes) {
+            Ok(text) => HeaderValue { text, raw: None },
+            Err(error) => HeaderValue {
+                text: String::from_utf8_lossy(error.as_bytes()).into_owned(),
+                raw: Some(error.into_bytes()),
+            },
+        })
+    }
+
+    /// The value as text (bytes that are not UTF-8 show as U+FFFD).
+    pub fn as_str(&self) -> &str {
+        &self.text
+    }
+
+    /// The value as the client sent it.
+    pub fn as_bytes(&self) -> &[u8] {
+        match &self.raw {
+            Some(raw) => raw,
+            None => self.text.as_bytes(),
+        }
+    }
+
+    /// The value, if it is UTF-8 text.
+    pub fn to_utf8(&self) -> Option<&str> {
+        self.raw.is_none().then_some(self.text.as_str())
+    }
+}
+
+impl Display for HeaderValue {
+    fn fmt(&self, formatter: &mut Formatter<'_>) -> Result<(), fmt::Error> {
+        formatter.write_str(&self.text)
+    }
+}
+
+impl FromStr for HeaderValue {
+    type Err = ();
+
+    fn from_str(input: &str) -> Result<HeaderValue, ()> {
+        HeaderValue::from_bytes(input)
+    }
+}
+
 /// Field of a header (eg. `Content-Type`, `Content-Length`, etc.)
 ///
 /// Comparison between two `HeaderField`s ignores case.
 #[derive(Debug, Clone, Eq)]
 pub struct HeaderField(AsciiString);
 
+/// The characters of a token (RFC 9110 section 5.6.2): what a field name
+/// is made of.
+fn is_token_char(b: u8) -> bool {
+    b.is_ascii_alphanumeric() || b"!#$%&'*+-.^_`|~".contains(&b)
+}
+
 impl HeaderField {
-    pub fn from_bytes<B>(bytes: B) -> Result<HeaderField, FromAsciiError<B>>
+    /// A field name: a token (letters, digits and ``!#$%&'*+-.^_`|~``).
+    #[allow(clippy::result_unit_err)]
+    pub fn from_bytes<B>(bytes: B) -> Result<HeaderField, ()>
     where
         B: Into<Vec<u8>> + AsRef<[u8]>,
     {
-        AsciiString::from_ascii(bytes).map(HeaderField)
+        if bytes.as_ref().is_empty() || !bytes.as_ref().iter().all(|&b| is_token_char(b)) {
+            return Err(());
+        }
+        AsciiString::from_ascii(bytes)
+            .map(HeaderField)
+            .map_err(|_| ())
     }
 
     pub fn as_str(&self) -> &AsciiStr {
@@ -227,11 +332,7 @@ impl FromStr for HeaderField {
     type Err = ();
 
     fn from_str(s: &str) -> Result<HeaderField, ()> {
-        if s.contains(char::is_whitespace) {
-            Err(())
-        } else {
-            AsciiString::from_ascii(s).map(HeaderField).map_err(|_| ())
-        }
+        HeaderField::from_bytes(s)
     }
 }
 
@@ -403,7 +504,7 @@ mod test {
     fn test_parse_header() {
         let header: Header = "Content-Type: text/html".parse().unwrap();
 
-        assert!(header.field.equiv(&"content-type"));
+        assert!(header.field.equiv("content-type"));
         assert!(header.value.as_str() == "text/html");
 
         assert!("hello world".parse::<Header>().is_err());
@@ -420,7 +521,7 @@ mod test {
     fn test_parse_header_with_doublecolon() {
         let header: Header = "Time: 20: 34".parse().unwrap();
 
-        assert!(header.field.equiv(&"time"));
+        assert!(header.field.equiv("time"));
         assert!(header.value.as_str() == "20: 34");
     }
 

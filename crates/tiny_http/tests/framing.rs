@@ -1,0 +1,108 @@
+//! Patch: RFC 9112 framing. A request whose body length cannot be known
+//! for sure gets 400 and the connection is closed, so that nothing after
+//! it is ever read as a request (0.12.0 used `Transfer-Encoding` and
+//! ignored `Content-Length`, took the first of several `Content-Length`s,
+//! read an invalid one as no body, and decoded any coding as chunked).
+
+mod common;
+
+use std::sync::{Arc, Mutex};
+
+use common::*;
+use tiny_http::Response;
+
+/// A server that records the path of every request it is handed.
+fn recording() -> (TestServer, Arc<Mutex<Vec<String>>>) {
+    let paths = Arc::new(Mutex::new(Vec::new()));
+    let seen = Arc::clone(&paths);
+    let server = TestServer::start(default_server(), 2, move |request| {
+        seen.lock().unwrap().push(request.url().to_string());
+        let _ = request.respond(Response::from_string("ok"));
+    });
+    (server, paths)
+}
+
+fn refused(head: &str, rest: &str) {
+    let (server, paths) = recording();
+    let request = format!("{head}\r\n{rest}");
+    let (answer, mut reader) = exchange(server.address, request.as_bytes());
+    let answer = answer.unwrap_or_else(|| panic!("no answer to {head:?}"));
+    assert_eq!(answer.code, 400, "{head:?}");
+    assert_eq!(answer.header("Connection"), Some("close"), "{head:?}");
+    assert!(closed(&mut reader), "{head:?}: the connection stays open");
+    assert!(paths.lock().unwrap().is_empty(), "{head:?}: {paths:?}");
+}
+
+const HIDDEN: &str = "GET /hidden HTTP/1.1\r\nHost: t\r\n\r\n";
+
+#[test]
+fn transfer_encoding_with_content_length_is_refused() {
+    // The chunked body ends early; a proxy framing by Content-Length would
+    // pass the hidden request inside the body.
+    let body = format!("0\r\n\r\n{HIDDEN}");
+    refused(
+        &format!(
+            "POST /a HTTP/1.1\r\nHost: t\r\nContent-Length: {}\r\nTransfer-Encoding: chunked\r\n",
+            body.len()
+        ),
+        &body,
+    );
+}
+
+#[test]
+fn several_or_invalid_content_lengths_are_refused() {
+    for lengths in [
+        "Content-Length: 5\r\nContent-Length: 40\r\n",
+        "Content-Length: 5\r\nContent-Length: 5\r\n",
+        "Content-Length: 5, 5\r\n",
+        "Content-Length: abc\r\n",
+        "Content-Length: -5\r\n",
+        "Content-Length: +5\r\n",
+        "Content-Length: 99999999999999999999999\r\n",
+        "Content-Length: \r\n",
+    ] {
+        refused(
+            &format!("POST /a HTTP/1.1\r\nHost: t\r\n{lengths}"),
+            &format!("hello{HIDDEN}"),
+        );
+    }
+}
+
+#[test]
+fn unknown_transfer_codings_are_refused() {
+    for codings in [
+        "Transfer-Encoding: gzip\r\n",
+        "Transfer-Encoding: gzip, chunked\r\n",
+        "Transfer-Encoding: chunked, gzip\r\n",
+        "Transfer-Encoding: chunked\r\nTransfer-Encoding: chunked\r\n",
+        "Transfer-Encoding: identity\r\n",
+        "Transfer-Encoding: xchunked\r\n",
+    ] {
+        refused(
+            &format!("POST /a HTTP/1.1\r\nHost: t\r\n{codings}"),
+            &format!("5\r\nhello\r\n0\r\n\r\n{HIDDEN}"),
+        );
+    }
+}
+
+#[test]
+fn transfer_encoding_in_http_1_0_is_refused() {
+    refused(
+        "POST /a HTTP/1.0\r\nHost: t\r\nTransfer-Encoding: chunked\r\n",
+        &format!("5\r\nhello\r\n0\r\n\r\n{HIDDEN}"),
+    );
+}
+
+#[test]
+fn a_plain_chunked_body_still_works_and_keeps_the_connection() {
+    let (server, paths) = recording();
+    let (answer, mut reader) = exchange(
+        server.address,
+        format!("POST /a HTTP/1.1\r\nHost: t\r\nTransfer-Encoding: chunked\r\n\r\n5\r\nhello\r\n0\r\n\r\n{HIDDEN}").as_bytes(),
+    );
+    assert_eq!(answer.map(|answer| answer.code), Some(200));
+    // The body was not read by the handler: unfinished chunked bodies close.
+    let _ = read_answer(&mut reader);
+    let paths = paths.lock().unwrap().clone();
+    assert_eq!(paths.first().map(String::as_str), Some("/a"));
+}

@@ -1,0 +1,64 @@
+//! An answer before it is written: status, the JSON envelope, headers.
+
+use serde_json::{json, Value};
+
+/// An answer before it is written.
+pub(crate) struct Reply {
+    pub code: u16,
+    pub body: Vec<u8>,
+    pub content_type: &'static str,
+    pub headers: Vec<(&'static str, String)>,
+    /// The connection closes after this answer (the request body is left
+    /// unread, or could not be read).
+    pub close: bool,
+}
+
+impl Reply {
+    /// `{"message": ..., "data": ...}` or any JSON value.
+    pub fn json(code: u16, value: Value) -> Reply {
+        Reply {
+            code,
+            body: value.to_string().into_bytes(),
+            content_type: "application/json",
+            headers: Vec::new(),
+            close: false,
+        }
+    }
+
+    pub fn ok(data: Value) -> Reply {
+        Reply::json(200, json!({ "message": "ok", "data": data }))
+    }
+
+    pub fn error(code: u16, message: &str, detail: &str) -> Reply {
+        Reply::json(
+            code,
+            json!({ "message": message, "data": { "error": detail } }),
+        )
+    }
+
+    pub fn unavailable(message: &str, detail: &str) -> Reply {
+        Reply::error(503, message, detail).with_header("Retry-After", "1")
+    }
+
+    pub fn with_header(mut self, name: &'static str, value: impl Into<String>) -> Reply {
+        self.headers.push((name, value.into()));
+        self
+    }
+
+    /// Closes the connection after the answer.
+    pub fn closing(mut self) -> Reply {
+        self.close = true;
+        self
+    }
+
+    /// Plain text (the metrics exposition).
+    pub fn text(body: String, content_type: &'static str) -> Reply {
+        Reply {
+            code: 200,
+            body: body.into_bytes(),
+            content_type,
+            headers: Vec::new(),
+            close: false,
+        }
+    }
+}
