@@ -31,8 +31,13 @@ pub const VARIABLES: &[(&str, Option<&str>, &str)] = &[
     ("MAILROOM_SHUTDOWN_TIMEOUT_MS", Some("30000"), "how long a stop waits for deliveries in flight"),
     ("MAILROOM_STATUS_RETENTION", Some("100000"), "finished message statuses kept for GET /api/mail/{id}"),
     ("MAILROOM_SUPPRESS_ON_BOUNCE", Some("1"), "add addresses refused with 5.1.x (no such user) to the suppression list"),
+    ("MAILROOM_TEMPLATES_DIR", Some(DEFAULT_TEMPLATES_DIR), "message templates, one folder each (subject.txt, text.txt, html.html); only the default may be absent"),
     ("RUST_LOG", Some("info"), "log level (error, warn, info, debug, trace)"),
 ];
+
+/// Where templates are read from unless `MAILROOM_TEMPLATES_DIR` says
+/// otherwise; the one location that may be absent (no templates).
+pub const DEFAULT_TEMPLATES_DIR: &str = "./templates";
 
 /// A configuration value that could not be used; names the variable.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -194,6 +199,8 @@ pub struct Config {
     pub worker_niceness: i32,
     /// Addresses refused with a permanent 5.1.x reply join the suppression list.
     pub suppress_on_bounce: bool,
+    /// Message templates (see [`crate::templates`]).
+    pub templates_dir: PathBuf,
 }
 
 /// The workers' default niceness (see [`Config::worker_niceness`]).
@@ -295,6 +302,11 @@ impl Config {
             // Default on: unset means 1.
             suppress_on_bounce: get("MAILROOM_SUPPRESS_ON_BOUNCE").is_none()
                 || flag(&get, "MAILROOM_SUPPRESS_ON_BOUNCE")?,
+            templates_dir: PathBuf::from(
+                get("MAILROOM_TEMPLATES_DIR")
+                    .as_deref()
+                    .map_or(DEFAULT_TEMPLATES_DIR, str::trim),
+            ),
         })
     }
 
@@ -319,6 +331,7 @@ impl Config {
             status_retention: 100_000,
             worker_niceness: DEFAULT_WORKER_NICENESS,
             suppress_on_bounce: true,
+            templates_dir: PathBuf::from(DEFAULT_TEMPLATES_DIR),
         }
     }
 
