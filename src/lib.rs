@@ -27,7 +27,8 @@
 //! (getting jobs to workers, now or when due), `transport` (SMTP/outbox and
 //! error classification), `store` (statuses, events, indexes and the
 //! durable journal), [`status`] (what the API shows), [`metrics`],
-//! [`http`] (the API over HTTP), [`systemd`] (readiness notification).
+//! [`http`] (the API over HTTP), [`systemd`] (readiness notification),
+//! [`templates`] (stored message templates).
 
 pub mod allocator;
 pub mod config;
@@ -44,6 +45,7 @@ mod schedule;
 pub mod status;
 mod store;
 pub mod systemd;
+pub mod templates;
 mod time;
 pub mod transport;
 
@@ -54,4 +56,7 @@ pub use engine::{
 };
 pub use message::{AttachmentRequest, MailRequest, MessageError, OutgoingMessage};
 pub use status::{Event, EventKind, MessageStatus, State};
+pub use templates::{
+    RenderError, Rendered, TemplateError, TemplateInfo, TemplateSnapshot, Templates,
+};
 pub use transport::{DeliveryError, FailureKind};
