@@ -7,7 +7,7 @@ use std::sync::Arc;
 use mailroom::allocator::HugeAllocator;
 use mailroom::config::{Relay, VARIABLES};
 use mailroom::http::HttpServer;
-use mailroom::{systemd, Config, Engine};
+use mailroom::{systemd, Config, Engine, Templates};
 
 /// Lets tiny_http discard the unread body of a request that declared an
 /// enormous `Content-Length` without aborting the process (see the module).
@@ -76,6 +76,14 @@ fn run(config: Config) -> ExitCode {
             dir.display()
         );
     }
+    // Checked before anything starts: a broken template stops the start.
+    let templates = match Templates::from_config(&config) {
+        Ok(templates) => templates,
+        Err(error) => {
+            eprintln!("mailroom: cannot start: templates: {error}");
+            return ExitCode::from(1);
+        }
+    };
     let listen = config.listen;
     let engine = match Engine::start(config) {
         Ok(engine) => engine,
@@ -92,7 +100,13 @@ fn run(config: Config) -> ExitCode {
             return ExitCode::from(1);
         }
     };
-    if let Err(error) = watch_signals(engine.clone(), Arc::clone(&server)) {
+    let reload_templates = move || {
+        // A refused set is logged by reload; the previous one stays.
+        let _ = templates.reload();
+    };
+    if let Err(error) = watch_signals(engine.clone(), Arc::clone(&server))
+        .and_then(|()| watch_reload_signal(reload_templates))
+    {
         eprintln!("mailroom: cannot install signal handlers: {error}");
         return ExitCode::from(1);
     }
@@ -123,8 +137,33 @@ fn watch_signals(engine: Engine, server: Arc<HttpServer>) -> std::io::Result<()>
     Ok(())
 }
 
+/// On SIGHUP: `reload` (the templates), as often as the signal comes.
+fn watch_reload_signal(reload: impl Fn() + Send + 'static) -> std::io::Result<()> {
+    let mut signals = signal_hook::iterator::Signals::new([signal_hook::consts::SIGHUP])?;
+    std::thread::Builder::new()
+        .name("reload".into())
+        .spawn(move || {
+            for _ in signals.forever() {
+                log::info!("SIGHUP received: reloading");
+                reload();
+            }
+        })?;
+    Ok(())
+}
+
 fn run_check(config: &Config, check_smtp: bool) -> ExitCode {
     println!("configuration ok: {}", config.summary());
+    match Templates::from_config(config) {
+        Ok(templates) => println!(
+            "templates ok: {} in {}",
+            templates.list().len(),
+            templates.dir().display()
+        ),
+        Err(error) => {
+            println!("templates: {error}");
+            return ExitCode::from(1);
+        }
+    }
     if !check_smtp {
         return ExitCode::SUCCESS;
     }
