@@ -37,8 +37,13 @@ pub const VARIABLES: &[(&str, Option<&str>, &str)] = &[
     ("MAILROOM_STATUS_RETENTION", Some("100000"), "finished message statuses kept for GET /api/mail/{id}"),
     ("MAILROOM_SCHEDULED_CAPACITY", Some("1000000"), "messages waiting for their send_at before 503"),
     ("MAILROOM_SUPPRESS_ON_BOUNCE", Some("1"), "add addresses refused with 5.1.x (no such user) to the suppression list"),
+    ("MAILROOM_TEMPLATES_DIR", Some(DEFAULT_TEMPLATES_DIR), "message templates, one folder each (subject.txt, text.txt, html.html); only the default may be absent"),
     ("RUST_LOG", Some("info"), "log level (error, warn, info, debug, trace)"),
 ];
+
+/// Where templates are read from unless `MAILROOM_TEMPLATES_DIR` says
+/// otherwise; the one location that may be absent (no templates).
+pub const DEFAULT_TEMPLATES_DIR: &str = "./templates";
 
 /// A configuration value that could not be used; names the variable.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -197,6 +202,8 @@ pub struct Config {
     pub suppress_on_bounce: bool,
     /// Messages waiting for their `send_at` before refusing with 503.
     pub scheduled_capacity: usize,
+    /// Message templates (see [`crate::templates`]).
+    pub templates_dir: PathBuf,
 }
 
 /// The workers' default niceness (see [`Config::worker_niceness`]).
@@ -283,6 +290,11 @@ impl Config {
                 0,
                 1_000_000_000,
             )? as usize,
+            templates_dir: PathBuf::from(
+                get("MAILROOM_TEMPLATES_DIR")
+                    .as_deref()
+                    .map_or(DEFAULT_TEMPLATES_DIR, str::trim),
+            ),
         })
     }
 
@@ -305,6 +317,7 @@ impl Config {
             worker_niceness: DEFAULT_WORKER_NICENESS,
             suppress_on_bounce: true,
             scheduled_capacity: 1_000_000,
+            templates_dir: PathBuf::from(DEFAULT_TEMPLATES_DIR),
         }
     }
 

@@ -17,6 +17,7 @@ use crate::pool::{start_workers, PoolControl, RateLimiter, WorkerContext};
 use crate::schedule::{Activate, Waiting};
 use crate::status::{Event, EventKind, MessageStatus, State};
 use crate::store::{id_key, ActionRefusal, KeyClaim, MessageRecord, StatusRecord, Store};
+use crate::templates::Templates;
 use crate::time::{from_millis, to_millis};
 use crate::transport::TransportFactory;
 
@@ -85,6 +86,8 @@ pub enum StartError {
     Spool(std::io::Error),
     /// A thread could not be started.
     Thread(std::io::Error),
+    /// A template is broken (the error names file and line).
+    Templates(crate::templates::TemplateError),
 }
 
 impl std::fmt::Display for StartError {
@@ -95,6 +98,7 @@ impl std::fmt::Display for StartError {
                 write!(f, "MAILROOM_SPOOL_DIR: cannot use the spool: {error}")
             }
             StartError::Thread(error) => write!(f, "cannot start a thread: {error}"),
+            StartError::Templates(error) => write!(f, "templates: {error}"),
         }
     }
 }
@@ -104,6 +108,7 @@ impl std::error::Error for StartError {
         match self {
             StartError::Transport(_) => None,
             StartError::Spool(error) | StartError::Thread(error) => Some(error),
+            StartError::Templates(error) => Some(error),
         }
     }
 }
@@ -416,6 +421,7 @@ pub struct ShutdownReport {
 /// What the engine handle shares with its threads.
 struct Inner {
     config: Config,
+    templates: Templates,
     store: Arc<Store>,
     dispatch: Arc<Dispatch>,
     capacity: Arc<Capacity>,
@@ -499,6 +505,8 @@ impl Engine {
     /// spool holds from an earlier run.
     pub fn start(config: Config) -> Result<Engine, StartError> {
         let factory = TransportFactory::new(&config.relay).map_err(StartError::Transport)?;
+        // Checked before anything starts: a broken template stops the start.
+        let templates = Templates::from_config(&config).map_err(StartError::Templates)?;
         if config.spool == SpoolSetting::Memory {
             log::warn!("MAILROOM_SPOOL_DIR=none: accepted messages live in memory only and are lost if the process stops");
         }
@@ -523,6 +531,7 @@ impl Engine {
             health: Arc::new(RelayHealth::default()),
             control: Arc::new(PoolControl::default()),
             accepting: AtomicBool::new(true),
+            templates,
             config,
         });
 
@@ -594,6 +603,11 @@ impl Engine {
     /// The configuration the engine runs with.
     pub fn config(&self) -> &Config {
         &self.inner.config
+    }
+
+    /// The message templates (reload them with [`Templates::reload`]).
+    pub fn templates(&self) -> &Templates {
+        &self.inner.templates
     }
 
     fn check_key(key: Option<&str>) -> Result<(), SubmitError> {

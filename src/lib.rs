@@ -28,7 +28,8 @@
 //! error classification), `store` (statuses, events, indexes and the
 //! durable journal), [`status`] (what the API shows), [`metrics`],
 //! [`http`] (the API over HTTP, on our tiny_http fork, with its own
-//! [`HttpSettings`]), [`systemd`] (readiness notification).
+//! [`HttpSettings`]), [`systemd`] (readiness notification), [`templates`]
+//! (stored message templates).
 
 pub mod config;
 mod dispatch;
@@ -44,6 +45,7 @@ mod schedule;
 pub mod status;
 mod store;
 pub mod systemd;
+pub mod templates;
 mod time;
 pub mod transport;
 
@@ -56,4 +58,7 @@ pub use engine::{
 pub use http::{BindError, HttpServer, HttpSettings};
 pub use message::{AttachmentRequest, MailRequest, MessageError, OutgoingMessage};
 pub use status::{Event, EventKind, MessageStatus, State};
+pub use templates::{
+    RenderError, Rendered, TemplateError, TemplateInfo, TemplateSnapshot, Templates,
+};
 pub use transport::{DeliveryError, FailureKind};

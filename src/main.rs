@@ -5,7 +5,7 @@ use std::process::ExitCode;
 use std::sync::Arc;
 
 use mailroom::config::{ConfigError, Relay, VARIABLES};
-use mailroom::{systemd, Config, Engine, HttpServer, HttpSettings};
+use mailroom::{systemd, Config, Engine, HttpServer, HttpSettings, Templates};
 
 fn main() -> ExitCode {
     let arguments: Vec<String> = std::env::args().skip(1).collect();
@@ -88,7 +88,14 @@ fn run(config: Config, http: HttpSettings) -> ExitCode {
             return ExitCode::from(1);
         }
     };
-    if let Err(error) = watch_signals(engine.clone(), Arc::clone(&server)) {
+    let reloading = engine.clone();
+    let reload_templates = move || {
+        // A refused set is logged by reload; the previous one stays.
+        let _ = reloading.templates().reload();
+    };
+    if let Err(error) = watch_signals(engine.clone(), Arc::clone(&server))
+        .and_then(|()| watch_reload_signal(reload_templates))
+    {
         eprintln!("mailroom: cannot install signal handlers: {error}");
         return ExitCode::from(1);
     }
@@ -116,8 +123,33 @@ fn watch_signals(engine: Engine, server: Arc<HttpServer>) -> std::io::Result<()>
     Ok(())
 }
 
+/// On SIGHUP: `reload` (the templates), as often as the signal comes.
+fn watch_reload_signal(reload: impl Fn() + Send + 'static) -> std::io::Result<()> {
+    let mut signals = signal_hook::iterator::Signals::new([signal_hook::consts::SIGHUP])?;
+    std::thread::Builder::new()
+        .name("reload".into())
+        .spawn(move || {
+            for _ in signals.forever() {
+                log::info!("SIGHUP received: reloading");
+                reload();
+            }
+        })?;
+    Ok(())
+}
+
 fn run_check(config: &Config, http: &HttpSettings, check_smtp: bool) -> ExitCode {
     println!("configuration ok: {}, {}", http.summary(), config.summary());
+    match Templates::from_config(config) {
+        Ok(templates) => println!(
+            "templates ok: {} in {}",
+            templates.list().len(),
+            templates.dir().display()
+        ),
+        Err(error) => {
+            println!("templates: {error}");
+            return ExitCode::from(1);
+        }
+    }
     if !check_smtp {
         return ExitCode::SUCCESS;
     }
