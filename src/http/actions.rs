@@ -9,6 +9,7 @@ use crate::engine::{ActionError, BatchItem, Engine, ListError, SubmitError, Supp
 use crate::message::MailRequest;
 use crate::status::State;
 use crate::store::ListQuery;
+use crate::templates::RenderError;
 use crate::time::{from_millis, parse_rfc3339, rfc3339};
 
 /// Largest batch.
@@ -363,6 +364,62 @@ fn parse_item(item: Value) -> Result<(MailRequest, Option<String>), Value> {
         .map_err(
             |error| json!({ "error": { "message": error.to_string(), "field": error.field() } }),
         )
+}
+
+/// `GET /api/templates`
+pub(crate) fn templates(engine: &Engine) -> Answer {
+    Answer::ok(json!({ "templates": engine.templates().list() }))
+}
+
+/// `POST /api/templates/reload`: a broken set is refused, the old one kept.
+pub(crate) fn reload_templates(engine: &Engine) -> Answer {
+    match engine.templates().reload() {
+        Ok(()) => Answer::ok(json!({ "templates": engine.templates().list() })),
+        Err(error) => {
+            let detail = format!("templates not reloaded, the previous set stays: {error}");
+            Answer::error(422, &detail, &detail)
+        }
+    }
+}
+
+/// `POST /api/templates/{name}/preview` with `{"data": {...}}`: renders,
+/// sends nothing.
+pub(crate) fn preview(engine: &Engine, name: &str, body: &[u8]) -> Answer {
+    let data = if body.iter().all(u8::is_ascii_whitespace) {
+        json!({})
+    } else {
+        match serde_json::from_slice::<Value>(body) {
+            Ok(Value::Object(mut object)) => {
+                if let Some(unknown) = object.keys().find(|key| key.as_str() != "data") {
+                    let detail = format!("unknown field `{unknown}`; the only field is `data`");
+                    return Answer::error(400, &detail, &detail);
+                }
+                object.remove("data").unwrap_or_else(|| json!({}))
+            }
+            Ok(_) => {
+                let detail = "the body must be a JSON object like {\"data\": {...}}";
+                return Answer::error(400, detail, detail);
+            }
+            Err(error) => {
+                let detail = format!("malformed JSON (the body must be JSON): {error}");
+                return Answer::error(400, &detail, &detail);
+            }
+        }
+    };
+    match engine.templates().render(name, &data) {
+        Ok(rendered) => Answer::ok(json!(rendered)),
+        Err(error @ RenderError::UnknownTemplate { .. }) => {
+            Answer::error(404, "not found", &error.to_string())
+        }
+        Err(error) => {
+            let detail = error.to_string();
+            Answer::with(
+                400,
+                &detail,
+                json!({ "error": detail, "field": error.field() }),
+            )
+        }
+    }
 }
 
 /// `GET /api/stats`: the dashboard's figures.

@@ -63,7 +63,26 @@ pub(crate) fn route(exchange: &Exchange<'_>, request: &mut Request) -> Reply {
                     answer(actions::suppressions(engine, &query))
                 }
                 "/api/suppressions" => method_not_allowed("GET, HEAD"),
+                "/api/templates" if is(&Method::Get) => answer(actions::templates(engine)),
+                "/api/templates" => method_not_allowed("GET, HEAD"),
+                "/api/templates/reload" if method == Method::Post => {
+                    answer(actions::reload_templates(engine))
+                }
+                "/api/templates/reload" => method_not_allowed("POST"),
                 _ => {
+                    if let Some(name) = path
+                        .strip_prefix("/api/templates/")
+                        .and_then(|rest| rest.strip_suffix("/preview"))
+                        .filter(|name| !name.is_empty() && !name.contains('/'))
+                    {
+                        return match method {
+                            Method::Post => match read_body(exchange, request) {
+                                Ok(body) => answer(actions::preview(engine, name, &body)),
+                                Err(reply) => reply,
+                            },
+                            _ => method_not_allowed("POST"),
+                        };
+                    }
                     if let Some(address) = path
                         .strip_prefix("/api/suppressions/")
                         .filter(|address| !address.is_empty() && !address.contains('/'))
