@@ -208,6 +208,37 @@ pub struct Config {
 
 /// The workers' default niceness (see [`Config::worker_niceness`]).
 pub const DEFAULT_WORKER_NICENESS: i32 = 15;
+/// The spool's default directory (without systemd's `$STATE_DIRECTORY`).
+pub const DEFAULT_SPOOL_DIR: &str = "./spool";
+/// The outbox's default directory.
+pub const DEFAULT_OUTBOX_DIR: &str = "./outbox";
+/// `MAILROOM_SMTP_TIMEOUT_MS` unless set.
+pub const DEFAULT_SMTP_TIMEOUT_MS: u64 = 30_000;
+
+/// The service's defaults: each written here once. The relay is the outbox
+/// (no relay configured), the spool `./spool`.
+impl Default for Config {
+    fn default() -> Config {
+        Config {
+            relay: Relay::Outbox(PathBuf::from(DEFAULT_OUTBOX_DIR)),
+            workers: 5,
+            queue_capacity: 10_000,
+            max_attempts: 5,
+            retry_base: Duration::from_millis(2_000),
+            retry_max: Duration::from_millis(600_000),
+            spool: SpoolSetting::Directory(PathBuf::from(DEFAULT_SPOOL_DIR)),
+            allowed_senders: None,
+            rate_limit: 0.0,
+            sync_timeout: Duration::from_millis(60_000),
+            shutdown_timeout: Duration::from_millis(30_000),
+            status_retention: 100_000,
+            worker_niceness: DEFAULT_WORKER_NICENESS,
+            suppress_on_bounce: true,
+            scheduled_capacity: 1_000_000,
+            templates_dir: PathBuf::from(DEFAULT_TEMPLATES_DIR),
+        }
+    }
+}
 
 impl Config {
     /// Reads the process environment (call `dotenvy` first to include `.env`).
@@ -219,15 +250,28 @@ impl Config {
     pub fn from_lookup(lookup: impl Fn(&str) -> Option<String>) -> Result<Config, ConfigError> {
         // An empty value means unset, as in most .env conventions.
         let get = |name: &str| lookup(name).filter(|value| !value.trim().is_empty());
+        let defaults = Config::default();
+        let ms = |duration: Duration| duration.as_millis() as u64;
 
-        let timeout = millis(&get, "MAILROOM_SMTP_TIMEOUT_MS", 30_000, 1)?;
+        let timeout = millis(&get, "MAILROOM_SMTP_TIMEOUT_MS", DEFAULT_SMTP_TIMEOUT_MS, 1)?;
         let relay = parse_relay(&get, timeout)?;
-        let workers = number(&get, "MAILROOM_WORKERS", 5, 1, 1024)? as usize;
-        let queue_capacity =
-            number(&get, "MAILROOM_QUEUE_CAPACITY", 10_000, 1, 100_000_000)? as usize;
-        let max_attempts = number(&get, "MAILROOM_MAX_ATTEMPTS", 5, 1, 1000)? as u32;
-        let retry_base = millis(&get, "MAILROOM_RETRY_BASE_MS", 2_000, 1)?;
-        let retry_max = millis(&get, "MAILROOM_RETRY_MAX_MS", 600_000, 1)?;
+        let workers = number(&get, "MAILROOM_WORKERS", defaults.workers as u64, 1, 1024)? as usize;
+        let queue_capacity = number(
+            &get,
+            "MAILROOM_QUEUE_CAPACITY",
+            defaults.queue_capacity as u64,
+            1,
+            100_000_000,
+        )? as usize;
+        let max_attempts = number(
+            &get,
+            "MAILROOM_MAX_ATTEMPTS",
+            u64::from(defaults.max_attempts),
+            1,
+            1000,
+        )? as u32;
+        let retry_base = millis(&get, "MAILROOM_RETRY_BASE_MS", ms(defaults.retry_base), 1)?;
+        let retry_max = millis(&get, "MAILROOM_RETRY_MAX_MS", ms(defaults.retry_max), 1)?;
         if retry_max < retry_base {
             return Err(ConfigError::Refused {
                 variable: "MAILROOM_RETRY_MAX_MS",
@@ -240,16 +284,16 @@ impl Config {
             None => match get("STATE_DIRECTORY") {
                 // systemd may pass several directories separated by ':'.
                 Some(dirs) => SpoolSetting::Directory(PathBuf::from(
-                    dirs.split(':').next().unwrap_or("./spool"),
+                    dirs.split(':').next().unwrap_or(DEFAULT_SPOOL_DIR),
                 )),
-                None => SpoolSetting::Directory(PathBuf::from("./spool")),
+                None => defaults.spool.clone(),
             },
         };
         let allowed_senders = get("MAILROOM_ALLOWED_SENDERS")
             .map(|list| parse_sender_rules(&list))
             .transpose()?;
         let rate_limit = match get("MAILROOM_RATE_LIMIT") {
-            None => 0.0,
+            None => defaults.rate_limit,
             Some(value) => match value.trim().parse::<f64>() {
                 Ok(rate) if rate.is_finite() && rate >= 0.0 => rate,
                 _ => {
@@ -261,10 +305,25 @@ impl Config {
                 }
             },
         };
-        let sync_timeout = millis(&get, "MAILROOM_SYNC_TIMEOUT_MS", 60_000, 1)?;
-        let shutdown_timeout = millis(&get, "MAILROOM_SHUTDOWN_TIMEOUT_MS", 30_000, 0)?;
-        let status_retention =
-            number(&get, "MAILROOM_STATUS_RETENTION", 100_000, 0, 100_000_000)? as usize;
+        let sync_timeout = millis(
+            &get,
+            "MAILROOM_SYNC_TIMEOUT_MS",
+            ms(defaults.sync_timeout),
+            1,
+        )?;
+        let shutdown_timeout = millis(
+            &get,
+            "MAILROOM_SHUTDOWN_TIMEOUT_MS",
+            ms(defaults.shutdown_timeout),
+            0,
+        )?;
+        let status_retention = number(
+            &get,
+            "MAILROOM_STATUS_RETENTION",
+            defaults.status_retention as u64,
+            0,
+            100_000_000,
+        )? as usize;
 
         Ok(Config {
             relay,
@@ -279,22 +338,20 @@ impl Config {
             sync_timeout,
             shutdown_timeout,
             status_retention,
-            worker_niceness: DEFAULT_WORKER_NICENESS,
-            // Default on: unset means 1.
-            suppress_on_bounce: get("MAILROOM_SUPPRESS_ON_BOUNCE").is_none()
-                || flag(&get, "MAILROOM_SUPPRESS_ON_BOUNCE")?,
+            worker_niceness: defaults.worker_niceness,
+            suppress_on_bounce: match get("MAILROOM_SUPPRESS_ON_BOUNCE") {
+                None => defaults.suppress_on_bounce,
+                Some(_) => flag(&get, "MAILROOM_SUPPRESS_ON_BOUNCE")?,
+            },
             scheduled_capacity: number(
                 &get,
                 "MAILROOM_SCHEDULED_CAPACITY",
-                1_000_000,
+                defaults.scheduled_capacity as u64,
                 0,
                 1_000_000_000,
             )? as usize,
-            templates_dir: PathBuf::from(
-                get("MAILROOM_TEMPLATES_DIR")
-                    .as_deref()
-                    .map_or(DEFAULT_TEMPLATES_DIR, str::trim),
-            ),
+            templates_dir: get("MAILROOM_TEMPLATES_DIR")
+                .map_or(defaults.templates_dir, |dir| PathBuf::from(dir.trim())),
         })
     }
 
@@ -303,21 +360,8 @@ impl Config {
     pub fn for_outbox(outbox: impl Into<PathBuf>) -> Config {
         Config {
             relay: Relay::Outbox(outbox.into()),
-            workers: 5,
-            queue_capacity: 10_000,
-            max_attempts: 5,
-            retry_base: Duration::from_millis(2_000),
-            retry_max: Duration::from_millis(600_000),
             spool: SpoolSetting::Memory,
-            allowed_senders: None,
-            rate_limit: 0.0,
-            sync_timeout: Duration::from_millis(60_000),
-            shutdown_timeout: Duration::from_millis(30_000),
-            status_retention: 100_000,
-            worker_niceness: DEFAULT_WORKER_NICENESS,
-            suppress_on_bounce: true,
-            scheduled_capacity: 1_000_000,
-            templates_dir: PathBuf::from(DEFAULT_TEMPLATES_DIR),
+            ..Config::default()
         }
     }
 
@@ -480,7 +524,7 @@ fn parse_relay(
             reason: "GOOGLE_APP_PASSWORD is set but GOOGLE_MAIL is not".into(),
         }),
         (None, None) => Ok(Relay::Outbox(PathBuf::from(
-            get("MAILROOM_OUTBOX_DIR").unwrap_or_else(|| "./outbox".into()),
+            get("MAILROOM_OUTBOX_DIR").unwrap_or_else(|| DEFAULT_OUTBOX_DIR.into()),
         ))),
     }
 }
@@ -558,6 +602,51 @@ fn parse_smtp_url(
     Ok(settings)
 }
 
+/// Variables read that are not in [`VARIABLES`] (set by systemd, or the
+/// general ones every program reads).
+const OTHER_KNOWN: &[&str] = &["STATE_DIRECTORY", "NOTIFY_SOCKET", "MAILROOM_ALLOW_NO_AUTH"];
+
+/// The `MAILROOM_*` names among `names` that mailroom does not know, each
+/// with the closest known name (a likely typo) when there is one.
+pub fn unknown_variables<'a>(
+    names: impl IntoIterator<Item = &'a str>,
+) -> Vec<(String, Option<&'static str>)> {
+    let known: Vec<&'static str> = VARIABLES
+        .iter()
+        .map(|(name, _, _)| *name)
+        .chain(OTHER_KNOWN.iter().copied())
+        .collect();
+    names
+        .into_iter()
+        .filter(|name| name.starts_with("MAILROOM_") && !known.contains(name))
+        .map(|name| {
+            let closest = known
+                .iter()
+                .map(|candidate| (edit_distance(name, candidate), *candidate))
+                .min()
+                .filter(|(distance, _)| *distance <= 3.max(name.len() / 4))
+                .map(|(_, candidate)| candidate);
+            (name.to_string(), closest)
+        })
+        .collect()
+}
+
+/// Levenshtein distance, by bytes (the names are ASCII).
+fn edit_distance(a: &str, b: &str) -> usize {
+    let b = b.as_bytes();
+    let mut row: Vec<usize> = (0..=b.len()).collect();
+    for (i, &left) in a.as_bytes().iter().enumerate() {
+        let mut previous = row[0];
+        row[0] = i + 1;
+        for (j, &right) in b.iter().enumerate() {
+            let substitution = previous + usize::from(left != right);
+            previous = row[j + 1];
+            row[j + 1] = substitution.min(row[j] + 1).min(previous + 1);
+        }
+    }
+    row[b.len()]
+}
+
 /// True for `localhost` and loopback IP addresses.
 pub fn is_loopback_host(host: &str) -> bool {
     host.eq_ignore_ascii_case("localhost")
@@ -618,6 +707,75 @@ mod tests {
         assert_eq!(config.workers, 5);
         assert_eq!(config.queue_capacity, 10_000);
         assert_eq!(config.spool, SpoolSetting::Directory("./spool".into()));
+    }
+
+    #[test]
+    fn defaults_match_what_help_says() {
+        let parsed = config(&[]).unwrap();
+        let default = |name: &str| {
+            VARIABLES
+                .iter()
+                .find(|(variable, _, _)| *variable == name)
+                .and_then(|(_, default, _)| *default)
+                .unwrap_or_else(|| panic!("{name} is not in VARIABLES"))
+        };
+        let ms = |duration: Duration| duration.as_millis().to_string();
+        for (name, value) in [
+            ("MAILROOM_WORKERS", parsed.workers.to_string()),
+            ("MAILROOM_QUEUE_CAPACITY", parsed.queue_capacity.to_string()),
+            ("MAILROOM_MAX_ATTEMPTS", parsed.max_attempts.to_string()),
+            ("MAILROOM_RETRY_BASE_MS", ms(parsed.retry_base)),
+            ("MAILROOM_RETRY_MAX_MS", ms(parsed.retry_max)),
+            ("MAILROOM_RATE_LIMIT", parsed.rate_limit.to_string()),
+            ("MAILROOM_SYNC_TIMEOUT_MS", ms(parsed.sync_timeout)),
+            ("MAILROOM_SHUTDOWN_TIMEOUT_MS", ms(parsed.shutdown_timeout)),
+            (
+                "MAILROOM_STATUS_RETENTION",
+                parsed.status_retention.to_string(),
+            ),
+            (
+                "MAILROOM_SCHEDULED_CAPACITY",
+                parsed.scheduled_capacity.to_string(),
+            ),
+            (
+                "MAILROOM_SMTP_TIMEOUT_MS",
+                DEFAULT_SMTP_TIMEOUT_MS.to_string(),
+            ),
+            ("MAILROOM_OUTBOX_DIR", DEFAULT_OUTBOX_DIR.to_string()),
+            (
+                "MAILROOM_TEMPLATES_DIR",
+                parsed.templates_dir.display().to_string(),
+            ),
+            (
+                "MAILROOM_SUPPRESS_ON_BOUNCE",
+                u8::from(parsed.suppress_on_bounce).to_string(),
+            ),
+        ] {
+            assert_eq!(default(name), value, "{name}");
+        }
+        assert_eq!(parsed.rate_limit, 0.0);
+    }
+
+    #[test]
+    fn unknown_variables_are_named_with_the_closest_known_one() {
+        let found = unknown_variables([
+            "MAILROOM_WORKER",
+            "MAILROOM_WORKERS",
+            "MAILROOM_SPOOL_DIRECTORY",
+            "MAILROOM_NOTHING_LIKE_IT_AT_ALL",
+            "PATH",
+        ]);
+        assert_eq!(
+            found,
+            vec![
+                ("MAILROOM_WORKER".to_string(), Some("MAILROOM_WORKERS")),
+                (
+                    "MAILROOM_SPOOL_DIRECTORY".to_string(),
+                    Some("MAILROOM_SPOOL_DIR")
+                ),
+                ("MAILROOM_NOTHING_LIKE_IT_AT_ALL".to_string(), None),
+            ]
+        );
     }
 
     #[test]

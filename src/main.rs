@@ -42,6 +42,7 @@ fn main() -> ExitCode {
         }
     }
     env_logger::Builder::from_env(env_logger::Env::default().default_filter_or("info")).init();
+    warn_unknown_variables();
 
     let settings = Config::from_env().and_then(|config| Ok((config, HttpSettings::from_env()?)));
     let (config, http) = match settings {
@@ -103,6 +104,23 @@ fn run(config: Config, http: HttpSettings) -> ExitCode {
     systemd::notify("READY=1");
     server.run();
     ExitCode::SUCCESS
+}
+
+/// A `MAILROOM_*` variable that nothing reads is most likely a typo.
+fn warn_unknown_variables() {
+    let names: Vec<String> = std::env::vars_os()
+        .filter_map(|(name, _)| name.into_string().ok())
+        .collect();
+    for (name, closest) in mailroom::config::unknown_variables(names.iter().map(String::as_str)) {
+        match closest {
+            Some(known) => log::warn!(
+                "{name} is not a mailroom variable (did you mean {known}?); it is ignored"
+            ),
+            None => {
+                log::warn!("{name} is not a mailroom variable; it is ignored (see mailroom --help)")
+            }
+        }
+    }
 }
 
 /// On SIGTERM or SIGINT: refuse new work (503), let deliveries in flight
