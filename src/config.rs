@@ -560,9 +560,14 @@ fn parse_smtp_url(
         ("smtp", Some("required")) => (TlsMode::Required, 587),
         ("smtp", Some("opportunistic")) => (TlsMode::Opportunistic, 587),
         ("smtps", None) => (TlsMode::Implicit, 465),
-        (scheme, tls) => {
+        ("smtp" | "smtps", Some(other)) => {
             return Err(invalid(format!(
-                "unknown scheme {scheme:?} or tls parameter {tls:?}; use smtp://, smtp://...?tls=required, smtp://...?tls=opportunistic or smtps://"
+                "?tls={other} is not a TLS mode: use ?tls=required or ?tls=opportunistic with smtp://, and nothing with smtps://"
+            )))
+        }
+        (scheme, _) => {
+            return Err(invalid(format!(
+                "{scheme}:// is not an SMTP URL: use smtp://host:25, smtp://user:pass@host:587?tls=required or smtps://user:pass@host:465"
             )))
         }
     };

@@ -37,11 +37,11 @@ fn main() -> ExitCode {
         Ok(_) => {}
         Err(error) if error.not_found() => {}
         Err(error) => {
-            eprintln!("mailroom: cannot read .env: {error}");
+            eprintln!("mailroom: cannot read .env: {}", explain_dotenv(&error));
             return ExitCode::from(2);
         }
     }
-    env_logger::Builder::from_env(env_logger::Env::default().default_filter_or("info")).init();
+    init_logging();
     warn_unknown_variables();
 
     let settings = Config::from_env().and_then(|config| Ok((config, HttpSettings::from_env()?)));
@@ -104,6 +104,59 @@ fn run(config: Config, http: HttpSettings) -> ExitCode {
     systemd::notify("READY=1");
     server.run();
     ExitCode::SUCCESS
+}
+
+/// dotenvy names the offending line by its text and a column; say which
+/// line it is and what usually fixes it.
+fn explain_dotenv(error: &dotenvy::Error) -> String {
+    let dotenvy::Error::LineParse(line, _) = error else {
+        return error.to_string();
+    };
+    let text = std::fs::read_to_string(".env").unwrap_or_default();
+    let number = text
+        .lines()
+        .position(|candidate| candidate.contains(line.trim()))
+        .map_or_else(String::new, |index| format!("line {}: ", index + 1));
+    format!(
+        "{number}`{line}` is not KEY=value; put values with spaces or # in quotes, \
+         e.g. GOOGLE_APP_PASSWORD=\"abcd efgh ijkl mnop\""
+    )
+}
+
+/// `RUST_LOG` (default `info`). A value env_logger would read as a module
+/// name, such as a misspelt level, would silence every line: say so and
+/// use `info` instead.
+fn init_logging() {
+    const LEVELS: [&str; 6] = ["off", "error", "warn", "info", "debug", "trace"];
+    const MODULES: [&str; 3] = ["mailroom", "tiny_http", "lettre"];
+    let given = std::env::var("RUST_LOG")
+        .ok()
+        .filter(|value| !value.trim().is_empty());
+    let understood = given.as_deref().is_none_or(|value| {
+        value.split(',').all(|directive| {
+            let directive = directive.trim();
+            let (module, level) = directive.split_once('=').unwrap_or(("", directive));
+            let level_ok = LEVELS.iter().any(|known| known.eq_ignore_ascii_case(level));
+            let module_ok = module.is_empty()
+                || MODULES
+                    .iter()
+                    .any(|known| module == *known || module.starts_with(&format!("{known}::")));
+            (level_ok && module_ok) || (module.is_empty() && MODULES.contains(&directive))
+        })
+    });
+    let filter = if understood {
+        given.clone().unwrap_or_else(|| "info".into())
+    } else {
+        "info".to_string()
+    };
+    env_logger::Builder::new().parse_filters(&filter).init();
+    if !understood {
+        log::warn!(
+            "RUST_LOG={:?} is not understood: use a level (error, warn, info, debug, trace) or \
+             module=level, e.g. RUST_LOG=mailroom=debug; logging at info",
+            given.unwrap_or_default()
+        );
+    }
 }
 
 /// A `MAILROOM_*` variable that nothing reads is most likely a typo.
@@ -169,6 +222,14 @@ fn run_check(config: &Config, http: &HttpSettings, check_smtp: bool) -> ExitCode
         }
     }
     if !check_smtp {
+        return ExitCode::SUCCESS;
+    }
+    if let Relay::Outbox(dir) = &config.relay {
+        println!(
+            "no relay configured, nothing to connect to: messages are written to {} \
+             (set MAILROOM_SMTP_URL, or GOOGLE_MAIL and GOOGLE_APP_PASSWORD)",
+            dir.display()
+        );
         return ExitCode::SUCCESS;
     }
     match mailroom::transport::check_relay(&config.relay, &mut |step| println!("  {step}")) {

@@ -8,18 +8,27 @@ use crate::config::Secret;
 /// `None` when the request may go on; else the `401` to send.
 pub(crate) fn check_token(expected: Option<&Secret>, request: &Request) -> Option<Reply> {
     let expected = expected?;
-    let given = request
+    let Some(header) = request
         .headers()
         .iter()
         .find(|header| header.field.equiv("Authorization"))
-        .and_then(|header| header.value.as_str().trim().split_once(' '))
+    else {
+        return Some(unauthorized("missing header Authorization: Bearer <token>"));
+    };
+    let given = header
+        .value
+        .as_str()
+        .trim()
+        .split_once(' ')
         // The scheme name is case-insensitive (RFC 9110 section 11.1).
         .filter(|(scheme, _)| scheme.eq_ignore_ascii_case("Bearer"))
         .map(|(_, token)| token.trim());
     match given {
         Some(token) if constant_time_equal(token.as_bytes(), expected.expose().as_bytes()) => None,
         Some(_) => Some(unauthorized("wrong bearer token")),
-        None => Some(unauthorized("missing header Authorization: Bearer <token>")),
+        None => Some(unauthorized(
+            "header Authorization must be `Bearer <token>` (the word Bearer, a space, then the token)",
+        )),
     }
 }
 
