@@ -7,8 +7,8 @@
 //! momentarily full channel sends the job through the schedule instead.
 
 use std::sync::atomic::{AtomicUsize, Ordering};
-use std::sync::Arc;
-use std::time::Instant;
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
 
 use crossbeam_channel::{Receiver, Sender, TrySendError};
 
@@ -103,7 +103,6 @@ impl Capacity {
 pub(crate) struct Dispatch {
     work: Sender<Job>,
     schedule: Schedule,
-    capacity: Arc<Capacity>,
 }
 
 impl Dispatch {
@@ -117,20 +116,7 @@ impl Dispatch {
         let channel_size = capacity.limit.clamp(workers, 1 << 20);
         let (work, receiver) = crossbeam_channel::bounded(channel_size);
         let (schedule, thread) = Schedule::start(work.clone(), activate)?;
-        Ok((
-            Dispatch {
-                work,
-                schedule,
-                capacity,
-            },
-            receiver,
-            thread,
-        ))
-    }
-
-    /// The capacity counts.
-    pub(crate) fn capacity(&self) -> &Capacity {
-        &self.capacity
+        Ok((Dispatch { work, schedule }, receiver, thread))
     }
 
     /// Jobs waiting in the channel for a worker.
@@ -170,5 +156,36 @@ impl Dispatch {
     /// holds to the workers first (memory mode drains at shutdown).
     pub(crate) fn stop_schedule(&self, release_retries: bool) {
         self.schedule.stop(release_retries);
+    }
+}
+
+/// Spaces deliveries evenly over the whole pool (`MAILROOM_RATE_LIMIT`),
+/// with no initial burst.
+pub(crate) struct RateLimiter {
+    interval: Duration,
+    next_slot: Mutex<Option<Instant>>,
+}
+
+impl RateLimiter {
+    pub(crate) fn new(per_second: f64) -> Option<RateLimiter> {
+        (per_second > 0.0).then(|| RateLimiter {
+            interval: Duration::from_secs_f64(1.0 / per_second),
+            next_slot: Mutex::new(None),
+        })
+    }
+
+    /// Takes the next slot; returns how long to wait until it starts.
+    pub(crate) fn take_slot(&self) -> Duration {
+        let slot = {
+            let mut next = self
+                .next_slot
+                .lock()
+                .unwrap_or_else(|poisoned| poisoned.into_inner());
+            let now = Instant::now();
+            let slot = next.filter(|slot| *slot > now).unwrap_or(now);
+            *next = Some(slot + self.interval);
+            slot
+        };
+        slot.saturating_duration_since(Instant::now())
     }
 }

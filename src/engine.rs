@@ -8,17 +8,15 @@ use std::thread::JoinHandle;
 use std::time::{Duration, Instant, SystemTime};
 
 use crate::config::{Config, SpoolSetting};
-use crate::dispatch::{Capacity, Dispatch};
 use crate::health::RelayHealth;
 use crate::job::{Job, RetryPolicy, WaitedOutcome};
 use crate::message::{MailRequest, MessageError, OutgoingMessage};
 use crate::metrics::{Gauges, Metrics};
-use crate::pool::{start_workers, PoolControl, RateLimiter, WorkerContext};
-use crate::schedule::{Activate, Waiting};
+use crate::pool::{start_workers, PoolControl, WorkerContext};
 use crate::status::{Event, EventKind, MessageStatus, State};
-use crate::store::{id_key, ActionRefusal, KeyClaim, MessageRecord, StatusRecord, Store};
+use crate::store::{id_key, ActionRefusal, Admission, MessageRecord, StatusRecord, Store};
 use crate::templates::Templates;
-use crate::time::{from_millis, to_millis};
+use crate::time::to_millis;
 use crate::transport::TransportFactory;
 
 pub use crate::store::{ListQuery, Suppression};
@@ -40,40 +38,6 @@ fn scheduled_time(send_at: Option<SystemTime>) -> Result<Option<SystemTime>, Sub
         return Err(SubmitError::SendAtTooLate);
     }
     Ok(Some(send_at))
-}
-
-/// What the schedule does with a scheduled send when it is due: it
-/// becomes queued (unless cancelled meanwhile), its content read back from
-/// the spool when it waited there.
-fn activation(store: Arc<Store>, capacity: Arc<Capacity>) -> Activate {
-    Box::new(move |waiting| {
-        let (id, in_memory) = match waiting {
-            Waiting::OnDisk(id) => (id, None),
-            Waiting::InMemory(job) | Waiting::Retry(job) => (job.id().to_string(), Some(job)),
-        };
-        let status = store.activate(&id)?;
-        capacity.promote();
-        log::info!("message {id}: due, queued");
-        if let Some(job) = in_memory {
-            return Some(job);
-        }
-        match store.load(&id) {
-            Ok(record) => Some(Job::new(
-                record.message,
-                status.pending_recipients().to_vec(),
-                status.attempts,
-            )),
-            Err(error) => {
-                log::error!("message {id}: cannot read its content back from the spool: {error}");
-                store.fail_unreadable(
-                    &id,
-                    &format!("its content could not be read back from the spool: {error}"),
-                );
-                capacity.release();
-                None
-            }
-        }
-    })
 }
 
 /// The engine could not start.
@@ -262,22 +226,32 @@ impl std::error::Error for ActionError {
 }
 
 /// A list query that cannot be answered.
-#[derive(Debug, Clone, PartialEq, Eq)]
+#[derive(Debug)]
 #[non_exhaustive]
 pub enum ListError {
     /// The cursor is not one a previous page gave.
     InvalidCursor(String),
+    /// The store cannot be read.
+    Store(std::io::Error),
 }
 
 impl std::fmt::Display for ListError {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         match self {
             ListError::InvalidCursor(detail) => f.write_str(detail),
+            ListError::Store(error) => write!(f, "the store cannot be read: {error}"),
         }
     }
 }
 
-impl std::error::Error for ListError {}
+impl std::error::Error for ListError {
+    fn source(&self) -> Option<&(dyn std::error::Error + 'static)> {
+        match self {
+            ListError::Store(error) => Some(error),
+            ListError::InvalidCursor(_) => None,
+        }
+    }
+}
 
 /// Why a change to the suppression list was not made.
 #[derive(Debug)]
@@ -380,8 +354,9 @@ pub enum Readiness {
     Full,
     /// Stopping.
     ShuttingDown,
-    /// The spool cannot be written (why).
-    SpoolFailing(String),
+    /// The store cannot record messages: a spool that cannot be written,
+    /// or an unreachable shared store (why).
+    StoreFailing(String),
     /// Recent attempts all failed to reach or log in to the relay.
     RelayFailing(String),
 }
@@ -422,9 +397,7 @@ pub struct ShutdownReport {
 struct Inner {
     config: Config,
     templates: Templates,
-    store: Arc<Store>,
-    dispatch: Arc<Dispatch>,
-    capacity: Arc<Capacity>,
+    store: Arc<dyn Store>,
     metrics: Arc<Metrics>,
     health: Arc<RelayHealth>,
     control: Arc<PoolControl>,
@@ -434,7 +407,6 @@ struct Inner {
 struct Threads {
     stop: Option<crossbeam_channel::Sender<()>>,
     workers: Vec<JoinHandle<()>>,
-    schedule: Option<JoinHandle<()>>,
     report: Option<ShutdownReport>,
 }
 
@@ -443,39 +415,6 @@ struct Threads {
 pub struct Engine {
     inner: Arc<Inner>,
     threads: Arc<Mutex<Threads>>,
-}
-
-/// A claimed idempotency key until its request is accepted: dropped
-/// unsettled (a refusal, or a panic), it releases the key, so a repeat
-/// waiting for the outcome never waits forever.
-struct KeyClaimGuard<'a> {
-    store: &'a Store,
-    key: Option<&'a str>,
-}
-
-impl KeyClaimGuard<'_> {
-    /// The request was accepted.
-    fn settle(mut self) {
-        if let Some(key) = self.key.take() {
-            self.store.settle_key(key);
-        }
-    }
-}
-
-impl Drop for KeyClaimGuard<'_> {
-    fn drop(&mut self) {
-        if let Some(key) = self.key {
-            self.store.release_key(key);
-        }
-    }
-}
-
-/// How a claimed idempotency key turned out.
-enum Claim<'a> {
-    /// New: accept the request under this guard.
-    New(KeyClaimGuard<'a>),
-    /// A repeat of an accepted request.
-    Repeat(String),
 }
 
 fn lock<T>(mutex: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
@@ -500,9 +439,13 @@ fn fingerprint(request: &MailRequest) -> String {
         .collect()
 }
 
+fn store_unavailable(error: std::io::Error) -> SubmitError {
+    SubmitError::Spool(error)
+}
+
 impl Engine {
-    /// Starts the workers and the schedule, and queues again what the
-    /// spool holds from an earlier run.
+    /// Starts the workers, and queues again what the store holds from an
+    /// earlier run.
     pub fn start(config: Config) -> Result<Engine, StartError> {
         let factory = TransportFactory::new(&config.relay).map_err(StartError::Transport)?;
         // Checked before anything starts: a broken template stops the start.
@@ -510,23 +453,18 @@ impl Engine {
         if config.spool == SpoolSetting::Memory {
             log::warn!("MAILROOM_SPOOL_DIR=none: accepted messages live in memory only and are lost if the process stops");
         }
-        let (store, pending, corrupt) =
-            Store::open(&config.spool, config.status_retention).map_err(StartError::Spool)?;
-        let store = Arc::new(store);
-        let capacity = Arc::new(Capacity::new(
-            config.queue_capacity,
-            config.scheduled_capacity,
-        ));
-        let activate = activation(Arc::clone(&store), Arc::clone(&capacity));
-        let (dispatch, work, schedule) =
-            Dispatch::start(Arc::clone(&capacity), config.workers, activate)
-                .map_err(StartError::Thread)?;
-        let dispatch = Arc::new(dispatch);
+        let (store, recovery) = crate::store::open(&config).map_err(StartError::Spool)?;
+        if recovery.unfinished > 0 || recovery.corrupt > 0 {
+            log::info!(
+                "spool: recovered {} unfinished messages ({} scheduled; {} set aside as corrupt)",
+                recovery.unfinished,
+                recovery.scheduled,
+                recovery.corrupt
+            );
+        }
         let (stop, stop_receiver) = crossbeam_channel::bounded(0);
         let inner = Arc::new(Inner {
-            store: Arc::clone(&store),
-            dispatch: Arc::clone(&dispatch),
-            capacity: Arc::clone(&capacity),
+            store,
             metrics: Arc::new(Metrics::default()),
             health: Arc::new(RelayHealth::default()),
             control: Arc::new(PoolControl::default()),
@@ -534,46 +472,9 @@ impl Engine {
             templates,
             config,
         });
-
-        let count = pending.len();
-        let scheduled = pending
-            .iter()
-            .filter(|record| record.status.state() == State::Scheduled)
-            .count();
-        capacity.reserve_recovered(count - scheduled, scheduled);
-        for record in pending {
-            let due = record
-                .status
-                .next_attempt_at_ms
-                .map(from_millis)
-                .and_then(|due| due.duration_since(SystemTime::now()).ok())
-                .map(|wait| Instant::now() + wait);
-            if record.status.state() == State::Scheduled {
-                // Its content stays on disk until it is due.
-                let id = record.status.id.clone();
-                dispatch.at(due.unwrap_or_else(Instant::now), Waiting::OnDisk(id));
-                continue;
-            }
-            let job = Job::new(
-                record.message,
-                record.status.pending_recipients().to_vec(),
-                record.status.attempts,
-            );
-            match due {
-                Some(due) => dispatch.at(due, Waiting::Retry(job)),
-                None => dispatch.now(job),
-            }
-        }
-        if count > 0 || corrupt > 0 {
-            log::info!(
-                "spool: recovered {count} unfinished messages ({scheduled} scheduled; {corrupt} set aside as corrupt)"
-            );
-        }
-
         let config = &inner.config;
         let context = Arc::new(WorkerContext {
             store: Arc::clone(&inner.store),
-            dispatch: Arc::clone(&inner.dispatch),
             policy: RetryPolicy {
                 base: config.retry_base,
                 max: config.retry_max,
@@ -582,19 +483,17 @@ impl Engine {
             metrics: Arc::clone(&inner.metrics),
             health: Arc::clone(&inner.health),
             control: Arc::clone(&inner.control),
-            rate_limiter: RateLimiter::new(config.rate_limit),
             niceness: config.worker_niceness,
             suppress_on_bounce: config.suppress_on_bounce,
         });
         let transports = (0..config.workers).map(|_| factory.transport()).collect();
-        let workers =
-            start_workers(&context, work, stop_receiver, transports).map_err(StartError::Thread)?;
+        let workers = start_workers(&context, inner.store.work(), stop_receiver, transports)
+            .map_err(StartError::Thread)?;
         Ok(Engine {
             inner,
             threads: Arc::new(Mutex::new(Threads {
                 stop: Some(stop),
                 workers,
-                schedule: Some(schedule),
                 report: None,
             })),
         })
@@ -620,29 +519,6 @@ impl Engine {
                 Err(SubmitError::InvalidIdempotencyKey)
             }
             _ => Ok(()),
-        }
-    }
-
-    /// Claims `key` for a request that would become `id`.
-    fn claim<'a>(
-        &'a self,
-        key: Option<&'a str>,
-        request: &MailRequest,
-        id: &str,
-    ) -> Result<Claim<'a>, SubmitError> {
-        let store = &self.inner.store;
-        let Some(key) = key else {
-            return Ok(Claim::New(KeyClaimGuard { store, key: None }));
-        };
-        match store.claim_key(key, &fingerprint(request), id) {
-            KeyClaim::Claimed => Ok(Claim::New(KeyClaimGuard {
-                store,
-                key: Some(key),
-            })),
-            KeyClaim::Existing(first) => Ok(Claim::Repeat(first)),
-            KeyClaim::Conflict => Err(SubmitError::IdempotencyConflict {
-                key: key.to_string(),
-            }),
         }
     }
 
@@ -683,6 +559,29 @@ impl Engine {
             .unwrap_or(Err(SubmitError::ShuttingDown))
     }
 
+    /// Builds one item's record (or says why not).
+    fn prepare(&self, item: &BatchItem<'_>) -> Result<MessageRecord, SubmitError> {
+        let inner = &self.inner;
+        Engine::check_key(item.idempotency_key)?;
+        if !inner.accepting.load(Ordering::SeqCst) {
+            return Err(SubmitError::ShuttingDown);
+        }
+        let message = item
+            .request
+            .build(inner.config.allowed_senders.as_deref())
+            .map_err(SubmitError::Invalid)?;
+        let send_at = scheduled_time(item.request.send_at)?;
+        let mut status = Engine::new_status(&message, item.idempotency_key, item.request);
+        if let Some(send_at) = send_at {
+            status.set_state(State::Scheduled);
+            status.next_attempt_at_ms = Some(to_millis(send_at));
+        }
+        Ok(MessageRecord {
+            status,
+            message: Arc::new(message),
+        })
+    }
+
     /// Submits several messages at once: one result per item, in order; a
     /// bad item does not refuse the others, and the accepted ones are on
     /// disk (one commit for all) before this returns.
@@ -694,106 +593,71 @@ impl Engine {
         let mut repeats: Vec<(usize, usize)> = Vec::new();
         let mut first_with_key: std::collections::HashMap<&str, (usize, String)> =
             std::collections::HashMap::new();
-        let mut accepted: Vec<(usize, MessageRecord)> = Vec::new();
-        let mut guards: Vec<KeyClaimGuard<'_>> = Vec::new();
+        let mut positions = Vec::new();
+        let mut records = Vec::new();
         for (position, item) in items.iter().enumerate() {
-            let outcome = (|| {
-                Engine::check_key(item.idempotency_key)?;
-                if !inner.accepting.load(Ordering::SeqCst) {
-                    return Err(SubmitError::ShuttingDown);
+            let record = match self.prepare(item) {
+                Ok(record) => record,
+                Err(error) => {
+                    results[position] = Some(Err(error));
+                    continue;
                 }
-                let message = item
-                    .request
-                    .build(inner.config.allowed_senders.as_deref())
-                    .map_err(SubmitError::Invalid)?;
-                if let Some(key) = item.idempotency_key {
-                    // Claiming a key twice would wait for ourselves.
-                    if let Some((earlier, digest)) = first_with_key.get(key) {
-                        if *digest != fingerprint(item.request) {
-                            return Err(SubmitError::IdempotencyConflict {
-                                key: key.to_string(),
-                            });
-                        }
+            };
+            if let (Some(key), Some(digest)) =
+                (item.idempotency_key, record.status.fingerprint.clone())
+            {
+                // The store would see the second as a repeat only once the
+                // first is accepted: answer it from the first's result.
+                if let Some((earlier, known)) = first_with_key.get(key) {
+                    results[position] = if *known == digest {
                         repeats.push((position, *earlier));
-                        return Ok(None);
-                    }
-                    first_with_key.insert(key, (position, fingerprint(item.request)));
-                }
-                let send_at = scheduled_time(item.request.send_at)?;
-                let guard = match self.claim(item.idempotency_key, item.request, &message.id)? {
-                    Claim::Repeat(first) => return Ok(Some(Err(self.repeated(first)))),
-                    Claim::New(guard) => guard,
-                };
-                let reserved = match send_at {
-                    Some(_) => inner.capacity.reserve_scheduled(),
-                    None => inner.capacity.reserve(),
-                };
-                if !reserved {
-                    return Err(if send_at.is_some() {
-                        SubmitError::ScheduleFull
+                        None
                     } else {
-                        SubmitError::Full
-                    });
+                        Some(Err(SubmitError::IdempotencyConflict {
+                            key: key.to_string(),
+                        }))
+                    };
+                    continue;
                 }
-                let mut status = Engine::new_status(&message, item.idempotency_key, item.request);
-                if let Some(send_at) = send_at {
-                    status.set_state(State::Scheduled);
-                    status.next_attempt_at_ms = Some(to_millis(send_at));
-                }
-                let record = MessageRecord {
-                    status,
-                    message: Arc::new(message),
-                };
-                Ok(Some(Ok((record, guard))))
-            })();
-            match outcome {
-                Ok(Some(Ok((record, guard)))) => {
-                    accepted.push((position, record));
-                    guards.push(guard);
-                }
-                Ok(Some(Err(repeated))) => results[position] = Some(Ok(repeated)),
-                Ok(None) => {}
-                Err(error) => results[position] = Some(Err(error)),
+                first_with_key.insert(key, (position, digest));
             }
+            positions.push(position);
+            records.push(record);
         }
-        let records: Vec<MessageRecord> =
-            accepted.iter().map(|(_, record)| record.clone()).collect();
-        match inner.store.accept(&records) {
-            Err(error) => {
-                log::error!(
-                    "{} messages refused, the spool cannot be written: {error}",
-                    records.len()
-                );
-                for (position, record) in &accepted {
-                    if record.status.state() == State::Scheduled {
-                        inner.capacity.release_scheduled();
-                    } else {
-                        inner.capacity.release();
-                    }
-                    results[*position] = Some(Err(SubmitError::Spool(std::io::Error::new(
-                        error.kind(),
-                        error.to_string(),
-                    ))));
-                }
-                // Dropping the guards releases their keys.
-                drop(guards);
-            }
-            Ok(()) => {
-                for guard in guards {
-                    guard.settle();
-                }
-                for (position, record) in accepted {
-                    let id = record.status.id.clone();
-                    let state = record.status.state();
+        let ids: Vec<String> = records
+            .iter()
+            .map(|record| record.status.id.clone())
+            .collect();
+        let admissions = inner.store.accept(records);
+        let mut refused_for_spool = 0;
+        for ((position, id), admission) in positions.into_iter().zip(ids).zip(admissions) {
+            let key = || {
+                items[position]
+                    .idempotency_key
+                    .unwrap_or_default()
+                    .to_string()
+            };
+            results[position] = Some(match admission {
+                Admission::Accepted(state) => {
                     inner.metrics.message_accepted();
-                    self.hand_over(record);
-                    results[position] = Some(Ok(Accepted {
+                    Ok(Accepted {
                         id,
                         state,
                         repeated: false,
-                    }));
+                    })
                 }
-            }
+                Admission::Repeat(first) => Ok(self.repeated(first)),
+                Admission::Conflict => Err(SubmitError::IdempotencyConflict { key: key() }),
+                Admission::Full => Err(SubmitError::Full),
+                Admission::ScheduleFull => Err(SubmitError::ScheduleFull),
+                Admission::Refused(error) => {
+                    refused_for_spool += 1;
+                    Err(SubmitError::Spool(error))
+                }
+            });
+        }
+        if refused_for_spool > 0 {
+            log::error!("{refused_for_spool} messages refused: the store cannot record them");
         }
         for (position, earlier) in repeats {
             results[position] = Some(match &results[earlier] {
@@ -811,40 +675,11 @@ impl Engine {
             .collect()
     }
 
-    /// Hands a newly accepted message to the workers, now or at its time.
-    fn hand_over(&self, record: MessageRecord) {
-        let inner = &self.inner;
-        let id = record.status.id.clone();
-        if record.status.state() == State::Scheduled {
-            let send_at = record.status.next_attempt_at_ms.map(from_millis);
-            let wait = send_at
-                .and_then(|at| at.duration_since(SystemTime::now()).ok())
-                .unwrap_or_default();
-            log::info!(
-                "message {id}: scheduled for {}",
-                send_at.map(crate::time::rfc3339).unwrap_or_default()
-            );
-            let waiting = if inner.store.is_durable() {
-                // Only its id waits in memory; the content is on disk.
-                Waiting::OnDisk(id)
-            } else {
-                let recipients = record.status.recipients.clone();
-                Waiting::InMemory(Job::new(record.message, recipients, 0))
-            };
-            inner.dispatch.at(Instant::now() + wait, waiting);
-            return;
-        }
-        log::info!("message {id}: queued");
-        let recipients = record.status.recipients.clone();
-        inner.dispatch.now(Job::new(record.message, recipients, 0));
-    }
-
     fn repeated(&self, id: String) -> Accepted {
-        let state = self
-            .inner
-            .store
-            .get(&id)
-            .map_or(State::Queued, |status| status.state());
+        let state = match self.inner.store.get(&id) {
+            Ok(Some(status)) => status.state(),
+            _ => State::Queued,
+        };
         Accepted {
             id,
             state,
@@ -872,35 +707,39 @@ impl Engine {
             .build(inner.config.allowed_senders.as_deref())
             .map_err(|error| SendError::Rejected(SubmitError::Invalid(error)))?;
         let id = message.id.clone();
-        let guard = match self
-            .claim(idempotency_key, request, &id)
-            .map_err(SendError::Rejected)?
-        {
-            Claim::Repeat(first) => return self.outcome_of(first, deadline),
-            Claim::New(guard) => guard,
-        };
-        if !inner.capacity.reserve() {
-            return Err(SendError::Rejected(SubmitError::Full));
-        }
         let (waiter, outcome) = crossbeam_channel::bounded::<WaitedOutcome>(1);
         let status = Engine::new_status(&message, idempotency_key, request);
         let recipients = status.recipients.clone();
-        inner.store.track(status);
         let mut job = Job::new(Arc::new(message), recipients, 0);
         job.waiter = Some(waiter);
-        if inner.dispatch.try_now(job).is_err() {
-            inner.capacity.release();
-            inner.store.forget(&id);
-            return Err(SendError::Rejected(SubmitError::Full));
+        match inner.store.accept_waited(status, job) {
+            Admission::Accepted(_) => {}
+            Admission::Repeat(first) => return self.outcome_of(first, deadline),
+            Admission::Conflict => {
+                return Err(SendError::Rejected(SubmitError::IdempotencyConflict {
+                    key: idempotency_key.unwrap_or_default().to_string(),
+                }))
+            }
+            Admission::Full | Admission::ScheduleFull => {
+                return Err(SendError::Rejected(SubmitError::Full))
+            }
+            Admission::Refused(error) => {
+                return Err(SendError::Rejected(SubmitError::Spool(error)))
+            }
         }
-        guard.settle();
         inner.metrics.message_accepted();
         log::info!("message {id}: sending (waiting for the outcome)");
         match outcome.recv_deadline(deadline) {
             Ok(outcome) => Engine::waited(id, outcome),
             Err(crossbeam_channel::RecvTimeoutError::Timeout) => Err(SendError::Timeout { id }),
             Err(crossbeam_channel::RecvTimeoutError::Disconnected) => {
-                match inner.store.get(&id).map(|status| status.state()) {
+                match inner
+                    .store
+                    .get(&id)
+                    .ok()
+                    .flatten()
+                    .map(|status| status.state())
+                {
                     Some(State::Cancelled) => Err(SendError::Failed {
                         id,
                         error: "cancelled before it was sent".into(),
@@ -929,7 +768,11 @@ impl Engine {
 
     /// The outcome of an earlier message, waiting for it until `deadline`.
     fn outcome_of(&self, id: String, deadline: Instant) -> Result<Accepted, SendError> {
-        let status = self.inner.store.wait_finished(&id, deadline);
+        let status = self
+            .inner
+            .store
+            .wait_finished(&id, deadline)
+            .map_err(|error| SendError::Rejected(store_unavailable(error)))?;
         match status {
             Some(status) if status.state() == State::Sent => Ok(Accepted {
                 id,
@@ -958,9 +801,10 @@ impl Engine {
         }
     }
 
-    /// The status of a message, while it is kept.
-    pub fn status(&self, id: &str) -> Option<MessageStatus> {
-        self.inner.store.get(id).map(|status| status.to_status())
+    /// The status of a message, while it is kept; `Err` when the store
+    /// cannot be read (a shared store that is unreachable).
+    pub fn status(&self, id: &str) -> std::io::Result<Option<MessageStatus>> {
+        Ok(self.inner.store.get(id)?.map(|status| status.to_status()))
     }
 
     /// Messages matching `query`, newest first, a page at a time.
@@ -969,6 +813,7 @@ impl Engine {
             .inner
             .store
             .list(query)
+            .map_err(ListError::Store)?
             .map_err(ListError::InvalidCursor)?;
         Ok(MessagePage {
             messages: page
@@ -987,14 +832,8 @@ impl Engine {
     /// Cancels a message that is scheduled, queued or waiting for a retry:
     /// it becomes `cancelled` and is never sent, also after a restart.
     pub fn cancel(&self, id: &str) -> Result<MessageStatus, ActionError> {
-        let inner = &self.inner;
-        match inner.store.cancel(id) {
-            Ok((before, status)) => {
-                if before == State::Scheduled {
-                    inner.capacity.release_scheduled();
-                } else {
-                    inner.capacity.release();
-                }
+        match self.inner.store.cancel(id) {
+            Ok(status) => {
                 log::info!("message {id}: cancelled");
                 Ok(status.to_status())
             }
@@ -1005,52 +844,34 @@ impl Engine {
     /// Queues a failed message again with a fresh attempt budget, for the
     /// recipients it has not reached.
     pub fn retry(&self, id: &str) -> Result<MessageStatus, ActionError> {
-        let inner = &self.inner;
-        if !inner.accepting.load(Ordering::SeqCst) {
+        if !self.inner.accepting.load(Ordering::SeqCst) {
             return Err(ActionError::Unavailable(SubmitError::ShuttingDown));
         }
-        match inner.store.get(id) {
-            None => {
-                return Err(ActionError::NotFound { id: id.to_string() });
-            }
-            Some(status) if status.state() != State::Failed => {
-                return Err(ActionError::WrongState {
-                    id: id.to_string(),
-                    state: status.state(),
-                });
-            }
-            Some(_) => {}
-        }
-        if !inner.capacity.reserve() {
-            return Err(ActionError::Unavailable(SubmitError::Full));
-        }
-        match inner.store.requeue(id) {
-            Ok(record) => {
+        match self.inner.store.requeue(id) {
+            Ok(status) => {
                 log::info!("message {id}: queued again by request");
-                let status = record.status.to_status();
-                let recipients = record.status.pending_recipients().to_vec();
-                inner.dispatch.now(Job::new(record.message, recipients, 0));
-                Ok(status)
+                Ok(status.to_status())
             }
-            Err(refusal) => {
-                inner.capacity.release();
-                Err(action_error(id, refusal))
-            }
+            Err(refusal) => Err(action_error(id, refusal)),
         }
     }
 
     /// A page of the suppression list: up to `limit` (1 to 500) entries
     /// after `cursor`.
-    pub fn suppressions(&self, cursor: Option<&str>, limit: usize) -> SuppressionPage {
+    pub fn suppressions(
+        &self,
+        cursor: Option<&str>,
+        limit: usize,
+    ) -> Result<SuppressionPage, SuppressionError> {
         let (suppressions, next_cursor) = self
             .inner
             .store
-            .suppressions()
-            .page(cursor, limit.clamp(1, ListQuery::MAX_LIMIT));
-        SuppressionPage {
+            .suppressions(cursor, limit.clamp(1, ListQuery::MAX_LIMIT))
+            .map_err(SuppressionError::Spool)?;
+        Ok(SuppressionPage {
             suppressions,
             next_cursor,
-        }
+        })
     }
 
     /// Puts an address on the suppression list (or updates its reason).
@@ -1065,8 +886,7 @@ impl Engine {
         let entry = self
             .inner
             .store
-            .suppressions()
-            .put(address, reason)
+            .suppress(address, reason)
             .map_err(SuppressionError::Spool)?;
         log::info!("suppression list: an address was added by request");
         log::debug!("suppression list: added {address}");
@@ -1075,7 +895,7 @@ impl Engine {
 
     /// Takes an address off the suppression list.
     pub fn unsuppress(&self, address: &str) -> Result<(), SuppressionError> {
-        match self.inner.store.suppressions().delete(address) {
+        match self.inner.store.unsuppress(address) {
             Ok(true) => {
                 log::info!("suppression list: an address was removed by request");
                 log::debug!("suppression list: removed {address}");
@@ -1090,45 +910,48 @@ impl Engine {
     pub fn readiness(&self) -> Readiness {
         let inner = &self.inner;
         if !inner.accepting.load(Ordering::SeqCst) {
-            Readiness::ShuttingDown
-        } else if let Some(problem) = inner.store.write_problem() {
-            Readiness::SpoolFailing(problem)
-        } else if inner.capacity.is_full() {
-            Readiness::Full
-        } else if let Some(detail) = inner.health.failing() {
-            Readiness::RelayFailing(detail)
-        } else {
-            Readiness::Ready
+            return Readiness::ShuttingDown;
+        }
+        if let Some(problem) = inner.store.problem() {
+            return Readiness::StoreFailing(problem);
+        }
+        match inner.store.counts() {
+            Err(error) => Readiness::StoreFailing(error.to_string()),
+            Ok(counts) if counts.full => Readiness::Full,
+            Ok(_) => match inner.health.failing() {
+                Some(detail) => Readiness::RelayFailing(detail),
+                None => Readiness::Ready,
+            },
         }
     }
 
     /// The figures of the moment, and the last hour's per minute.
-    pub fn stats(&self) -> Stats {
+    pub fn stats(&self) -> std::io::Result<Stats> {
         let inner = &self.inner;
-        let counts = inner.store.counts();
-        Stats {
-            queue_depth: inner.dispatch.queue_depth(),
-            retry_depth: counts.get(&State::Retrying).copied().unwrap_or(0),
-            scheduled: inner.capacity.scheduled(),
-            held: inner.capacity.held(),
+        let counts = inner.store.counts()?;
+        Ok(Stats {
+            queue_depth: counts.queue_depth,
+            retry_depth: counts.by_state.get(&State::Retrying).copied().unwrap_or(0),
+            scheduled: counts.scheduled,
+            held: counts.held,
             by_state: State::ALL
                 .iter()
-                .map(|state| (*state, counts.get(state).copied().unwrap_or(0)))
+                .map(|state| (*state, counts.by_state.get(state).copied().unwrap_or(0)))
                 .collect(),
             relay_failing: inner.health.failing(),
             relay_last_error: inner.health.last_error(),
             last_hour: inner.metrics.last_hour(),
-        }
+        })
     }
 
     /// The Prometheus exposition text of the engine's metrics.
     pub fn metrics_text(&self) -> String {
         let inner = &self.inner;
-        let counts = inner.store.counts();
+        let counts = inner.store.counts().unwrap_or_default();
         inner.metrics.render(Gauges {
-            queue_depth: inner.dispatch.queue_depth() as u64,
-            retry_depth: counts.get(&State::Retrying).copied().unwrap_or(0) as u64,
-            held: inner.capacity.held() as u64,
+            queue_depth: counts.queue_depth as u64,
+            retry_depth: counts.by_state.get(&State::Retrying).copied().unwrap_or(0) as u64,
+            held: counts.held as u64,
         })
     }
 
@@ -1139,12 +962,15 @@ impl Engine {
 
     /// Unfinished messages held (queued, sending, waiting for retry).
     pub fn unfinished(&self) -> usize {
-        self.inner.capacity.held()
+        self.inner.store.counts().map_or(0, |counts| counts.held)
     }
 
     /// Messages waiting for their `send_at`.
     pub fn scheduled(&self) -> usize {
-        self.inner.capacity.scheduled()
+        self.inner
+            .store
+            .counts()
+            .map_or(0, |counts| counts.scheduled)
     }
 
     /// Stops taking new messages (they get `ShuttingDown`); idempotent.
@@ -1171,14 +997,14 @@ impl Engine {
             inner.control.drain_until(deadline);
         }
         // Memory mode: retries waiting for their time get one last chance now.
-        inner.dispatch.stop_schedule(!durable);
-        if let Some(schedule) = threads.schedule.take() {
-            let _ = schedule.join();
-        }
+        inner.store.stop(!durable);
         threads.stop = None; // closes the stop channel: workers finish what they hold
         let workers = std::mem::take(&mut threads.workers);
         join_until(workers, deadline);
-        let unfinished = inner.capacity.held() + inner.capacity.scheduled();
+        let unfinished = inner
+            .store
+            .counts()
+            .map_or(0, |counts| counts.held + counts.scheduled);
         let report = if durable {
             log::info!(
                 "stopped; {unfinished} unfinished messages kept in the spool for the next start"
@@ -1228,6 +1054,7 @@ fn action_error(id: &str, refusal: ActionRefusal) -> ActionError {
             id: id.to_string(),
             state,
         },
+        ActionRefusal::Full => ActionError::Unavailable(SubmitError::Full),
         ActionRefusal::Io(error) => ActionError::Spool(error),
     }
 }

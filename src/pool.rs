@@ -12,12 +12,10 @@ use std::time::{Duration, Instant, SystemTime};
 
 use crossbeam_channel::{select, Receiver};
 
-use crate::dispatch::Dispatch;
 use crate::health::RelayHealth;
 use crate::job::{decide, describe, AttemptOutcome, Decision, Job, RetryPolicy, WaitedOutcome};
 use crate::message::random_u64;
 use crate::metrics::{AttemptResult, Metrics};
-use crate::schedule::Waiting;
 use crate::status::{Event, EventKind, State};
 use crate::store::{MessageRecord, StatusRecord, Store};
 use crate::time::to_millis;
@@ -25,38 +23,6 @@ use crate::transport::{Delivered, FailureKind, Transport};
 
 /// How often an idle worker wakes to close a connection idle too long.
 const IDLE_CHECK: Duration = Duration::from_secs(5);
-
-/// Spaces deliveries evenly over the whole pool (`MAILROOM_RATE_LIMIT`),
-/// with no initial burst.
-pub(crate) struct RateLimiter {
-    interval: Duration,
-    next_slot: Mutex<Option<Instant>>,
-}
-
-impl RateLimiter {
-    pub(crate) fn new(per_second: f64) -> Option<RateLimiter> {
-        (per_second > 0.0).then(|| RateLimiter {
-            interval: Duration::from_secs_f64(1.0 / per_second),
-            next_slot: Mutex::new(None),
-        })
-    }
-
-    /// Waits for this worker's turn.
-    fn wait_turn(&self) {
-        let slot = {
-            let mut next = self
-                .next_slot
-                .lock()
-                .unwrap_or_else(|poisoned| poisoned.into_inner());
-            let now = Instant::now();
-            let slot = next.filter(|slot| *slot > now).unwrap_or(now);
-            *next = Some(slot + self.interval);
-            slot
-        };
-        // Pacing, not synchronisation: the slot is the time this send may start.
-        std::thread::sleep(slot.saturating_duration_since(Instant::now()));
-    }
-}
 
 /// How the engine stops the workers.
 #[derive(Default)]
@@ -91,13 +57,11 @@ impl PoolControl {
 
 /// What a worker needs, and nothing more.
 pub(crate) struct WorkerContext {
-    pub store: Arc<Store>,
-    pub dispatch: Arc<Dispatch>,
+    pub store: Arc<dyn Store>,
     pub policy: RetryPolicy,
     pub metrics: Arc<Metrics>,
     pub health: Arc<RelayHealth>,
     pub control: Arc<PoolControl>,
-    pub rate_limiter: Option<RateLimiter>,
     /// How much lower than the rest of the process the workers run (see
     /// `Config::worker_niceness`).
     pub niceness: i32,
@@ -213,8 +177,10 @@ fn counted_result(result: &AttemptOutcome) -> AttemptResult {
 }
 
 fn deliver(context: &WorkerContext, transport: &mut Transport, mut job: Job) {
-    if let Some(limiter) = &context.rate_limiter {
-        limiter.wait_turn();
+    let wait = context.store.rate_slot();
+    if !wait.is_zero() {
+        // Pacing (MAILROOM_RATE_LIMIT), not synchronisation.
+        std::thread::sleep(wait);
     }
     let attempt = job.attempts + 1;
     let id = job.id().to_string();
@@ -287,11 +253,8 @@ fn deliver(context: &WorkerContext, transport: &mut Transport, mut job: Job) {
                 ),
             }
             log::debug!("message {id}: recipients {:?}", job.recipients);
-            if let Err(error) = context.store.finish(status, durable) {
-                log::error!("message {id}: sent but not recorded in the spool ({error}); it may be sent again after a restart");
-            }
+            context.store.finish(status, durable);
             context.metrics.message_sent();
-            context.dispatch.capacity().release();
             answer(
                 &mut job,
                 WaitedOutcome {
@@ -331,13 +294,8 @@ fn deliver(context: &WorkerContext, transport: &mut Transport, mut job: Job) {
                 message: Arc::clone(&job.message),
                 status,
             };
-            if let Err(write_error) = context.store.save(record, durable) {
-                log::error!("message {id}: cannot record the retry in the spool: {write_error}");
-            }
             job.recipients = recipients;
-            context
-                .dispatch
-                .at(Instant::now() + delay, Waiting::Retry(job));
+            context.store.retry_later(record, delay, job, durable);
         }
         Decision::Failed {
             undelivered,
@@ -361,11 +319,8 @@ fn deliver(context: &WorkerContext, transport: &mut Transport, mut job: Job) {
                 message: Arc::clone(&job.message),
                 status,
             };
-            if let Err(write_error) = context.store.fail(record, durable) {
-                log::error!("message {id}: cannot keep it as a dead letter: {write_error}");
-            }
+            context.store.fail(record, durable);
             context.metrics.message_failed();
-            context.dispatch.capacity().release();
             answer(
                 &mut job,
                 WaitedOutcome {
@@ -382,13 +337,16 @@ fn deliver(context: &WorkerContext, transport: &mut Transport, mut job: Job) {
 /// one of them, the message ends `suppressed` without contacting the relay
 /// (true: nothing more to do).
 fn skip_suppressed(context: &WorkerContext, job: &mut Job, status: &mut StatusRecord) -> bool {
-    let suppressed: Vec<String> = context
-        .store
-        .suppressions()
-        .filter(&job.recipients)
-        .into_iter()
-        .cloned()
-        .collect();
+    let suppressed = match context.store.suppressed(&job.recipients) {
+        Ok(suppressed) => suppressed,
+        Err(error) => {
+            log::warn!(
+                "message {}: the suppression list cannot be read ({error}); sending to every recipient",
+                job.id()
+            );
+            Vec::new()
+        }
+    };
     if suppressed.is_empty() {
         return false;
     }
@@ -422,10 +380,7 @@ fn skip_suppressed(context: &WorkerContext, job: &mut Job, status: &mut StatusRe
     log::info!("message {id}: suppressed, every recipient is on the suppression list");
     let durable = !job.is_waited_for();
     let error = status.last_error.clone();
-    if let Err(write_error) = context.store.finish(status.clone(), durable) {
-        log::error!("message {id}: suppressed, but not recorded in the spool: {write_error}");
-    }
-    context.dispatch.capacity().release();
+    context.store.finish(status.clone(), durable);
     answer(
         job,
         WaitedOutcome {
@@ -452,11 +407,7 @@ fn suppress_bounced(context: &WorkerContext, id: &str, result: &AttemptOutcome) 
             continue;
         }
         let reason = refusal.reply.to_string();
-        match context
-            .store
-            .suppressions()
-            .add_if_absent(&refusal.recipient, &reason)
-        {
+        match context.store.suppress_bounced(&refusal.recipient, &reason) {
             Ok(true) => {
                 log::info!(
                     "message {id}: a refused recipient joins the suppression list ({reason})"

@@ -40,7 +40,7 @@ impl Answer {
         Answer::with(code, message, json!({ "error": detail }))
     }
 
-    fn unavailable(message: &str, detail: &str) -> Answer {
+    pub(crate) fn unavailable(message: &str, detail: &str) -> Answer {
         let mut answer = Answer::error(503, message, detail);
         answer.headers.push(("Retry-After", "1".to_string()));
         answer
@@ -86,6 +86,11 @@ pub(crate) fn decode(text: &str) -> Result<String, String> {
         }
     }
     String::from_utf8(out).map_err(|_| format!("{text:?} is not UTF-8 once decoded"))
+}
+
+/// The store cannot be read: the answer is a 503 (retry later).
+pub(crate) fn store_unreachable(error: &std::io::Error) -> Answer {
+    Answer::unavailable("the store cannot be read", &error.to_string())
 }
 
 fn bad_parameter(name: &str, reason: &str) -> Answer {
@@ -162,6 +167,7 @@ pub(crate) fn list(engine: &Engine, query: &str) -> Answer {
         Err(ListError::InvalidCursor(detail)) => {
             bad_parameter("cursor", &format!("is not valid ({detail})"))
         }
+        Err(ListError::Store(error)) => store_unreachable(&error),
     }
 }
 
@@ -217,7 +223,10 @@ pub(crate) fn suppressions(engine: &Engine, query: &str) -> Answer {
             other => return bad_parameter(other, "is unknown; known: cursor, limit"),
         }
     }
-    let page = engine.suppressions(cursor.as_deref(), limit);
+    let page = match engine.suppressions(cursor.as_deref(), limit) {
+        Ok(page) => page,
+        Err(error) => return suppression_refused(error),
+    };
     Answer::ok(json!({
         "suppressions": page.suppressions.iter().map(|entry| entry.to_json()).collect::<Vec<_>>(),
         "next_cursor": page.next_cursor,
@@ -424,7 +433,10 @@ pub(crate) fn preview(engine: &Engine, name: &str, body: &[u8]) -> Answer {
 
 /// `GET /api/stats`: the dashboard's figures.
 pub(crate) fn stats(engine: &Engine) -> Answer {
-    let stats = engine.stats();
+    let stats = match engine.stats() {
+        Ok(stats) => stats,
+        Err(error) => return store_unreachable(&error),
+    };
     let by_state: Map<String, Value> = stats
         .by_state
         .iter()

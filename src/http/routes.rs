@@ -142,10 +142,7 @@ fn readiness(readiness: Readiness) -> Reply {
         Readiness::Ready => Reply::ok(json!({ "status": "ready" })),
         Readiness::Full => Reply::unavailable("not ready", "the queue is full"),
         Readiness::ShuttingDown => Reply::unavailable("not ready", "shutting down"),
-        Readiness::SpoolFailing(detail) => Reply::unavailable(
-            "not ready",
-            &format!("the spool cannot be written: {detail}"),
-        ),
+        Readiness::StoreFailing(detail) => Reply::unavailable("not ready", &detail),
         Readiness::RelayFailing(detail) => {
             Reply::unavailable("not ready", &format!("the relay is failing: {detail}"))
         }
@@ -312,7 +309,8 @@ fn send_and_wait(exchange: &Exchange<'_>, request: &mut Request) -> Reply {
 
 fn status(exchange: &Exchange<'_>, id: &str) -> Reply {
     match exchange.handlers.engine.status(id) {
-        Some(status) => Reply::ok(status.to_json()),
-        None => Reply::error(404, "not found", &format!("no message with id {id:?}")),
+        Ok(Some(status)) => Reply::ok(status.to_json()),
+        Ok(None) => Reply::error(404, "not found", &format!("no message with id {id:?}")),
+        Err(error) => Reply::unavailable("the store cannot be read", &error.to_string()),
     }
 }
