@@ -6,6 +6,8 @@ use std::net::{IpAddr, SocketAddr, ToSocketAddrs};
 use std::path::PathBuf;
 use std::time::Duration;
 
+use crate::webhooks::{WebhookEvent, WebhookSecret, WebhookSettings, DEFAULT_RETRY_HOURS};
+
 /// Every variable the service reads, with its default (`None`: unset) and
 /// a one-line description. `--help` and `.env.example` are written from it.
 pub const VARIABLES: &[(&str, Option<&str>, &str)] = &[
@@ -30,6 +32,11 @@ pub const VARIABLES: &[(&str, Option<&str>, &str)] = &[
     ("MAILROOM_SYNC_TIMEOUT_MS", Some("60000"), "how long POST /api/mail/v2 waits for an outcome"),
     ("MAILROOM_SHUTDOWN_TIMEOUT_MS", Some("30000"), "how long a stop waits for deliveries in flight"),
     ("MAILROOM_STATUS_RETENTION", Some("100000"), "finished message statuses kept for GET /api/mail/{id}"),
+    ("MAILROOM_WEBHOOK_URL", None, "where message events are POSTed as signed webhooks (https://, or http:// to loopback)"),
+    ("MAILROOM_WEBHOOK_SECRET", None, "webhook signing secret, whsec_ + base64 of 24 to 64 random bytes (required with a URL)"),
+    ("MAILROOM_WEBHOOK_EVENTS", Some("sent,failed,suppressed,cancelled"), "comma list of events sent as webhooks; also deferred and accepted"),
+    ("MAILROOM_WEBHOOK_RETRY_HOURS", Some("24"), "how long after its event a webhook is retried before it is given up"),
+    ("MAILROOM_WEBHOOK_ALLOW_HTTP", Some("0"), "1 allows a plain http:// webhook URL to a host that is not loopback"),
     ("RUST_LOG", Some("info"), "log level (error, warn, info, debug, trace)"),
 ];
 
@@ -191,6 +198,8 @@ pub struct Config {
     /// this machine leaves the workers waiting on the network, where
     /// priority does not matter. See docs/performance.md.
     pub worker_niceness: i32,
+    /// Signed webhooks of message events; `None` when no URL is set.
+    pub webhook: Option<WebhookSettings>,
 }
 
 /// The workers' default niceness (see [`Config::worker_niceness`]).
@@ -260,6 +269,7 @@ impl Config {
         let shutdown_timeout = millis(&get, "MAILROOM_SHUTDOWN_TIMEOUT_MS", 30_000, 0)?;
         let status_retention =
             number(&get, "MAILROOM_STATUS_RETENTION", 100_000, 0, 100_000_000)? as usize;
+        let webhook = parse_webhook(&get)?;
 
         if !listen.ip().is_loopback() && api_token.is_none() && !allow_no_auth {
             return Err(ConfigError::Refused {
@@ -289,6 +299,7 @@ impl Config {
             shutdown_timeout,
             status_retention,
             worker_niceness: DEFAULT_WORKER_NICENESS,
+            webhook,
         })
     }
 
@@ -312,6 +323,7 @@ impl Config {
             shutdown_timeout: Duration::from_millis(30_000),
             status_retention: 100_000,
             worker_niceness: DEFAULT_WORKER_NICENESS,
+            webhook: None,
         }
     }
 
@@ -592,6 +604,114 @@ fn mask_password(url: &str) -> String {
         Ok(_) => url.to_string(),
         Err(_) => "(unparsable URL, not shown)".to_string(),
     }
+}
+
+/// The `MAILROOM_WEBHOOK_*` variables; `None` when no URL is set.
+fn parse_webhook(
+    get: &impl Fn(&str) -> Option<String>,
+) -> Result<Option<WebhookSettings>, ConfigError> {
+    let events = match get("MAILROOM_WEBHOOK_EVENTS") {
+        None => WebhookEvent::DEFAULT.to_vec(),
+        Some(list) => parse_webhook_events(&list)?,
+    };
+    let retry_hours = number(
+        get,
+        "MAILROOM_WEBHOOK_RETRY_HOURS",
+        DEFAULT_RETRY_HOURS,
+        0,
+        24 * 365,
+    )?;
+    let allow_http = flag(get, "MAILROOM_WEBHOOK_ALLOW_HTTP")?;
+    let secret = get("MAILROOM_WEBHOOK_SECRET");
+    let Some(url) = get("MAILROOM_WEBHOOK_URL") else {
+        if secret.is_some() {
+            return Err(ConfigError::Refused {
+                variable: "MAILROOM_WEBHOOK_URL",
+                reason: "MAILROOM_WEBHOOK_SECRET is set but MAILROOM_WEBHOOK_URL is not".into(),
+            });
+        }
+        return Ok(None);
+    };
+    let url = parse_webhook_url(url.trim(), allow_http)?;
+    let secret = match secret {
+        Some(secret) => WebhookSecret::parse(secret.trim())?,
+        None => {
+            return Err(ConfigError::Refused {
+                variable: "MAILROOM_WEBHOOK_SECRET",
+                reason: "required with MAILROOM_WEBHOOK_URL: whsec_ followed by base64 of 24 to 64 random bytes".into(),
+            })
+        }
+    };
+    let mut settings = WebhookSettings::new(url, secret);
+    settings.events = events;
+    settings.retry_window = Duration::from_secs(retry_hours * 3600);
+    Ok(Some(settings))
+}
+
+fn parse_webhook_events(list: &str) -> Result<Vec<WebhookEvent>, ConfigError> {
+    let mut events = Vec::new();
+    for name in list
+        .split(',')
+        .map(str::trim)
+        .filter(|name| !name.is_empty())
+    {
+        let Some(event) = WebhookEvent::parse(&name.to_ascii_lowercase()) else {
+            return Err(ConfigError::Invalid {
+                variable: "MAILROOM_WEBHOOK_EVENTS",
+                value: list.to_string(),
+                reason: format!(
+                    "unknown event {name:?}; the events are {}",
+                    WebhookEvent::ALL.map(WebhookEvent::as_str).join(", ")
+                ),
+            });
+        };
+        if !events.contains(&event) {
+            events.push(event);
+        }
+    }
+    if events.is_empty() {
+        return Err(ConfigError::Invalid {
+            variable: "MAILROOM_WEBHOOK_EVENTS",
+            value: list.to_string(),
+            reason: "names no event; leave it unset for the default".into(),
+        });
+    }
+    Ok(events)
+}
+
+fn parse_webhook_url(value: &str, allow_http: bool) -> Result<url::Url, ConfigError> {
+    let invalid = |reason: String| ConfigError::Invalid {
+        variable: "MAILROOM_WEBHOOK_URL",
+        value: mask_password(value),
+        reason,
+    };
+    let url = url::Url::parse(value).map_err(|error| invalid(error.to_string()))?;
+    let host = url
+        .host_str()
+        .filter(|host| !host.is_empty())
+        .ok_or_else(|| invalid("no host".into()))?
+        .trim_start_matches('[')
+        .trim_end_matches(']')
+        .to_string();
+    match url.scheme() {
+        "https" => {}
+        "http" if allow_http || is_loopback_host(&host) => {}
+        "http" => {
+            return Err(ConfigError::Refused {
+                variable: "MAILROOM_WEBHOOK_URL",
+                reason: format!(
+                    "http:// to {host} would send message events unencrypted; use https://, \
+                     or set MAILROOM_WEBHOOK_ALLOW_HTTP=1 if the network is trusted"
+                ),
+            })
+        }
+        scheme => {
+            return Err(invalid(format!(
+                "scheme {scheme:?}: use https:// (or http:// to loopback)"
+            )))
+        }
+    }
+    Ok(url)
 }
 
 #[cfg(test)]

@@ -18,6 +18,7 @@ use crate::status::{Event, EventKind, MessageStatus, State};
 use crate::store::{id_key, ActionRefusal, KeyClaim, MessageRecord, StatusRecord, Store};
 use crate::time::{from_millis, to_millis};
 use crate::transport::TransportFactory;
+use crate::webhooks::Webhooks;
 
 pub use crate::store::ListQuery;
 
@@ -268,6 +269,8 @@ struct Inner {
     health: Arc<RelayHealth>,
     control: Arc<PoolControl>,
     accepting: AtomicBool,
+    /// Signed webhooks, when configured.
+    webhooks: Option<Webhooks>,
 }
 
 struct Threads {
@@ -350,6 +353,19 @@ impl Engine {
         let (store, pending, corrupt) =
             Store::open(&config.spool, config.status_retention).map_err(StartError::Spool)?;
         let store = Arc::new(store);
+        let metrics = Arc::new(Metrics::default());
+        let webhooks = match &config.webhook {
+            Some(settings) => {
+                let queue =
+                    crate::store::open_webhook_queue(&config.spool).map_err(StartError::Spool)?;
+                let webhooks = Webhooks::start(settings.clone(), queue, Arc::clone(&metrics))
+                    .map_err(StartError::Thread)?;
+                // Before any worker runs: every change from now on is seen.
+                store.subscribe(webhooks.observer());
+                Some(webhooks)
+            }
+            None => None,
+        };
         let (dispatch, work, schedule) =
             Dispatch::start(config.queue_capacity, config.workers).map_err(StartError::Thread)?;
         let dispatch = Arc::new(dispatch);
@@ -357,11 +373,12 @@ impl Engine {
         let inner = Arc::new(Inner {
             store: Arc::clone(&store),
             dispatch: Arc::clone(&dispatch),
-            metrics: Arc::new(Metrics::default()),
+            metrics,
             health: Arc::new(RelayHealth::default()),
             control: Arc::new(PoolControl::default()),
             accepting: AtomicBool::new(true),
             config,
+            webhooks,
         });
 
         let count = pending.len();
@@ -735,11 +752,14 @@ impl Engine {
     pub fn metrics_text(&self) -> String {
         let inner = &self.inner;
         let counts = inner.store.counts();
-        inner.metrics.render(Gauges {
+        let mut text = inner.metrics.render(Gauges {
             queue_depth: inner.dispatch.queue_depth() as u64,
             retry_depth: counts.get(&State::Retrying).copied().unwrap_or(0) as u64,
             held: inner.dispatch.held() as u64,
-        })
+        });
+        let pending = inner.webhooks.as_ref().map_or(0, Webhooks::pending);
+        text.push_str(&inner.metrics.render_webhooks(pending as u64));
+        text
     }
 
     /// Counts an HTTP answer for `/metrics`.
@@ -793,6 +813,17 @@ impl Engine {
         threads.stop = None; // closes the stop channel: workers finish what they hold
         let workers = std::mem::take(&mut threads.workers);
         join_until(workers, deadline);
+        if let Some(webhooks) = &inner.webhooks {
+            // After the workers: the webhooks of their last deliveries are queued.
+            let left = webhooks.shutdown(deadline, !durable);
+            if durable {
+                log::info!(
+                    "webhooks: stopped; {left} pending kept in the spool for the next start"
+                );
+            } else if left > 0 {
+                log::warn!("webhooks: stopped; {left} pending dropped (MAILROOM_SPOOL_DIR=none)");
+            }
+        }
         let unfinished = inner.dispatch.held();
         let report = if durable {
             log::info!(

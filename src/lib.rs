@@ -27,6 +27,7 @@
 //! (getting jobs to workers, now or when due), `transport` (SMTP/outbox and
 //! error classification), `store` (statuses, events, indexes and the
 //! durable journal), [`status`] (what the API shows), [`metrics`],
+//! [`webhooks`] (signed webhooks of message events),
 //! [`http`] (the API over HTTP), [`systemd`] (readiness notification).
 
 pub mod allocator;
@@ -46,6 +47,7 @@ mod store;
 pub mod systemd;
 mod time;
 pub mod transport;
+pub mod webhooks;
 
 pub use config::{Config, ConfigError};
 pub use engine::{

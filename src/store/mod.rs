@@ -14,6 +14,7 @@ mod frame;
 mod index;
 mod journal;
 mod record;
+mod webhooks;
 
 use std::collections::HashMap;
 use std::io;
@@ -30,6 +31,7 @@ pub use index::ListQuery;
 pub(crate) use index::{id_key, KeyClaim, Page};
 use journal::Journal;
 pub(crate) use record::{MessageRecord, StatusRecord};
+pub(crate) use webhooks::{open as open_webhook_queue, PendingWebhook, WebhookQueue};
 
 /// Why an action on a message (cancel, retry) was refused.
 #[derive(Debug)]
@@ -109,7 +111,6 @@ impl Store {
     }
 
     /// Adds an observer of every change from now on.
-    #[allow(dead_code)] // webhooks, next
     pub(crate) fn subscribe(&self, observer: Arc<dyn Observer>) {
         self.observers
             .write()
