@@ -6,6 +6,8 @@ use std::net::{IpAddr, SocketAddr, ToSocketAddrs};
 use std::path::PathBuf;
 use std::time::Duration;
 
+use crate::webhooks::{WebhookEvent, WebhookSecret, WebhookSettings, DEFAULT_RETRY_HOURS};
+
 /// Every variable the service reads, with its default (`None`: unset) and
 /// a one-line description. `--help` and `.env.example` are written from it.
 pub const VARIABLES: &[(&str, Option<&str>, &str)] = &[
@@ -38,6 +40,11 @@ pub const VARIABLES: &[(&str, Option<&str>, &str)] = &[
     ("MAILROOM_SCHEDULED_CAPACITY", Some("1000000"), "messages waiting for their send_at before 503"),
     ("MAILROOM_SUPPRESS_ON_BOUNCE", Some("1"), "add addresses refused with 5.1.x (no such user) to the suppression list"),
     ("MAILROOM_TEMPLATES_DIR", Some(DEFAULT_TEMPLATES_DIR), "message templates, one folder each (subject.txt, text.txt, html.html); only the default may be absent"),
+    ("MAILROOM_WEBHOOK_URL", None, "where message events are POSTed as signed webhooks (https://, or http:// to loopback)"),
+    ("MAILROOM_WEBHOOK_SECRET", None, "webhook signing secret, whsec_ + base64 of 24 to 64 random bytes (required with a URL)"),
+    ("MAILROOM_WEBHOOK_EVENTS", Some("sent,failed,suppressed,cancelled"), "comma list of events sent as webhooks; also deferred and accepted"),
+    ("MAILROOM_WEBHOOK_RETRY_HOURS", Some("24"), "how long after its event a webhook is retried before it is given up"),
+    ("MAILROOM_WEBHOOK_ALLOW_HTTP", Some("0"), "1 allows a plain http:// webhook URL to a host that is not loopback"),
     ("RUST_LOG", Some("info"), "log level (error, warn, info, debug, trace)"),
 ];
 
@@ -204,6 +211,8 @@ pub struct Config {
     pub scheduled_capacity: usize,
     /// Message templates (see [`crate::templates`]).
     pub templates_dir: PathBuf,
+    /// Signed webhooks of message events; `None` when no URL is set.
+    pub webhook: Option<WebhookSettings>,
 }
 
 /// The workers' default niceness (see [`Config::worker_niceness`]).
@@ -236,6 +245,7 @@ impl Default for Config {
             suppress_on_bounce: true,
             scheduled_capacity: 1_000_000,
             templates_dir: PathBuf::from(DEFAULT_TEMPLATES_DIR),
+            webhook: None,
         }
     }
 }
@@ -324,6 +334,7 @@ impl Config {
             0,
             100_000_000,
         )? as usize;
+        let webhook = parse_webhook(&get)?;
 
         Ok(Config {
             relay,
@@ -352,6 +363,7 @@ impl Config {
             )? as usize,
             templates_dir: get("MAILROOM_TEMPLATES_DIR")
                 .map_or(defaults.templates_dir, |dir| PathBuf::from(dir.trim())),
+            webhook,
         })
     }
 
@@ -688,6 +700,114 @@ fn mask_password(url: &str) -> String {
         Ok(_) => url.to_string(),
         Err(_) => "(unparsable URL, not shown)".to_string(),
     }
+}
+
+/// The `MAILROOM_WEBHOOK_*` variables; `None` when no URL is set.
+fn parse_webhook(
+    get: &impl Fn(&str) -> Option<String>,
+) -> Result<Option<WebhookSettings>, ConfigError> {
+    let events = match get("MAILROOM_WEBHOOK_EVENTS") {
+        None => WebhookEvent::DEFAULT.to_vec(),
+        Some(list) => parse_webhook_events(&list)?,
+    };
+    let retry_hours = number(
+        get,
+        "MAILROOM_WEBHOOK_RETRY_HOURS",
+        DEFAULT_RETRY_HOURS,
+        0,
+        24 * 365,
+    )?;
+    let allow_http = flag(get, "MAILROOM_WEBHOOK_ALLOW_HTTP")?;
+    let secret = get("MAILROOM_WEBHOOK_SECRET");
+    let Some(url) = get("MAILROOM_WEBHOOK_URL") else {
+        if secret.is_some() {
+            return Err(ConfigError::Refused {
+                variable: "MAILROOM_WEBHOOK_URL",
+                reason: "MAILROOM_WEBHOOK_SECRET is set but MAILROOM_WEBHOOK_URL is not".into(),
+            });
+        }
+        return Ok(None);
+    };
+    let url = parse_webhook_url(url.trim(), allow_http)?;
+    let secret = match secret {
+        Some(secret) => WebhookSecret::parse(secret.trim())?,
+        None => {
+            return Err(ConfigError::Refused {
+                variable: "MAILROOM_WEBHOOK_SECRET",
+                reason: "required with MAILROOM_WEBHOOK_URL: whsec_ followed by base64 of 24 to 64 random bytes".into(),
+            })
+        }
+    };
+    let mut settings = WebhookSettings::new(url, secret);
+    settings.events = events;
+    settings.retry_window = Duration::from_secs(retry_hours * 3600);
+    Ok(Some(settings))
+}
+
+fn parse_webhook_events(list: &str) -> Result<Vec<WebhookEvent>, ConfigError> {
+    let mut events = Vec::new();
+    for name in list
+        .split(',')
+        .map(str::trim)
+        .filter(|name| !name.is_empty())
+    {
+        let Some(event) = WebhookEvent::parse(&name.to_ascii_lowercase()) else {
+            return Err(ConfigError::Invalid {
+                variable: "MAILROOM_WEBHOOK_EVENTS",
+                value: list.to_string(),
+                reason: format!(
+                    "unknown event {name:?}; the events are {}",
+                    WebhookEvent::ALL.map(WebhookEvent::as_str).join(", ")
+                ),
+            });
+        };
+        if !events.contains(&event) {
+            events.push(event);
+        }
+    }
+    if events.is_empty() {
+        return Err(ConfigError::Invalid {
+            variable: "MAILROOM_WEBHOOK_EVENTS",
+            value: list.to_string(),
+            reason: "names no event; leave it unset for the default".into(),
+        });
+    }
+    Ok(events)
+}
+
+fn parse_webhook_url(value: &str, allow_http: bool) -> Result<url::Url, ConfigError> {
+    let invalid = |reason: String| ConfigError::Invalid {
+        variable: "MAILROOM_WEBHOOK_URL",
+        value: mask_password(value),
+        reason,
+    };
+    let url = url::Url::parse(value).map_err(|error| invalid(error.to_string()))?;
+    let host = url
+        .host_str()
+        .filter(|host| !host.is_empty())
+        .ok_or_else(|| invalid("no host".into()))?
+        .trim_start_matches('[')
+        .trim_end_matches(']')
+        .to_string();
+    match url.scheme() {
+        "https" => {}
+        "http" if allow_http || is_loopback_host(&host) => {}
+        "http" => {
+            return Err(ConfigError::Refused {
+                variable: "MAILROOM_WEBHOOK_URL",
+                reason: format!(
+                    "http:// to {host} would send message events unencrypted; use https://, \
+                     or set MAILROOM_WEBHOOK_ALLOW_HTTP=1 if the network is trusted"
+                ),
+            })
+        }
+        scheme => {
+            return Err(invalid(format!(
+                "scheme {scheme:?}: use https:// (or http:// to loopback)"
+            )))
+        }
+    }
+    Ok(url)
 }
 
 #[cfg(test)]

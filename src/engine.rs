@@ -18,6 +18,7 @@ use crate::store::{id_key, ActionRefusal, Admission, MessageRecord, StatusRecord
 use crate::templates::Templates;
 use crate::time::to_millis;
 use crate::transport::TransportFactory;
+use crate::webhooks::Webhooks;
 
 pub use crate::store::{ListQuery, Suppression};
 
@@ -402,6 +403,8 @@ struct Inner {
     health: Arc<RelayHealth>,
     control: Arc<PoolControl>,
     accepting: AtomicBool,
+    /// Signed webhooks, when configured.
+    webhooks: Option<Webhooks>,
 }
 
 struct Threads {
@@ -462,15 +465,29 @@ impl Engine {
                 recovery.corrupt
             );
         }
+        let metrics = Arc::new(Metrics::default());
+        let webhooks = match &config.webhook {
+            Some(settings) => {
+                let queue =
+                    crate::store::open_webhook_queue(&config.spool).map_err(StartError::Spool)?;
+                let webhooks = Webhooks::start(settings.clone(), queue, Arc::clone(&metrics))
+                    .map_err(StartError::Thread)?;
+                // Before any worker runs: every change from now on is seen.
+                store.subscribe(webhooks.observer());
+                Some(webhooks)
+            }
+            None => None,
+        };
         let (stop, stop_receiver) = crossbeam_channel::bounded(0);
         let inner = Arc::new(Inner {
             store,
-            metrics: Arc::new(Metrics::default()),
+            metrics,
             health: Arc::new(RelayHealth::default()),
             control: Arc::new(PoolControl::default()),
             accepting: AtomicBool::new(true),
             templates,
             config,
+            webhooks,
         });
         let config = &inner.config;
         let context = Arc::new(WorkerContext {
@@ -948,11 +965,14 @@ impl Engine {
     pub fn metrics_text(&self) -> String {
         let inner = &self.inner;
         let counts = inner.store.counts().unwrap_or_default();
-        inner.metrics.render(Gauges {
+        let mut text = inner.metrics.render(Gauges {
             queue_depth: counts.queue_depth as u64,
             retry_depth: counts.by_state.get(&State::Retrying).copied().unwrap_or(0) as u64,
             held: counts.held as u64,
-        })
+        });
+        let pending = inner.webhooks.as_ref().map_or(0, Webhooks::pending);
+        text.push_str(&inner.metrics.render_webhooks(pending as u64));
+        text
     }
 
     /// SMTP connections opened since start.
@@ -1001,6 +1021,17 @@ impl Engine {
         threads.stop = None; // closes the stop channel: workers finish what they hold
         let workers = std::mem::take(&mut threads.workers);
         join_until(workers, deadline);
+        if let Some(webhooks) = &inner.webhooks {
+            // After the workers: the webhooks of their last deliveries are queued.
+            let left = webhooks.shutdown(deadline, !durable);
+            if durable {
+                log::info!(
+                    "webhooks: stopped; {left} pending kept in the spool for the next start"
+                );
+            } else if left > 0 {
+                log::warn!("webhooks: stopped; {left} pending dropped (MAILROOM_SPOOL_DIR=none)");
+            }
+        }
         let unfinished = inner
             .store
             .counts()

@@ -27,6 +27,7 @@
 //! (getting jobs to workers, now or when due), `transport` (SMTP/outbox and
 //! error classification), `store` (statuses, events, indexes and the
 //! durable journal), [`status`] (what the API shows), [`metrics`],
+//! [`webhooks`] (signed webhooks of message events),
 //! [`http`] (the API over HTTP, on our tiny_http fork, with its own
 //! [`HttpSettings`]), [`systemd`] (readiness notification), [`templates`]
 //! (stored message templates).
@@ -48,6 +49,7 @@ pub mod systemd;
 pub mod templates;
 mod time;
 pub mod transport;
+pub mod webhooks;
 
 pub use config::{Config, ConfigError};
 pub use engine::{

@@ -111,6 +111,26 @@ pub struct Metrics {
     duration_buckets: [AtomicU64; DURATION_BUCKETS.len()],
     duration_count: AtomicU64,
     duration_sum_micros: AtomicU64,
+    webhooks_ok: AtomicU64,
+    webhooks_retry: AtomicU64,
+    webhooks_failed: AtomicU64,
+    webhooks_dropped: AtomicU64,
+}
+
+/// How a webhook delivery attempt, or a pending webhook, ended, as counted
+/// in `mailroom_webhook_deliveries_total{result}`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum WebhookResult {
+    /// `ok`: the endpoint answered 2xx; the webhook is delivered.
+    Ok,
+    /// `retry`: an attempt failed (no answer in time, or not 2xx); it will
+    /// be tried again.
+    Retry,
+    /// `failed`: an attempt failed at the end of the retry window; given up.
+    Failed,
+    /// `dropped`: removed unsent, the oldest first, because too many were
+    /// pending (or at a stop without a spool).
+    Dropped,
 }
 
 /// Gauges read at render time from the engine.
@@ -169,6 +189,54 @@ impl Metrics {
         self.duration_sum_micros
             .fetch_add(elapsed.as_micros() as u64, Ordering::Relaxed);
     }
+    /// Counts a webhook attempt's or a pending webhook's end.
+    pub fn webhook(&self, result: WebhookResult) {
+        self.webhook_counter(result).fetch_add(1, Ordering::Relaxed);
+    }
+
+    /// Webhook attempts (or ends) counted with `result`.
+    pub fn webhooks(&self, result: WebhookResult) -> u64 {
+        self.webhook_counter(result).load(Ordering::Relaxed)
+    }
+
+    fn webhook_counter(&self, result: WebhookResult) -> &AtomicU64 {
+        match result {
+            WebhookResult::Ok => &self.webhooks_ok,
+            WebhookResult::Retry => &self.webhooks_retry,
+            WebhookResult::Failed => &self.webhooks_failed,
+            WebhookResult::Dropped => &self.webhooks_dropped,
+        }
+    }
+
+    /// The exposition text of the webhook metrics, with `pending` webhooks
+    /// waiting for delivery.
+    pub fn render_webhooks(&self, pending: u64) -> String {
+        let mut out = String::with_capacity(512);
+        let name = "mailroom_webhook_deliveries_total";
+        let _ = writeln!(
+            out,
+            "# HELP {name} Webhook delivery attempts by result (ok, retry, failed: given up at the end of the retry window), and pending webhooks dropped unsent (dropped).\n# TYPE {name} counter"
+        );
+        for (label, result) in [
+            ("ok", WebhookResult::Ok),
+            ("retry", WebhookResult::Retry),
+            ("failed", WebhookResult::Failed),
+            ("dropped", WebhookResult::Dropped),
+        ] {
+            let _ = writeln!(
+                out,
+                "{name}{{result=\"{label}\"}} {}",
+                self.webhooks(result)
+            );
+        }
+        let name = "mailroom_webhooks_pending";
+        let _ = writeln!(
+            out,
+            "# HELP {name} Webhooks waiting for delivery (including those being sent).\n# TYPE {name} gauge\n{name} {pending}"
+        );
+        out
+    }
+
     /// The exposition text.
     pub fn render(&self, gauges: Gauges) -> String {
         let mut out = String::with_capacity(4096);

@@ -16,6 +16,7 @@ mod journal;
 pub(crate) mod local;
 mod record;
 mod suppression;
+mod webhooks;
 
 use std::collections::HashMap;
 use std::io;
@@ -30,6 +31,7 @@ pub use index::ListQuery;
 pub(crate) use index::{id_key, Page};
 pub(crate) use record::{MessageRecord, StatusRecord};
 pub use suppression::Suppression;
+pub(crate) use webhooks::{open as open_webhook_queue, PendingWebhook, WebhookQueue};
 
 /// Why an action on a message (cancel, retry) was refused.
 #[derive(Debug)]

@@ -527,3 +527,29 @@ impl Drop for ChildService {
         let _ = self.child.wait();
     }
 }
+
+pub use mailroom_testkit::webhooks::{ReceivedWebhook, WebhookReceiver, TEST_SECRET};
+
+/// Webhook settings for the engine: every event `receiver` should get,
+/// signed with [`TEST_SECRET`], retried quickly (the defaults otherwise).
+pub fn webhook_settings(receiver: &WebhookReceiver) -> mailroom::webhooks::WebhookSettings {
+    webhook_settings_to(&receiver.url())
+}
+
+/// As [`webhook_settings`], to any URL.
+pub fn webhook_settings_to(url: &str) -> mailroom::webhooks::WebhookSettings {
+    let url = url::Url::parse(url).unwrap();
+    let secret = mailroom::webhooks::WebhookSecret::parse(TEST_SECRET).unwrap();
+    let mut settings = mailroom::webhooks::WebhookSettings::new(url, secret);
+    settings.first_retry = Duration::from_millis(20);
+    settings.max_retry_delay = Duration::from_millis(200);
+    settings
+}
+
+/// The variables that send webhooks to `receiver` from a child process.
+pub fn webhook_variables(receiver: &WebhookReceiver) -> Vec<(&'static str, String)> {
+    vec![
+        ("MAILROOM_WEBHOOK_URL", receiver.url()),
+        ("MAILROOM_WEBHOOK_SECRET", TEST_SECRET.to_string()),
+    ]
+}

@@ -1,6 +1,7 @@
 //! Peers that mailroom's tests and benchmarks talk to over real sockets,
 //! written once and shared: certificates for TLS, a small HTTP/1.1 client,
-//! the HTTP load generator of the benchmarks, temporary directories.
+//! the HTTP load generator of the benchmarks, a webhook receiver that checks
+//! signatures, temporary directories.
 //!
 //! Nothing here imports mailroom: the tests turn these peers into
 //! mailroom configuration themselves (see `tests/common`).
@@ -8,6 +9,7 @@
 pub mod certs;
 pub mod http;
 pub mod load;
+pub mod webhooks;
 
 use std::path::PathBuf;
 use std::sync::atomic::{AtomicUsize, Ordering};
