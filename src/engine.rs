@@ -382,6 +382,8 @@ pub struct Stats {
     pub relay_last_error: Option<(SystemTime, String)>,
     /// Sent and failed per minute over the last hour, oldest first.
     pub last_hour: Vec<crate::metrics::Minute>,
+    /// Webhooks waiting for delivery; `None` when no webhook is configured.
+    pub webhooks_pending: Option<usize>,
 }
 
 /// What a shutdown left behind.
@@ -958,6 +960,7 @@ impl Engine {
             relay_failing: inner.health.failing(),
             relay_last_error: inner.health.last_error(),
             last_hour: inner.metrics.last_hour(),
+            webhooks_pending: inner.webhooks.as_ref().map(Webhooks::pending),
         })
     }
 

@@ -447,6 +447,7 @@ pub(crate) fn stats(engine: &Engine) -> Answer {
         "retry_depth": stats.retry_depth,
         "scheduled": stats.scheduled,
         "held": stats.held,
+        "webhooks_pending": stats.webhooks_pending,
         "by_state": by_state,
         "relay": {
             "status": if stats.relay_failing.is_some() { "failing" } else { "ok" },
