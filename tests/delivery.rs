@@ -174,9 +174,9 @@ fn unknown_paths_and_methods_get_json_answers() {
     let reply = service.get("/nope");
     assert_eq!(reply.code, 404);
     assert_eq!(reply.json()["message"], "not found");
-    let reply = service.get("/api/mail");
+    let reply = request(service.address, "PUT", "/api/mail", &[], b"");
     assert_eq!(reply.code, 405);
-    assert_eq!(reply.header("Allow"), Some("POST"));
+    assert_eq!(reply.header("Allow"), Some("GET, HEAD, POST"));
     assert!(reply.json()["message"].is_string());
     let reply = service.get("/api/mail/0123456789");
     assert_eq!(reply.code, 404);
