@@ -36,6 +36,7 @@ use tiny_http::{Header, Method, Request, Response, Server};
 
 use crate::allocator;
 use crate::connections::{self, Connections, HEAD_DEADLINE, READ_TIMEOUT};
+use crate::dashboard;
 use crate::engine::{Engine, Readiness, SendError, SubmitError};
 use crate::http_actions as actions;
 use crate::message::MailRequest;
@@ -669,6 +670,9 @@ fn route(exchange: &mut Exchange<'_>, request: &mut Request) -> Reply {
             headers: Vec::new(),
         },
         "/healthz" | "/readyz" | "/metrics" => method_not_allowed("GET, HEAD"),
+        // The dashboard (src/dashboard.rs): static files, no token (they hold no data).
+        _ if dashboard::serves(&path) && is(&Method::Get) => dashboard_page(&path, request),
+        _ if dashboard::serves(&path) => method_not_allowed("GET, HEAD"),
         _ if path == "/api" || path.starts_with("/api/") => {
             if let Some(refusal) = check_token(engine, request) {
                 return refusal;
@@ -741,6 +745,23 @@ fn answer(answer: actions::Answer) -> Reply {
         body: answer.body.to_string().into_bytes(),
         content_type: "application/json",
         headers: answer.headers,
+    }
+}
+
+fn dashboard_page(path: &str, request: &Request) -> Reply {
+    let if_none_match = request
+        .headers()
+        .iter()
+        .find(|header| header.field.equiv("If-None-Match"))
+        .map(|header| header.value.as_str());
+    match dashboard::serve(path, if_none_match) {
+        Some(page) => Reply {
+            code: page.code,
+            body: page.body.to_vec(),
+            content_type: page.content_type,
+            headers: page.headers,
+        },
+        None => not_found(path),
     }
 }
 

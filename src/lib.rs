@@ -27,11 +27,13 @@
 //! (getting jobs to workers, now or when due), `transport` (SMTP/outbox and
 //! error classification), `store` (statuses, events, indexes and the
 //! durable journal), [`status`] (what the API shows), [`metrics`],
-//! [`http`] (the API over HTTP), [`systemd`] (readiness notification).
+//! [`http`] (the API over HTTP), `dashboard` (the web page at `/`),
+//! [`systemd`] (readiness notification).
 
 pub mod allocator;
 pub mod config;
 pub mod connections;
+mod dashboard;
 mod dispatch;
 pub mod engine;
 mod health;
