@@ -27,12 +27,14 @@
 //! (getting jobs to workers, now or when due), `transport` (SMTP/outbox and
 //! error classification), `store` (statuses, events, indexes and the
 //! durable journal), [`status`] (what the API shows), [`metrics`],
-//! [`webhooks`] (signed webhooks of message events),
+//! [`webhooks`] (signed webhooks of message events), `dashboard` (the web
+//! page at `/`),
 //! [`http`] (the API over HTTP, on our tiny_http fork, with its own
 //! [`HttpSettings`]), [`systemd`] (readiness notification), [`templates`]
 //! (stored message templates).
 
 pub mod config;
+mod dashboard;
 mod dispatch;
 pub mod engine;
 mod health;

@@ -9,6 +9,7 @@ use super::actions;
 use super::auth::check_token;
 use super::reply::Reply;
 use super::Handlers;
+use crate::dashboard;
 use crate::engine::{Readiness, SendError, SubmitError};
 use crate::message::MailRequest;
 
@@ -37,6 +38,9 @@ pub(crate) fn route(exchange: &Exchange<'_>, request: &mut Request) -> Reply {
             Reply::text(text, "text/plain; version=0.0.4; charset=utf-8")
         }
         "/healthz" | "/readyz" | "/metrics" => method_not_allowed("GET, HEAD"),
+        // The dashboard (src/dashboard.rs): static files, no token (they hold no data).
+        _ if dashboard::serves(&path) && is(&Method::Get) => dashboard_page(&path, request),
+        _ if dashboard::serves(&path) => method_not_allowed("GET, HEAD"),
         _ if path == "/api" || path.starts_with("/api/") => {
             if let Some(refusal) = check_token(handlers.settings.api_token.as_ref(), request) {
                 return refusal;
@@ -126,6 +130,24 @@ fn answer(answer: actions::Answer) -> Reply {
     let mut reply = Reply::json(answer.code, answer.body);
     reply.headers = answer.headers;
     reply
+}
+
+fn dashboard_page(path: &str, request: &Request) -> Reply {
+    let if_none_match = request
+        .headers()
+        .iter()
+        .find(|header| header.field.equiv("If-None-Match"))
+        .and_then(|header| header.value.to_utf8());
+    match dashboard::serve(path, if_none_match) {
+        Some(page) => {
+            let mut reply = Reply::json(page.code, serde_json::Value::Null);
+            reply.body = page.body.to_vec();
+            reply.content_type = page.content_type;
+            reply.headers = page.headers;
+            reply
+        }
+        None => not_found(path),
+    }
 }
 
 fn not_found(path: &str) -> Reply {
