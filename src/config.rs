@@ -38,6 +38,9 @@ pub const VARIABLES: &[(&str, Option<&str>, &str)] = &[
     ("MAILROOM_SHUTDOWN_TIMEOUT_MS", Some("30000"), "how long a stop waits for deliveries in flight"),
     ("MAILROOM_STATUS_RETENTION", Some("100000"), "finished message statuses kept for GET /api/mail/{id}"),
     ("MAILROOM_SCHEDULED_CAPACITY", Some("1000000"), "messages waiting for their send_at before 503"),
+    ("MAILROOM_STORE", None, "redis://[user:password@]host:port/db (or rediss://) to share one queue among replicas; unset: the local spool"),
+    ("MAILROOM_REDIS_WAIT_REPLICAS", Some("0"), "with MAILROOM_STORE, a 202 waits until this many Redis replicas have the message (WAIT)"),
+    ("MAILROOM_CLAIM_TIMEOUT_MS", Some("60000"), "with MAILROOM_STORE, how long a silent replica keeps the messages it holds before another takes them"),
     ("MAILROOM_SUPPRESS_ON_BOUNCE", Some("1"), "add addresses refused with 5.1.x (no such user) to the suppression list"),
     ("MAILROOM_TEMPLATES_DIR", Some(DEFAULT_TEMPLATES_DIR), "message templates, one folder each (subject.txt, text.txt, html.html); only the default may be absent"),
     ("MAILROOM_WEBHOOK_URL", None, "where message events are POSTed as signed webhooks (https://, or http:// to loopback)"),
@@ -161,6 +164,94 @@ pub enum SpoolSetting {
     Memory,
 }
 
+/// A shared store several replicas use (`MAILROOM_STORE=redis://…`).
+#[derive(Clone, PartialEq, Eq)]
+#[non_exhaustive]
+pub struct RedisSettings {
+    /// `redis://[user:password@]host:port/db` or `rediss://…`; it may hold a
+    /// password, so `Debug` and logs show only [`RedisSettings::endpoint`].
+    pub url: Secret,
+    /// After each accepted message, `WAIT` until this many Redis replicas
+    /// have it (`MAILROOM_REDIS_WAIT_REPLICAS`; 0: do not wait).
+    pub wait_replicas: u32,
+    /// A replica that holds messages and stops renewing its claims on them
+    /// for this long is taken to be dead; another delivers them
+    /// (`MAILROOM_CLAIM_TIMEOUT_MS`).
+    pub claim_timeout: Duration,
+}
+
+impl RedisSettings {
+    /// The default claim timeout.
+    pub const DEFAULT_CLAIM_TIMEOUT: Duration = Duration::from_millis(60_000);
+
+    /// Settings for `url` with the defaults.
+    pub fn new(url: impl Into<String>) -> RedisSettings {
+        RedisSettings {
+            url: Secret::new(url),
+            wait_replicas: 0,
+            claim_timeout: RedisSettings::DEFAULT_CLAIM_TIMEOUT,
+        }
+    }
+
+    /// `host:port/db`, without credentials.
+    pub fn endpoint(&self) -> String {
+        match url::Url::parse(self.url.expose()) {
+            Ok(url) => format!(
+                "{}://{}:{}{}",
+                url.scheme(),
+                url.host_str().unwrap_or("?"),
+                url.port().unwrap_or(6379),
+                url.path()
+            ),
+            Err(_) => "(unparsable URL, not shown)".into(),
+        }
+    }
+}
+
+impl fmt::Debug for RedisSettings {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("RedisSettings")
+            .field("endpoint", &self.endpoint())
+            .field("wait_replicas", &self.wait_replicas)
+            .field("claim_timeout", &self.claim_timeout)
+            .finish()
+    }
+}
+
+fn parse_store(
+    get: &impl Fn(&str) -> Option<String>,
+) -> Result<Option<RedisSettings>, ConfigError> {
+    let Some(value) = get("MAILROOM_STORE") else {
+        return Ok(None);
+    };
+    let value = value.trim().to_string();
+    let invalid = |reason: String| ConfigError::Invalid {
+        variable: "MAILROOM_STORE",
+        value: mask_password(&value),
+        reason,
+    };
+    let url = url::Url::parse(&value)
+        .map_err(|error| invalid(format!("expected redis://host:port/db ({error})")))?;
+    if !matches!(url.scheme(), "redis" | "rediss") {
+        return Err(invalid(format!(
+            "{}:// is not a store: leave MAILROOM_STORE unset for the local spool, or use redis:// or rediss://",
+            url.scheme()
+        )));
+    }
+    if url.host_str().is_none_or(str::is_empty) {
+        return Err(invalid("the URL names no host".into()));
+    }
+    let mut settings = RedisSettings::new(value.clone());
+    settings.wait_replicas = number(get, "MAILROOM_REDIS_WAIT_REPLICAS", 0, 0, 100)? as u32;
+    settings.claim_timeout = millis(
+        get,
+        "MAILROOM_CLAIM_TIMEOUT_MS",
+        RedisSettings::DEFAULT_CLAIM_TIMEOUT.as_millis() as u64,
+        100,
+    )?;
+    Ok(Some(settings))
+}
+
 /// Who may appear as `sender`.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum SenderRule {
@@ -188,6 +279,8 @@ pub struct Config {
     pub retry_max: Duration,
     /// Durable spool or memory.
     pub spool: SpoolSetting,
+    /// A shared store (Redis) instead of the spool; `None`: the spool.
+    pub store: Option<RedisSettings>,
     /// Allowed senders; `None` allows any.
     pub allowed_senders: Option<Vec<SenderRule>>,
     /// Deliveries per second over the pool; 0 is unlimited.
@@ -236,6 +329,7 @@ impl Default for Config {
             retry_base: Duration::from_millis(2_000),
             retry_max: Duration::from_millis(600_000),
             spool: SpoolSetting::Directory(PathBuf::from(DEFAULT_SPOOL_DIR)),
+            store: None,
             allowed_senders: None,
             rate_limit: 0.0,
             sync_timeout: Duration::from_millis(60_000),
@@ -335,6 +429,7 @@ impl Config {
             100_000_000,
         )? as usize;
         let webhook = parse_webhook(&get)?;
+        let store = parse_store(&get)?;
 
         Ok(Config {
             relay,
@@ -364,6 +459,7 @@ impl Config {
             templates_dir: get("MAILROOM_TEMPLATES_DIR")
                 .map_or(defaults.templates_dir, |dir| PathBuf::from(dir.trim())),
             webhook,
+            store,
         })
     }
 
@@ -392,9 +488,10 @@ impl Config {
             ),
             Relay::Outbox(dir) => format!("outbox {}", dir.display()),
         };
-        let spool = match &self.spool {
-            SpoolSetting::Directory(dir) => format!("spool {}", dir.display()),
-            SpoolSetting::Memory => "spool none (memory only)".to_string(),
+        let spool = match (&self.store, &self.spool) {
+            (Some(redis), _) => format!("store {}", redis.endpoint()),
+            (None, SpoolSetting::Directory(dir)) => format!("spool {}", dir.display()),
+            (None, SpoolSetting::Memory) => "spool none (memory only)".to_string(),
         };
         format!(
             "{relay}, {spool}, {} workers, queue capacity {}, max attempts {}",

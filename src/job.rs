@@ -34,6 +34,8 @@ pub(crate) struct Job {
     pub attempts: u32,
     /// Set for `/api/mail/v2`: one attempt, the outcome to the caller, not spooled.
     pub waiter: Option<Sender<WaitedOutcome>>,
+    /// The shared store's claim on this job (a Redis stream entry), if any.
+    pub ticket: Option<String>,
 }
 
 impl Job {
@@ -48,6 +50,7 @@ impl Job {
             recipients,
             attempts,
             waiter: None,
+            ticket: None,
         }
     }
 

@@ -15,6 +15,7 @@ mod index;
 mod journal;
 pub(crate) mod local;
 mod record;
+mod redis;
 mod suppression;
 mod webhooks;
 
@@ -182,6 +183,10 @@ pub(crate) trait Store: Send + Sync {
 pub(crate) fn open(
     config: &crate::config::Config,
 ) -> io::Result<(Arc<dyn Store>, local::Recovery)> {
+    if let Some(settings) = &config.store {
+        let store = redis::RedisStore::open(config, settings)?;
+        return Ok((Arc::new(store), local::Recovery::default()));
+    }
     let (store, recovery) = local::LocalStore::open(config)?;
     Ok((Arc::new(store), recovery))
 }
