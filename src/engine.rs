@@ -16,7 +16,7 @@ use crate::pool::{start_workers, Job, Outcome, RateLimiter};
 use crate::retry::RetryScheduler;
 use crate::spool::{from_millis, Spool, SpoolRecord};
 use crate::status::{KeyClaim, MessageStatus, State, StatusStore};
-use crate::transport::{DeliveryError, TransportFactory};
+use crate::transport::{refuse_at_submit, DeliveryError, RelayCapabilities, TransportFactory};
 
 /// Consecutive relay failures (unreachable, TLS, AUTH) after which
 /// `/readyz` reports the relay as failing.
@@ -134,6 +134,8 @@ pub(crate) struct Shared {
     pub work: Sender<Job>,
     pub retry: RetryScheduler,
     pub rate_limiter: Option<RateLimiter>,
+    /// What the relay offers, once known (submit-time refusals).
+    pub capabilities: RelayCapabilities,
     /// Unfinished messages: queued, sending or waiting for retry.
     held: AtomicUsize,
     retry_depth: Arc<AtomicUsize>,
@@ -245,6 +247,7 @@ impl Engine {
             work,
             retry,
             rate_limiter: RateLimiter::new(config.rate_limit),
+            capabilities: factory.capabilities(),
             held: AtomicUsize::new(0),
             retry_depth,
             accepting: AtomicBool::new(true),
@@ -362,6 +365,9 @@ impl Engine {
         let message = request
             .build(shared.config.allowed_senders.as_deref())
             .map_err(SubmitError::Invalid)?;
+        if let Some(error) = refuse_at_submit(&message, &shared.capabilities) {
+            return Err(SubmitError::Invalid(error));
+        }
         let id = message.id.clone();
         let mut claim = KeyClaimGuard {
             status: &shared.status,
@@ -417,6 +423,9 @@ impl Engine {
         let message = request
             .build(shared.config.allowed_senders.as_deref())
             .map_err(|error| SendError::Rejected(SubmitError::Invalid(error)))?;
+        if let Some(error) = refuse_at_submit(&message, &shared.capabilities) {
+            return Err(SendError::Rejected(SubmitError::Invalid(error)));
+        }
         let id = message.id.clone();
         if !shared.reserve() {
             return Err(SendError::Rejected(SubmitError::Full));

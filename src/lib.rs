@@ -48,4 +48,6 @@ pub use engine::{Accepted, Engine, Readiness, SendError, ShutdownReport, StartEr
 pub use message::{AttachmentRequest, MailRequest, MessageError, OutgoingMessage};
 pub use pool::WORKER_NICENESS;
 pub use status::{MessageStatus, State};
-pub use transport::{DeliveryError, FailureKind};
+pub use transport::{
+    Delivered, DeliveryError, FailureKind, RecipientRefusal, RelayCapabilities, SmtpReply,
+};

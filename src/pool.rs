@@ -188,15 +188,40 @@ fn deliver(shared: &Shared, transport: &mut Transport, mut job: Job) {
         status.next_attempt_at = None;
     });
     let started = Instant::now();
-    let result = transport.deliver(&job.message, &|| shared.metrics.connection_opened());
+    let result = transport
+        .deliver(&job.message, &job.message.recipients, &|| {
+            shared.metrics.connection_opened()
+        })
+        .and_then(|delivered| match delivered.failure() {
+            Some(error) => Err(error),
+            None => Ok(delivered),
+        });
     let elapsed = started.elapsed();
     match result {
         Ok(delivered) => {
             shared.relay_ok();
             shared.metrics.attempt(AttemptResult::Ok, elapsed);
             shared.metrics.message_sent();
-            let last_error = (!delivered.refused.is_empty())
-                .then(|| format!("some recipients refused: {}", delivered.refused.join("; ")));
+            let join = |list: &[crate::transport::RecipientRefusal]| {
+                list.iter()
+                    .map(ToString::to_string)
+                    .collect::<Vec<_>>()
+                    .join("; ")
+            };
+            let mut warnings = Vec::new();
+            if !delivered.refused.is_empty() {
+                warnings.push(format!(
+                    "some recipients refused: {}",
+                    join(&delivered.refused)
+                ));
+            }
+            if !delivered.deferred.is_empty() {
+                warnings.push(format!(
+                    "some recipients deferred: {}",
+                    join(&delivered.deferred)
+                ));
+            }
+            let last_error = (!warnings.is_empty()).then(|| warnings.join("; "));
             match &last_error {
                 Some(refused) => log::warn!("message {id}: sent, attempt {attempt}; {refused}"),
                 None => log::info!("message {id}: sent, attempt {attempt}"),

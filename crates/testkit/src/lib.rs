@@ -1,12 +1,13 @@
 //! Peers that mailroom's tests and benchmarks talk to over real sockets,
 //! written once and shared: certificates for TLS, a small HTTP/1.1 client,
-//! temporary directories.
+//! a strict SMTP relay with fault injection, temporary directories.
 //!
 //! Nothing here imports mailroom: the tests turn these peers into
 //! mailroom configuration themselves (see `tests/common`).
 
 pub mod certs;
 pub mod http;
+pub mod smtp;
 
 use std::path::PathBuf;
 use std::sync::atomic::{AtomicUsize, Ordering};
