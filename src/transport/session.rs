@@ -54,6 +54,8 @@ pub(super) struct Deadline {
     base: Instant,
     at: AtomicU64,
     timeout: Duration,
+    /// The worker gave up waiting: start nothing more on this connection.
+    abandoned: AtomicBool,
 }
 
 impl Deadline {
@@ -62,6 +64,7 @@ impl Deadline {
             base: Instant::now(),
             at: AtomicU64::new(0),
             timeout,
+            abandoned: AtomicBool::new(false),
         }
     }
 
@@ -84,6 +87,11 @@ impl Deadline {
     /// The length of a phase.
     pub fn timeout(&self) -> Duration {
         self.timeout
+    }
+
+    /// True once the worker has given this connection thread up.
+    pub fn abandoned(&self) -> bool {
+        self.abandoned.load(Ordering::SeqCst)
     }
 }
 
@@ -112,7 +120,6 @@ struct Session {
     deadline: Arc<Deadline>,
     /// Delivered so far in a multi-transaction attempt, and who is left.
     progress: Progress,
-    abandoned: Arc<AtomicBool>,
     /// A connection is open on the thread, last used then.
     open_since: Option<Instant>,
 }
@@ -202,7 +209,7 @@ impl SmtpSender {
 
     /// Gives a connection thread up: it ends on its own.
     fn abandon(&self, session: Session) {
-        session.abandoned.store(true, Ordering::SeqCst);
+        session.deadline.abandoned.store(true, Ordering::SeqCst);
         let lingering = self.abandoned.fetch_add(1, Ordering::SeqCst) + 1;
         log::warn!(
             "SMTP session with {} abandoned at its deadline ({lingering} abandoned sessions still waiting on the relay)",
@@ -226,14 +233,12 @@ impl SmtpSender {
         let (outcomes_out, outcomes) = crossbeam_channel::bounded(1);
         let deadline = Arc::new(Deadline::new(self.config.settings.timeout));
         let progress = Arc::new(Mutex::new(None));
-        let abandoned = Arc::new(AtomicBool::new(false));
         let thread = Thread {
             config: Arc::clone(&self.config),
             requests: requests_in,
             outcomes: outcomes_out,
             deadline: Arc::clone(&deadline),
             progress: Arc::clone(&progress),
-            abandoned: Arc::clone(&abandoned),
             lingering: Arc::clone(&self.abandoned),
         };
         std::thread::Builder::new()
@@ -251,7 +256,6 @@ impl SmtpSender {
             outcomes,
             deadline,
             progress,
-            abandoned,
             open_since: None,
         })
     }
@@ -347,7 +351,6 @@ struct Thread {
     outcomes: Sender<Outcome>,
     deadline: Arc<Deadline>,
     progress: Progress,
-    abandoned: Arc<AtomicBool>,
     lingering: Arc<AtomicUsize>,
 }
 
@@ -376,12 +379,12 @@ impl Thread {
             }
         }
         if let Some(mut open) = open.take() {
-            if !self.abandoned.load(Ordering::SeqCst) {
+            if !self.deadline.abandoned() {
                 let _ = open.smtp.quit();
             }
             open.smtp.abort();
         }
-        if self.abandoned.load(Ordering::SeqCst) {
+        if self.deadline.abandoned() {
             self.lingering.fetch_sub(1, Ordering::SeqCst);
         }
     }

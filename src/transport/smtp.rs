@@ -84,14 +84,13 @@ impl Open {
     /// Keeps a read from outliving the phase's deadline by much: lowers
     /// the per-read timeout when the deadline is nearer than the one in
     /// force (a setsockopt only then, so a quick transaction makes none).
-    fn bound_reads(&mut self, deadline: &Deadline) -> Result<(), SmtpError> {
+    fn bound_reads(&mut self, deadline: &Deadline) {
         let remaining = deadline.remaining().max(Duration::from_millis(1));
         let slack = (deadline.timeout() / 4).min(Duration::from_secs(1));
         if remaining + slack < self.read_timeout {
             let _ = self.smtp.set_timeout(Some(remaining));
             self.read_timeout = remaining;
         }
-        Ok(())
     }
 
     /// One command and its reply. An I/O error, a cut-off reply or a 421
@@ -101,7 +100,7 @@ impl Open {
         command: C,
         deadline: &Deadline,
     ) -> Result<Response, SmtpError> {
-        self.bound_reads(deadline)?;
+        self.bound_reads(deadline);
         let result = self.smtp.command(command);
         self.note(&result);
         result
@@ -138,7 +137,7 @@ impl Open {
 
     /// The body and its terminator.
     fn body(&mut self, content: &str, deadline: &Deadline) -> Result<Response, SmtpError> {
-        self.bound_reads(deadline)?;
+        self.bound_reads(deadline);
         let result = if content.len() <= LARGE_BODY {
             self.smtp.command(DataBody(content))
         } else {
@@ -343,6 +342,12 @@ fn transaction(
     recipients: &[String],
     deadline: &Deadline,
 ) -> Result<Transaction, Failure> {
+    // A worker that gave up must not get a message delivered behind its
+    // back (it reports a failure, and the message is tried again).
+    if deadline.abandoned() {
+        open.broken = true;
+        return Err(Failure::local(abandoned()));
+    }
     if let Err(error) = open.command(Mail::new(Some(from.clone()), parameters.to_vec()), deadline) {
         return Err(open.failure(error, Stage::Mail));
     }
@@ -390,6 +395,11 @@ fn transaction(
     if let Err(error) = open.command(Data, deadline) {
         return Err(open.failure(error, Stage::Data));
     }
+    if deadline.abandoned() {
+        // Closing without the final dot: the relay drops the transaction.
+        open.broken = true;
+        return Err(Failure::local(abandoned()));
+    }
     match open.body(&message.content, deadline) {
         Ok(response) => {
             result.reply = Some(reply_of(&response));
@@ -397,6 +407,10 @@ fn transaction(
         }
         Err(error) => Err(open.failure(error, Stage::Body)),
     }
+}
+
+fn abandoned() -> DeliveryError {
+    DeliveryError::transient("given up at the deadline".into(), true)
 }
 
 fn reply_of(response: &Response) -> SmtpReply {

@@ -95,7 +95,8 @@ pub struct Received {
     pub from: String,
     /// Accepted RCPT TO addresses, in order.
     pub recipients: Vec<String>,
-    /// The message after DATA, dot-stuffing removed, terminator excluded.
+    /// The message's lines after DATA, each with its CRLF, dot-stuffing
+    /// removed, the terminating `.` line excluded.
     pub data: Vec<u8>,
     /// When its end of data was answered.
     pub at: Instant,
@@ -774,11 +775,6 @@ fn accept_message(state: &State, transaction: &mut Transaction, data: Vec<u8>, n
         std::thread::sleep(state.options.delay);
     }
     if state.options.record {
-        // The terminator's CRLF belongs to the message's last line.
-        let mut data = data;
-        if data.ends_with(b"\r\n") {
-            data.truncate(data.len() - 2);
-        }
         state
             .received
             .lock()
