@@ -98,7 +98,8 @@ impl Deadline {
 enum Request {
     Deliver {
         message: Arc<OutgoingMessage>,
-        recipients: Vec<String>,
+        /// `None`: every recipient of the message (no copy of the list).
+        recipients: Option<Vec<String>>,
     },
     /// QUIT and close the connection (the thread stays).
     Close,
@@ -153,9 +154,11 @@ impl SmtpSender {
             None => self.spawn()?,
         };
         session.deadline.start_phase();
+        let every = recipients.len() == message.recipients.len()
+            && recipients.as_ptr() == message.recipients.as_ptr();
         let request = Request::Deliver {
             message: Arc::clone(message),
-            recipients: recipients.to_vec(),
+            recipients: (!every).then(|| recipients.to_vec()),
         };
         if session.requests.send(request).is_err() {
             return Err(DeliveryError::transient(
@@ -362,7 +365,10 @@ impl Thread {
                 Request::Deliver {
                     message,
                     recipients,
-                } => self.deliver(&mut open, &message, &recipients),
+                } => {
+                    let recipients = recipients.as_deref().unwrap_or(&message.recipients);
+                    self.deliver(&mut open, &message, recipients)
+                }
                 Request::Close => {
                     if let Some(mut open) = open.take() {
                         let _ = open.smtp.quit();

@@ -911,6 +911,166 @@ fn decode_base64(text: &str) -> Option<Vec<u8>> {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use std::io::{BufRead, BufReader};
+
+    /// A raw client: writes what it is given, reads whole replies.
+    struct Client {
+        reader: BufReader<TcpStream>,
+        writer: TcpStream,
+    }
+
+    impl Client {
+        fn connect(relay: &StrictRelay) -> Client {
+            let stream = TcpStream::connect(("127.0.0.1", relay.port)).unwrap();
+            stream
+                .set_read_timeout(Some(Duration::from_secs(10)))
+                .unwrap();
+            let mut client = Client {
+                reader: BufReader::new(stream.try_clone().unwrap()),
+                writer: stream,
+            };
+            assert!(client.reply().starts_with("220 "));
+            client
+        }
+
+        fn send(&mut self, bytes: &[u8]) {
+            self.writer.write_all(bytes).unwrap();
+        }
+
+        /// One reply, its lines joined by `|`.
+        fn reply(&mut self) -> String {
+            let mut lines = Vec::new();
+            loop {
+                let mut line = String::new();
+                self.reader.read_line(&mut line).unwrap();
+                let line = line.trim_end().to_string();
+                let last = line.as_bytes().get(3) != Some(&b'-');
+                lines.push(line);
+                if last {
+                    return lines.join("|");
+                }
+            }
+        }
+
+        fn command(&mut self, command: &str) -> String {
+            self.send(format!("{command}\r\n").as_bytes());
+            self.reply()
+        }
+    }
+
+    #[test]
+    fn pipelined_groups_get_their_replies_in_order() {
+        let relay = StrictRelay::start(RelayOptions {
+            pipelining: true,
+            ..RelayOptions::default()
+        });
+        relay.refuse_recipient("gone@example.org", 550, "5.1.1 no such user");
+        let mut client = Client::connect(&relay);
+        assert!(client.command("EHLO client").contains("PIPELINING"));
+        client.send(
+            b"MAIL FROM:<a@example.com>\r\nRCPT TO:<b@example.org>\r\nRCPT TO:<gone@example.org>\r\nDATA\r\n",
+        );
+        assert!(client.reply().starts_with("250 "));
+        assert!(client.reply().starts_with("250 "));
+        assert!(client.reply().starts_with("550 5.1.1"));
+        assert!(client.reply().starts_with("354 "));
+        client.send(b"Subject: x\r\n\r\n..dot\r\n.\r\nRSET\r\nNOOP\r\n");
+        assert!(client.reply().starts_with("250 "));
+        assert!(client.reply().starts_with("250 "));
+        assert!(client.reply().starts_with("250 "));
+        let received = relay.received();
+        assert_eq!(received[0].recipients, vec!["b@example.org"]);
+        assert_eq!(received[0].data, b"Subject: x\r\n\r\n.dot\r\n");
+    }
+
+    #[test]
+    fn strictness() {
+        let relay = StrictRelay::start(RelayOptions::default());
+        let mut client = Client::connect(&relay);
+        assert!(!client.command("EHLO client").contains("SMTPUTF8"));
+        let long = format!("NOOP {}", "x".repeat(996));
+        assert!(client.command(&long).starts_with("500 5.5.2 Line too long"));
+        assert!(client
+            .command("MAIL FROM:<jörg@example.com> SMTPUTF8")
+            .contains("strict ASCII mode"));
+        client.send(b"NOOP\n");
+        assert!(client.reply().starts_with("500"), "bare LF in a command");
+        for (data, refusal) in [
+            (&b"a\nb\r\n"[..], "bare CR or LF"),
+            (b"a\rb\r\n", "bare CR or LF"),
+            (b"nul\0\r\n", "NUL"),
+            ("Subject: é\r\n".as_bytes(), "strict ASCII mode"),
+        ] {
+            assert!(client
+                .command("MAIL FROM:<a@example.com>")
+                .starts_with("250"));
+            assert!(client.command("RCPT TO:<b@example.org>").starts_with("250"));
+            assert!(client.command("DATA").starts_with("354"));
+            client.send(data);
+            client.send(b".\r\n");
+            let reply = client.reply();
+            assert!(
+                reply.starts_with("500") && reply.contains(refusal),
+                "{reply}"
+            );
+        }
+        assert_eq!(relay.messages(), 0);
+    }
+
+    #[test]
+    fn smtputf8_and_8bitmime_when_offered() {
+        let relay = StrictRelay::start(RelayOptions {
+            smtputf8: true,
+            eightbitmime: true,
+            ..RelayOptions::default()
+        });
+        let mut client = Client::connect(&relay);
+        let ehlo = client.command("EHLO client");
+        assert!(ehlo.contains("SMTPUTF8") && ehlo.contains("8BITMIME"));
+        // 8BITMIME: 8-bit body, ASCII headers.
+        assert!(client
+            .command("MAIL FROM:<a@example.com> BODY=8BITMIME")
+            .starts_with("250"));
+        assert!(client.command("RCPT TO:<b@example.org>").starts_with("250"));
+        assert!(client.command("DATA").starts_with("354"));
+        client.send("Subject: x\r\n\r\nGrüße\r\n.\r\n".as_bytes());
+        assert!(client.reply().starts_with("250"));
+        // SMTPUTF8: UTF-8 addresses and headers.
+        assert!(client
+            .command("MAIL FROM:<jörg@example.com> SMTPUTF8")
+            .starts_with("250"));
+        assert!(client
+            .command("RCPT TO:<zoë@example.org>")
+            .starts_with("250"));
+        assert!(client.command("DATA").starts_with("354"));
+        client.send("From: jörg@example.com\r\n\r\nhi\r\n.\r\n".as_bytes());
+        assert!(client.reply().starts_with("250"));
+        let received = relay.received();
+        assert!(received[0].eightbit && !received[0].smtputf8);
+        assert!(received[1].smtputf8);
+        assert_eq!(received[1].recipients, vec!["zoë@example.org"]);
+    }
+
+    #[test]
+    fn recipient_limit_and_idle_close() {
+        let relay = StrictRelay::start(RelayOptions::default());
+        relay.limit_recipients(Some(1));
+        relay.after_message(AfterMessage::Reply421);
+        let mut client = Client::connect(&relay);
+        client.command("EHLO client");
+        client.command("MAIL FROM:<a@example.com>");
+        assert!(client.command("RCPT TO:<b@example.org>").starts_with("250"));
+        assert_eq!(
+            client.command("RCPT TO:<c@example.org>"),
+            "452 4.5.3 Too many recipients"
+        );
+        client.command("DATA");
+        client.send(b"x\r\n.\r\n");
+        assert!(client.reply().starts_with("250"));
+        assert!(client
+            .command("MAIL FROM:<a@example.com>")
+            .starts_with("421"));
+    }
 
     #[test]
     fn base64_decodes() {
