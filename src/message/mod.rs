@@ -7,13 +7,15 @@
 //! would refuse for being malformed.
 //!
 //! One job per module: this one parses and validates requests; `address`
-//! parses mailboxes (IDNA domains, SMTPUTF8 local parts); `encode` writes
+//! parses mailboxes (IDNA domains, SMTPUTF8 local parts); `json` reads the
+//! body (attachments without a copy of their base64 text); `encode` writes
 //! folded header lines, RFC 2047 words and transfer encodings; `build`
 //! assembles the MIME message as it goes on the wire.
 
 mod address;
 mod build;
 mod encode;
+mod json;
 
 use std::collections::hash_map::RandomState;
 use std::collections::BTreeMap;
@@ -235,11 +237,11 @@ impl MailRequest {
     /// Parses a JSON body, naming the field at fault on error. Unknown
     /// top-level fields are refused.
     pub fn from_json(body: &[u8]) -> Result<MailRequest, MessageError> {
-        let value: Value = serde_json::from_slice(body)
-            .map_err(|error| MessageError::MalformedJson(error.to_string()))?;
-        let Value::Object(mut object) = value else {
-            return Err(MessageError::NotAnObject);
-        };
+        let parsed = json::parse(body).map_err(|error| match error.classify() {
+            serde_json::error::Category::Data => MessageError::NotAnObject,
+            _ => MessageError::MalformedJson(error.to_string()),
+        })?;
+        let object = parsed.fields;
         let unknown: Vec<String> = object
             .keys()
             .filter(|key| !FIELDS.contains(&key.as_str()))
@@ -289,16 +291,15 @@ impl MailRequest {
                 })?,
             ),
         };
-        // Taken out of the tree, so each attachment's base64 text is freed
-        // as soon as it is decoded (no copy of a large body is kept).
-        let attachments = match object.remove("attachments") {
-            None | Some(Value::Null) => Vec::new(),
-            Some(Value::Array(items)) => items
+        // Each attachment's base64 text is decoded from the body itself.
+        let attachments = match parsed.attachments {
+            None | Some(json::Attachments::Other(Value::Null)) => Vec::new(),
+            Some(json::Attachments::List(items)) => items
                 .into_iter()
                 .enumerate()
                 .map(|(index, item)| parse_attachment(index, item))
                 .collect::<Result<_, _>>()?,
-            Some(_) => {
+            Some(json::Attachments::Other(_)) => {
                 return Err(MessageError::WrongType {
                     field: "attachments".into(),
                     expected: "an array of {filename, content_type, content}",
@@ -450,35 +451,46 @@ fn parse_metadata(object: &Map<String, Value>) -> Result<BTreeMap<String, String
     Ok(metadata)
 }
 
-fn parse_attachment(index: usize, item: Value) -> Result<AttachmentRequest, MessageError> {
+fn parse_attachment(index: usize, item: json::Item<'_>) -> Result<AttachmentRequest, MessageError> {
     let invalid = |reason: &str| MessageError::InvalidAttachment {
         index,
         reason: reason.to_string(),
     };
-    let Value::Object(mut object) = item else {
+    let json::Item::Object(fields) = item else {
         return Err(invalid(
             "must be an object {filename, content_type, content}",
         ));
     };
-    let mut text = |field: &str| match object.remove(field) {
-        Some(Value::String(text)) => Ok(Some(text)),
-        None | Some(Value::Null) => Ok(None),
-        Some(_) => Err(MessageError::InvalidAttachment {
-            index,
-            reason: format!("`{field}` must be a string"),
-        }),
-    };
-    let filename = text("filename")?.ok_or_else(|| invalid("missing `filename`"))?;
-    let content_type = text("content_type")?.unwrap_or_else(|| "application/octet-stream".into());
-    let encoded = text("content")?.ok_or_else(|| invalid("missing `content` (base64)"))?;
-    if let Some(field) = object.keys().next() {
-        return Err(invalid(&format!(
-            "unknown field `{field}`; the valid ones are filename, content_type, content"
-        )));
+    let (mut filename, mut content_type, mut encoded) = (None, None, None);
+    for (name, value) in fields {
+        let text = match value {
+            json::Field::Text(text) => Some(text),
+            json::Field::Other(Value::Null) => None,
+            json::Field::Other(_) => {
+                return Err(invalid(&format!("`{name}` must be a string")));
+            }
+        };
+        match name.as_str() {
+            "filename" => filename = text,
+            "content_type" => content_type = text,
+            "content" => encoded = text,
+            _ => {
+                return Err(invalid(&format!(
+                    "unknown field `{name}`; the valid ones are filename, content_type, content"
+                )))
+            }
+        }
     }
+    let filename = filename
+        .ok_or_else(|| invalid("missing `filename`"))?
+        .into_owned();
+    let content_type = content_type.map_or_else(
+        || "application/octet-stream".to_string(),
+        std::borrow::Cow::into_owned,
+    );
+    let encoded = encoded.ok_or_else(|| invalid("missing `content` (base64)"))?;
     let content = decode_base64(&encoded)
         .map_err(|error| invalid(&format!("`content` is not valid base64: {error}")))?;
-    drop(encoded);
     Ok(AttachmentRequest {
         filename,
         content_type,
