@@ -23,7 +23,7 @@ fn main() {
     let request = seed_request();
     let message = deliver::built(&request);
     println!(
-        "message: the seed request, {} bytes as sent; sink: benches/common/sink.rs (thread per connection)",
+        "message: the seed request, {} bytes as sent; sink: the testkit strict relay (thread per connection, counting only)",
         message.content.len()
     );
     println!("N = {count} messages per run; both sides timed from the start signal to the sink's count of N; CPU us/msg: CPU time of the whole bench process (sender and sink) per message; raw threads run at the workers' nice +{} (BENCH_RAW_NICE to change)", mailroom::config::DEFAULT_WORKER_NICENESS);

@@ -1,8 +1,10 @@
 //! Memory: the release binary as a child process; VmRSS and VmHWM from
-//! /proc/PID/status when idle, and with 100,000 messages of about 1 KB held
-//! while the relay is down. Prints figures.
+//! /proc/PID/status when idle, around messages with a large attachment,
+//! and with 100,000 messages of about 1 KB held while the relay is down.
+//! Prints figures.
 //!
-//! `cargo bench --bench memory`; BENCH_QUEUED (default 100000).
+//! `cargo bench --bench memory`; BENCH_QUEUED (default 100000),
+//! BENCH_ATTACHMENT_MIB (default 7).
 
 mod common;
 
@@ -71,6 +73,62 @@ fn main() {
         service.stop();
     }
 
+    // Large attachments: one message with a 7 MiB attachment, then four at
+    // once; peak (VmHWM) and what stays (VmRSS) once they were delivered.
+    let attachment_mib = env_number("BENCH_ATTACHMENT_MIB", 7) as usize;
+    let body = large_attachment_json(attachment_mib << 20);
+    let request = post_request("/api/mail", &body);
+    for spool in ["none", "spool"] {
+        let spool_value = if spool == "none" {
+            "none".to_string()
+        } else {
+            directory
+                .join(format!("spool-large-{}", std::process::id()))
+                .to_string_lossy()
+                .into_owned()
+        };
+        let service = Service::start(
+            &directory,
+            &[
+                ("MAILROOM_SMTP_URL", relay.clone()),
+                ("MAILROOM_SPOOL_DIR", spool_value),
+            ],
+        );
+        let (idle, _) = service.memory();
+        let one = run_load(
+            service.address,
+            1,
+            Duration::from_secs(120),
+            &request,
+            202,
+            1,
+        );
+        service.wait_metric("mailroom_messages_sent_total", one.ok);
+        let (after_one, peak_one) = service.memory();
+        let four = run_load(
+            service.address,
+            4,
+            Duration::from_secs(120),
+            &request,
+            202,
+            1,
+        );
+        service.wait_metric("mailroom_messages_sent_total", one.ok + four.ok);
+        let (after_four, peak_four) = service.memory();
+        println!(
+            "{attachment_mib} MiB attachment (request body {:.1} MB; spool {spool}): idle VmRSS {:.1} MB; one message: peak VmHWM {:.1} MB, VmRSS {:.1} MB once delivered; four at once ({} accepted, {} errors): peak VmHWM {:.1} MB, VmRSS {:.1} MB once delivered",
+            body.len() as f64 / 1e6,
+            mb(idle),
+            mb(peak_one),
+            mb(after_one),
+            four.ok,
+            four.errors,
+            mb(peak_four),
+            mb(after_four)
+        );
+        service.stop();
+    }
+
     // Relay down: a port with nothing listening; retries far apart, so the
     // messages stay held.
     let down = {
@@ -120,6 +178,32 @@ fn main() {
     );
     service.stop();
     let _ = std::fs::remove_dir_all(&directory);
+}
+
+/// A request with one attachment of `size` pseudo-random bytes.
+fn large_attachment_json(size: usize) -> String {
+    use base64::Engine as _;
+    let mut state: u64 = 0x9E37_79B9_7F4A_7C15;
+    let bytes: Vec<u8> = (0..size)
+        .map(|_| {
+            state ^= state << 13;
+            state ^= state >> 7;
+            state ^= state << 17;
+            (state >> 24) as u8
+        })
+        .collect();
+    serde_json::json!({
+        "sender": "App <app@example.com>",
+        "receiver": "user@example.org",
+        "subject": "A large attachment",
+        "message": "See the attached file.",
+        "attachments": [{
+            "filename": "large.bin",
+            "content_type": "application/octet-stream",
+            "content": base64::engine::general_purpose::STANDARD.encode(&bytes),
+        }],
+    })
+    .to_string()
 }
 
 fn mb(bytes: u64) -> f64 {

@@ -17,7 +17,7 @@ use crate::status::{Event, EventKind, MessageStatus, State};
 use crate::store::{id_key, ActionRefusal, Admission, MessageRecord, StatusRecord, Store};
 use crate::templates::Templates;
 use crate::time::to_millis;
-use crate::transport::TransportFactory;
+use crate::transport::{refuse_at_submit, RelayCapabilities, TransportFactory};
 use crate::webhooks::Webhooks;
 
 pub use crate::store::{ListQuery, Suppression};
@@ -399,6 +399,8 @@ pub struct ShutdownReport {
 /// What the engine handle shares with its threads.
 struct Inner {
     config: Config,
+    /// What the relay offers, once known (submit-time refusals).
+    capabilities: RelayCapabilities,
     templates: Templates,
     store: Arc<dyn Store>,
     metrics: Arc<Metrics>,
@@ -488,6 +490,7 @@ impl Engine {
             control: Arc::new(PoolControl::default()),
             accepting: AtomicBool::new(true),
             templates,
+            capabilities: factory.capabilities(),
             config,
             webhooks,
         });
@@ -589,6 +592,9 @@ impl Engine {
             .request
             .build(inner.config.allowed_senders.as_deref())
             .map_err(SubmitError::Invalid)?;
+        if let Some(error) = refuse_at_submit(&message, &inner.capabilities) {
+            return Err(SubmitError::Invalid(error));
+        }
         let send_at = scheduled_time(item.request.send_at)?;
         let mut status = Engine::new_status(&message, item.idempotency_key, item.request);
         if let Some(send_at) = send_at {
@@ -725,6 +731,9 @@ impl Engine {
         let message = request
             .build(inner.config.allowed_senders.as_deref())
             .map_err(|error| SendError::Rejected(SubmitError::Invalid(error)))?;
+        if let Some(error) = refuse_at_submit(&message, &inner.capabilities) {
+            return Err(SendError::Rejected(SubmitError::Invalid(error)));
+        }
         let id = message.id.clone();
         let (waiter, outcome) = crossbeam_channel::bounded::<WaitedOutcome>(1);
         let status = Engine::new_status(&message, idempotency_key, request);

@@ -235,7 +235,10 @@ mod tests {
     }
 
     fn error(kind: FailureKind) -> AttemptOutcome {
-        Err(DeliveryError::for_tests(kind, "421 try later"))
+        Err(match kind {
+            FailureKind::Permanent => DeliveryError::permanent("550 no".into()),
+            _ => DeliveryError::transient("421 try later".into(), false),
+        })
     }
 
     #[test]

@@ -65,4 +65,6 @@ pub use status::{Event, EventKind, MessageStatus, State};
 pub use templates::{
     RenderError, Rendered, TemplateError, TemplateInfo, TemplateSnapshot, Templates,
 };
-pub use transport::{DeliveryError, FailureKind};
+pub use transport::{
+    Delivered, DeliveryError, FailureKind, RecipientRefusal, RelayCapabilities, SmtpReply,
+};

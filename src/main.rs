@@ -7,7 +7,27 @@ use std::sync::Arc;
 use mailroom::config::{ConfigError, Relay, VARIABLES};
 use mailroom::{systemd, Config, Engine, HttpServer, HttpSettings, Templates};
 
+/// Blocks of this size or more are mapped from the kernel by glibc's
+/// malloc and returned to it when freed.
+#[cfg_attr(not(all(target_os = "linux", target_env = "gnu")), allow(dead_code))]
+const MMAP_THRESHOLD: i32 = 256 * 1024;
+
+/// Fixes glibc's mmap threshold. By default it grows to the size of the
+/// largest block freed (up to 32 MiB), after which blocks of message size
+/// come from the heaps and stay with the process: four messages with a
+/// 7 MiB attachment left ~65 MB resident after delivery. With a fixed
+/// threshold a large message's memory goes back when it is freed.
+fn return_large_blocks_to_the_kernel() {
+    #[cfg(all(target_os = "linux", target_env = "gnu"))]
+    {
+        // SAFETY: mallopt only changes malloc's tuning; called at start,
+        // before any thread is spawned. A refusal (0) keeps the default.
+        let _ = unsafe { libc::mallopt(libc::M_MMAP_THRESHOLD, MMAP_THRESHOLD) };
+    }
+}
+
 fn main() -> ExitCode {
+    return_large_blocks_to_the_kernel();
     let arguments: Vec<String> = std::env::args().skip(1).collect();
     if arguments
         .iter()

@@ -1,238 +1,109 @@
-//! Test fixtures: a real SMTP server in-process (mailin-embedded, with
-//! STARTTLS and AUTH when asked), a minimal HTTP client over loopback, and
-//! helpers to start the service in-process or as a child process.
+//! Test fixtures: the strict SMTP relay from `mailroom-testkit` turned into
+//! mailroom settings, the testkit's HTTP client over loopback, and helpers
+//! to start the service in-process or as a child process.
 #![allow(dead_code, unused_imports)]
 
-use std::collections::{HashMap, VecDeque};
+use std::collections::HashMap;
 
 use std::net::{IpAddr, SocketAddr, TcpListener, TcpStream};
 use std::path::{Path, PathBuf};
-use std::sync::atomic::{AtomicUsize, Ordering};
-use std::sync::{Arc, Condvar, Mutex, Once};
+use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use mailin_embedded::{AuthMechanism, Handler, Response, Server, SslConfig};
 use mailroom::config::{Relay, SmtpSettings, TlsMode};
 use mailroom::{Config, Engine, HttpServer, HttpSettings};
 
 pub use mailroom_testkit::certs::{certificates, TestCertificates};
 pub use mailroom_testkit::http::{read_reply, request, HttpReply};
+pub use mailroom_testkit::smtp::{
+    AfterMessage, Login, Received, RelayOptions, Security, StrictRelay,
+};
 pub use mailroom_testkit::{temp_dir, PATIENCE};
 
-/// One message as the relay received it.
-#[derive(Debug, Clone)]
-pub struct Received {
-    pub from: String,
-    pub recipients: Vec<String>,
-    pub data: Vec<u8>,
-    pub at: Instant,
+/// Parsing what the relay received, as a mail client would.
+pub trait Parsed {
+    /// The message, parsed by mail-parser.
+    fn parsed(&self) -> mail_parser::Message<'_>;
 }
 
-impl Received {
-    pub fn parsed(&self) -> mail_parser::Message<'_> {
+impl Parsed for Received {
+    fn parsed(&self) -> mail_parser::Message<'_> {
         mail_parser::MessageParser::default()
             .parse(&self.data)
             .expect("the relay received a parsable message")
     }
 }
 
-#[derive(Default)]
-struct Faults {
-    /// Replies to the next MAIL FROM commands, in order.
-    mail_replies: VecDeque<(u16, String)>,
-    /// Recipients refused with this reply.
-    refused_recipients: HashMap<String, (u16, String)>,
-    /// While true, the end of DATA waits (a stalled relay).
-    stall_data_end: bool,
-}
-
-#[derive(Default)]
-struct RelayState {
-    received: Mutex<Vec<Received>>,
-    arrived: Condvar,
-    connections: AtomicUsize,
-    faults: Mutex<Faults>,
-    unstalled: Condvar,
-    stalled_sessions: AtomicUsize,
-    credentials: Option<(String, String)>,
-}
-
-#[derive(Clone)]
-struct RelayHandler {
-    state: Arc<RelayState>,
-    counted: bool,
-    from: String,
-    recipients: Vec<String>,
-    data: Vec<u8>,
-}
-
-impl Handler for RelayHandler {
-    fn helo(&mut self, _ip: IpAddr, _domain: &str) -> Response {
-        // The handler is cloned per connection; EHLO comes again after STARTTLS.
-        if !self.counted {
-            self.counted = true;
-            self.state.connections.fetch_add(1, Ordering::SeqCst);
-        }
-        mailin_embedded::response::OK
-    }
-
-    fn mail(&mut self, _ip: IpAddr, _domain: &str, from: &str) -> Response {
-        self.from = from.to_string();
-        self.recipients.clear();
-        if let Some((code, text)) = self.state.faults.lock().unwrap().mail_replies.pop_front() {
-            return Response::custom(code, text);
-        }
-        mailin_embedded::response::OK
-    }
-
-    fn rcpt(&mut self, to: &str) -> Response {
-        if let Some((code, text)) = self.state.faults.lock().unwrap().refused_recipients.get(to) {
-            return Response::custom(*code, text.clone());
-        }
-        self.recipients.push(to.to_string());
-        mailin_embedded::response::OK
-    }
-
-    fn data_start(
-        &mut self,
-        _domain: &str,
-        _from: &str,
-        _is8bit: bool,
-        _to: &[String],
-    ) -> Response {
-        self.data.clear();
-        mailin_embedded::response::OK
-    }
-
-    fn data(&mut self, buf: &[u8]) -> std::io::Result<()> {
-        self.data.extend_from_slice(buf);
-        Ok(())
-    }
-
-    fn data_end(&mut self) -> Response {
-        let mut faults = self.state.faults.lock().unwrap();
-        if faults.stall_data_end {
-            self.state.stalled_sessions.fetch_add(1, Ordering::SeqCst);
-            while faults.stall_data_end {
-                faults = self.state.unstalled.wait(faults).unwrap();
-            }
-        }
-        drop(faults);
-        let mut received = self.state.received.lock().unwrap();
-        received.push(Received {
-            from: self.from.clone(),
-            recipients: self.recipients.clone(),
-            data: std::mem::take(&mut self.data),
-            at: Instant::now(),
-        });
-        self.state.arrived.notify_all();
-        mailin_embedded::response::OK
-    }
-
-    fn auth_plain(&mut self, _authorization_id: &str, user: &str, password: &str) -> Response {
-        self.check_login(user, password)
-    }
-
-    fn auth_login(&mut self, user: &str, password: &str) -> Response {
-        self.check_login(user, password)
-    }
-}
-
-impl RelayHandler {
-    fn check_login(&self, user: &str, password: &str) -> Response {
-        match &self.state.credentials {
-            Some((expected_user, expected_password))
-                if user == expected_user && password == expected_password =>
-            {
-                mailin_embedded::response::AUTH_OK
-            }
-            _ => mailin_embedded::response::INVALID_CREDENTIALS,
-        }
-    }
-}
-
-/// A real SMTP server on a loopback port, running until the test process ends.
+/// The testkit's strict relay on a loopback port, with what mailroom needs
+/// to reach it. Fault switches of [`StrictRelay`] are reachable through it.
 pub struct TestRelay {
+    pub server: StrictRelay,
     pub port: u16,
-    state: Arc<RelayState>,
     pub ca_file: Option<PathBuf>,
     pub credentials: Option<(String, String)>,
+    security: Security,
 }
 
-static CRYPTO: Once = Once::new();
+impl std::ops::Deref for TestRelay {
+    type Target = StrictRelay;
+
+    fn deref(&self) -> &StrictRelay {
+        &self.server
+    }
+}
 
 impl TestRelay {
     /// Plain SMTP, no AUTH.
     pub fn plain() -> TestRelay {
-        TestRelay::start(TcpListener::bind("127.0.0.1:0").unwrap(), false, None)
+        TestRelay::with(RelayOptions::default())
     }
 
     /// Plain SMTP on a given listener (e.g. a port reserved earlier).
     pub fn plain_on(listener: TcpListener) -> TestRelay {
-        TestRelay::start(listener, false, None)
+        TestRelay::start(listener, RelayOptions::default())
     }
 
     /// STARTTLS with a certificate for `localhost`, and AUTH PLAIN/LOGIN.
     pub fn starttls_with_auth(user: &str, password: &str) -> TestRelay {
-        TestRelay::start(
-            TcpListener::bind("127.0.0.1:0").unwrap(),
-            true,
-            Some((user.to_string(), password.to_string())),
-        )
+        TestRelay::with(RelayOptions {
+            security: Security::StartTls,
+            login: Login::Only {
+                user: user.to_string(),
+                password: password.to_string(),
+            },
+            ..RelayOptions::default()
+        })
     }
 
-    fn start(listener: TcpListener, tls: bool, credentials: Option<(String, String)>) -> TestRelay {
-        CRYPTO.call_once(|| {
-            // Test builds see two rustls providers (ring for lettre,
-            // aws-lc-rs from mailin's defaults): choose one.
-            let _ = rustls::crypto::ring::default_provider().install_default();
-        });
-        let port = listener.local_addr().unwrap().port();
-        let state = Arc::new(RelayState {
-            credentials: credentials.clone(),
-            ..RelayState::default()
-        });
-        let handler = RelayHandler {
-            state: Arc::clone(&state),
-            counted: false,
-            from: String::new(),
-            recipients: Vec::new(),
-            data: Vec::new(),
+    /// A relay with these options on a new port.
+    pub fn with(options: RelayOptions) -> TestRelay {
+        TestRelay::start(TcpListener::bind("127.0.0.1:0").unwrap(), options)
+    }
+
+    fn start(listener: TcpListener, options: RelayOptions) -> TestRelay {
+        let credentials = match &options.login {
+            Login::Only { user, password } => Some((user.clone(), password.clone())),
+            _ => None,
         };
-        let mut server = Server::new(handler);
-        server
-            .with_name("relay.test")
-            .with_num_threads(64)
-            .with_tcp_listener(listener);
-        let mut ca_file = None;
-        if tls {
-            let certificates = certificates();
-            server
-                .with_ssl(SslConfig::Trusted {
-                    cert_path: certificates.cert_file.to_string_lossy().into_owned(),
-                    key_path: certificates.key_file.to_string_lossy().into_owned(),
-                    chain_path: certificates.ca_file.to_string_lossy().into_owned(),
-                })
-                .unwrap();
-            server
-                .with_auth(AuthMechanism::Plain)
-                .with_auth(AuthMechanism::Login);
-            ca_file = Some(certificates.ca_file);
-        }
-        std::thread::spawn(move || {
-            let _ = server.serve();
+        let security = options.security;
+        let server = StrictRelay::start_on(listener, options);
+        let ca_file = server.ca_pem.as_ref().map(|pem| {
+            let file = temp_dir("relay-ca").join("ca.pem");
+            std::fs::write(&file, pem).unwrap();
+            file
         });
         TestRelay {
-            port,
-            state,
+            port: server.port,
+            server,
             ca_file,
             credentials,
+            security,
         }
     }
 
     /// Relay settings for the service's config.
     pub fn settings(&self) -> SmtpSettings {
-        let tls = self.ca_file.is_some();
+        let tls = self.security != Security::None;
         SmtpSettings {
             host: if tls {
                 "localhost".into()
@@ -240,28 +111,25 @@ impl TestRelay {
                 "127.0.0.1".into()
             },
             port: self.port,
-            tls: if tls {
-                TlsMode::Required
-            } else {
-                TlsMode::None
+            tls: match self.security {
+                Security::None => TlsMode::None,
+                Security::StartTls => TlsMode::Required,
+                Security::Implicit => TlsMode::Implicit,
             },
             credentials: self
                 .credentials
                 .clone()
                 .map(|(user, password)| (user, mailroom::config::Secret::new(password))),
             hello_name: None,
-            extra_root_pem: self
-                .ca_file
-                .as_ref()
-                .map(|file| std::fs::read(file).unwrap()),
+            extra_root_pem: self.server.ca_pem.clone(),
             timeout: Duration::from_secs(30),
         }
     }
 
     /// `MAILROOM_SMTP_URL` for a child process.
     pub fn url(&self) -> String {
-        match (&self.ca_file, &self.credentials) {
-            (Some(_), Some((user, password))) => format!(
+        match (self.security, &self.credentials) {
+            (Security::StartTls, Some((user, password))) => format!(
                 "smtp://{user}:{password}@localhost:{}?tls=required",
                 self.port
             ),
@@ -271,53 +139,21 @@ impl TestRelay {
 
     /// Waits until at least `count` messages arrived; returns all of them.
     pub fn wait_for(&self, count: usize) -> Vec<Received> {
-        let deadline = Instant::now() + PATIENCE;
-        let mut received = self.state.received.lock().unwrap();
-        while received.len() < count {
-            let left = deadline.saturating_duration_since(Instant::now());
-            assert!(
-                !left.is_zero(),
-                "expected {count} messages at the relay, got {}",
-                received.len()
-            );
-            received = self.state.arrived.wait_timeout(received, left).unwrap().0;
-        }
-        received.clone()
+        let arrived = self.server.wait_for_count(count as u64, PATIENCE);
+        assert!(
+            arrived.is_some(),
+            "expected {count} messages at the relay, got {}",
+            self.server.messages()
+        );
+        self.server.received()
     }
 
     pub fn received(&self) -> Vec<Received> {
-        self.state.received.lock().unwrap().clone()
+        self.server.received()
     }
 
     pub fn connections(&self) -> usize {
-        self.state.connections.load(Ordering::SeqCst)
-    }
-
-    /// The next MAIL FROM commands get these replies (then 250 again).
-    pub fn reply_to_next_mail(&self, replies: &[(u16, &str)]) {
-        let mut faults = self.state.faults.lock().unwrap();
-        faults
-            .mail_replies
-            .extend(replies.iter().map(|(code, text)| (*code, text.to_string())));
-    }
-
-    pub fn refuse_recipient(&self, address: &str, code: u16, text: &str) {
-        let mut faults = self.state.faults.lock().unwrap();
-        faults
-            .refused_recipients
-            .insert(address.to_string(), (code, text.to_string()));
-    }
-
-    /// While stalled, sessions wait at the end of DATA without answering.
-    pub fn stall(&self, stalled: bool) {
-        self.state.faults.lock().unwrap().stall_data_end = stalled;
-        if !stalled {
-            self.state.unstalled.notify_all();
-        }
-    }
-
-    pub fn stalled_sessions(&self) -> usize {
-        self.state.stalled_sessions.load(Ordering::SeqCst)
+        self.server.connections()
     }
 }
 

@@ -1,5 +1,5 @@
 //! A throw-away certificate authority and a leaf certificate for
-//! `localhost`, written as PEM files.
+//! `localhost`, in memory and written as PEM files.
 
 use std::path::PathBuf;
 
@@ -20,9 +20,22 @@ impl TestCertificates {
     }
 }
 
-/// A new CA and a leaf for `localhost` signed by it.
-pub fn certificates() -> TestCertificates {
-    let directory = crate::temp_dir("certs");
+/// A CA and a `localhost` leaf it signed, in memory.
+pub struct CertificateSet {
+    /// The CA certificate (PEM), for clients to trust.
+    pub ca_pem: String,
+    /// The leaf followed by the CA (DER), for a server.
+    pub chain_der: Vec<Vec<u8>>,
+    /// The leaf's private key (PKCS#8 DER).
+    pub key_der: Vec<u8>,
+    /// The leaf certificate (PEM).
+    pub leaf_pem: String,
+    /// The leaf's private key (PEM).
+    pub key_pem: String,
+}
+
+/// A new CA and a leaf for `localhost` signed by it, in memory.
+pub fn generate() -> CertificateSet {
     let ca_key = KeyPair::generate().expect("key generation");
     let mut ca_params = CertificateParams::new(Vec::new()).expect("CA parameters");
     ca_params.is_ca = IsCa::Ca(BasicConstraints::Unconstrained);
@@ -32,14 +45,31 @@ pub fn certificates() -> TestCertificates {
         .expect("leaf parameters")
         .signed_by(&leaf_key, &ca, &ca_key)
         .expect("leaf certificate");
+    CertificateSet {
+        ca_pem: ca.pem(),
+        chain_der: vec![leaf.der().to_vec(), ca.der().to_vec()],
+        key_der: leaf_key.serialize_der(),
+        leaf_pem: leaf.pem(),
+        key_pem: leaf_key.serialize_pem(),
+    }
+}
+
+/// A new CA and a leaf for `localhost` signed by it, written as PEM files.
+pub fn certificates() -> TestCertificates {
+    write(&generate())
+}
+
+/// Writes a certificate set as PEM files in a fresh directory.
+pub fn write(set: &CertificateSet) -> TestCertificates {
+    let directory = crate::temp_dir("certs");
     let certificates = TestCertificates {
         ca_file: directory.join("ca.pem"),
         cert_file: directory.join("cert.pem"),
         key_file: directory.join("key.pem"),
         directory,
     };
-    std::fs::write(&certificates.ca_file, ca.pem()).expect("write ca.pem");
-    std::fs::write(&certificates.cert_file, leaf.pem()).expect("write cert.pem");
-    std::fs::write(&certificates.key_file, leaf_key.serialize_pem()).expect("write key.pem");
+    std::fs::write(&certificates.ca_file, &set.ca_pem).expect("write ca.pem");
+    std::fs::write(&certificates.cert_file, &set.leaf_pem).expect("write cert.pem");
+    std::fs::write(&certificates.key_file, &set.key_pem).expect("write key.pem");
     certificates
 }

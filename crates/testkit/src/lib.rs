@@ -1,8 +1,8 @@
 //! Peers that mailroom's tests and benchmarks talk to over real sockets,
 //! written once and shared: certificates for TLS, a small HTTP/1.1 client,
 //! the HTTP load generator of the benchmarks, a webhook receiver that checks
-//! signatures, a real browser (headless Chromium over WebDriver), temporary
-//! directories.
+//! signatures, a real browser (headless Chromium over WebDriver), a strict
+//! SMTP relay with fault injection, temporary directories.
 //!
 //! Nothing here imports mailroom: the tests turn these peers into
 //! mailroom configuration themselves (see `tests/common`).
@@ -10,6 +10,7 @@
 pub mod certs;
 pub mod http;
 pub mod load;
+pub mod smtp;
 pub mod webdriver;
 pub mod webhooks;
 

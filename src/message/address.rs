@@ -1,0 +1,224 @@
+//! Mailboxes as clients write them (`a@b.c`, `Name <a@b.c>`), parsed with
+//! lettre's RFC 5322 parser and put in the form that goes on the wire:
+//! the domain in IDNA (punycode) form, a non-ASCII local part kept as
+//! UTF-8 (it needs SMTPUTF8, RFC 6531).
+
+use super::MessageError;
+
+/// The longest address accepted, in octets (RFC 5321 §4.5.3.1.3: a path
+/// is at most 256 octets with its angle brackets).
+pub const MAX_ADDRESS_OCTETS: usize = 254;
+
+/// One parsed mailbox.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub(crate) struct Mailbox {
+    /// Display name, decoded (no quotes or encoded words).
+    pub name: Option<String>,
+    /// Local part as given (UTF-8 allowed).
+    pub local: String,
+    /// Domain in ASCII: IDNA A-labels, or an address literal.
+    pub domain: String,
+    /// Domain as given.
+    pub unicode_domain: String,
+}
+
+impl Mailbox {
+    /// `local@domain`, the domain in ASCII: the envelope form.
+    pub fn address(&self) -> String {
+        format!("{}@{}", self.local, self.domain)
+    }
+
+    /// `local@domain` with the domain as the client wrote it.
+    pub fn unicode_address(&self) -> String {
+        format!("{}@{}", self.local, self.unicode_domain)
+    }
+}
+
+/// Header fields whose values are lists of mailboxes, other than those the
+/// service sets itself; given in `headers`, they are parsed and written
+/// like the service's own address headers.
+const ADDRESS_HEADERS: &[&str] = &[
+    "reply-to",
+    "sender",
+    "resent-from",
+    "resent-sender",
+    "resent-to",
+    "resent-cc",
+    "disposition-notification-to",
+    "mail-followup-to",
+    "mail-reply-to",
+    "errors-to",
+    "return-receipt-to",
+];
+
+/// Headers of which RFC 5322 allows exactly one mailbox.
+const SINGLE_MAILBOX_HEADERS: &[&str] = &["sender", "resent-sender"];
+
+/// Whether a header field (any case) carries addresses.
+pub fn is_address_header(name: &str) -> bool {
+    ADDRESS_HEADERS
+        .iter()
+        .any(|known| known.eq_ignore_ascii_case(name))
+}
+
+/// Whether a header field (any case) holds exactly one mailbox.
+pub(crate) fn is_single_mailbox_header(name: &str) -> bool {
+    SINGLE_MAILBOX_HEADERS
+        .iter()
+        .any(|known| known.eq_ignore_ascii_case(name))
+}
+
+/// Parses one mailbox from field `field`.
+pub(crate) fn parse_mailbox(field: &str, value: &str) -> Result<Mailbox, MessageError> {
+    let invalid = |reason: String| MessageError::InvalidAddress {
+        field: field.to_string(),
+        value: value.to_string(),
+        reason,
+    };
+    if value.contains(['\r', '\n']) {
+        return Err(MessageError::HeaderInjection {
+            field: field.to_string(),
+        });
+    }
+    let text = value.trim();
+    let parsed: lettre::message::Mailbox = text
+        .parse()
+        .map_err(|error: lettre::address::AddressError| invalid(error.to_string()))?;
+    // lettre's parser stops after the first mailbox; refuse anything it left.
+    if !text.ends_with('>') && !text.ends_with(AsRef::<str>::as_ref(&parsed.email)) {
+        return Err(invalid("unexpected text after the address".into()));
+    }
+    if text.ends_with('>') && count_unquoted(text, '<') != 1 {
+        return Err(invalid("expected one address in <angle brackets>".into()));
+    }
+    from_lettre(parsed).map_err(invalid)
+}
+
+/// Parses a comma-separated list of mailboxes (a custom address header).
+pub(crate) fn parse_mailbox_list(header: &str, value: &str) -> Result<Vec<Mailbox>, MessageError> {
+    let invalid = |reason: String| MessageError::InvalidHeader {
+        name: header.to_string(),
+        reason,
+    };
+    if value.trim().is_empty() {
+        return Err(invalid("expected one or more addresses".into()));
+    }
+    let parsed: lettre::message::Mailboxes =
+        value
+            .trim()
+            .parse()
+            .map_err(|error: lettre::address::AddressError| {
+                invalid(format!("not a list of addresses: {error}"))
+            })?;
+    let mailboxes: Vec<Mailbox> = parsed
+        .into_iter()
+        .map(from_lettre)
+        .collect::<Result<_, _>>()
+        .map_err(|reason| invalid(format!("invalid address: {reason}")))?;
+    // lettre's list parser stops at the first thing it cannot read: make
+    // sure every address written is one we return.
+    let written = count_unquoted(value, '@');
+    if mailboxes.is_empty() || written != mailboxes.len() {
+        return Err(invalid(
+            "not a list of addresses (`a@b.c` or `Name <a@b.c>`, separated by commas)".into(),
+        ));
+    }
+    if is_single_mailbox_header(header) && mailboxes.len() != 1 {
+        return Err(invalid("takes exactly one address".into()));
+    }
+    Ok(mailboxes)
+}
+
+/// How often `wanted` occurs outside quoted strings.
+fn count_unquoted(text: &str, wanted: char) -> usize {
+    let mut count = 0;
+    let mut quoted = false;
+    let mut escaped = false;
+    for c in text.chars() {
+        match c {
+            _ if escaped => escaped = false,
+            '\\' if quoted => escaped = true,
+            '"' => quoted = !quoted,
+            c if c == wanted && !quoted => count += 1,
+            _ => {}
+        }
+    }
+    count
+}
+
+fn from_lettre(parsed: lettre::message::Mailbox) -> Result<Mailbox, String> {
+    let local = parsed.email.user().to_string();
+    let unicode_domain = parsed.email.domain().to_string();
+    let domain = if unicode_domain.is_ascii() {
+        unicode_domain.clone()
+    } else {
+        idna::domain_to_ascii(&unicode_domain)
+            .map_err(|_| format!("the domain {unicode_domain:?} has no IDNA form"))?
+    };
+    let name = parsed.name.filter(|name| !name.trim().is_empty());
+    if let Some(name) = &name {
+        if name.chars().any(char::is_control) {
+            return Err("the display name must not contain control characters".into());
+        }
+    }
+    let mailbox = Mailbox {
+        name,
+        local,
+        domain,
+        unicode_domain,
+    };
+    let octets = mailbox.address().len();
+    if octets > MAX_ADDRESS_OCTETS {
+        return Err(format!(
+            "an address has at most {MAX_ADDRESS_OCTETS} octets, this one {octets}"
+        ));
+    }
+    Ok(mailbox)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn domains_become_punycode_and_local_parts_stay() {
+        let mailbox = parse_mailbox("to", "Zoë <user@bücher.de>").unwrap();
+        assert_eq!(mailbox.address(), "user@xn--bcher-kva.de");
+        assert_eq!(mailbox.name.as_deref(), Some("Zoë"));
+        let mailbox = parse_mailbox("to", "jörg@example.com").unwrap();
+        assert_eq!(mailbox.address(), "jörg@example.com");
+        assert_eq!(
+            parse_mailbox("to", "a@Example.COM").unwrap().address(),
+            "a@Example.COM"
+        );
+    }
+
+    #[test]
+    fn trailing_text_and_lists_are_refused() {
+        for bad in [
+            "a@b.c d@e.f",
+            "a@b.c, d@e.f",
+            "A <a@b.c> x",
+            "A <a@b.c> <d@e.f>",
+            "not an address",
+            "",
+        ] {
+            assert!(parse_mailbox("to", bad).is_err(), "{bad:?} accepted");
+        }
+        let long = format!("{}@example.com", "a".repeat(250));
+        assert!(parse_mailbox("to", &long).is_err());
+    }
+
+    #[test]
+    fn address_lists() {
+        let list =
+            parse_mailbox_list("Reply-To", "a@b.c, \"Doe, J\" <j@d.e>, X <x@bücher.de>").unwrap();
+        assert_eq!(list.len(), 3);
+        assert_eq!(list[1].name.as_deref(), Some("Doe, J"));
+        assert_eq!(list[2].domain, "xn--bcher-kva.de");
+        assert!(parse_mailbox_list("Reply-To", "not an address").is_err());
+        assert!(parse_mailbox_list("Reply-To", "a@b.c, nonsense").is_err());
+        assert!(parse_mailbox_list("Sender", "a@b.c, d@e.f").is_err());
+        assert!(parse_mailbox_list("Sender", "a@b.c").is_ok());
+    }
+}

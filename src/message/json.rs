@@ -1,0 +1,258 @@
+//! The request body as JSON, read in one pass: every top-level field as a
+//! `serde_json::Value`, except `attachments`, whose strings are borrowed
+//! from the body where it holds them unescaped. An attachment's base64 text
+//! (the bulk of a large request) is then decoded straight from the request
+//! bytes, with no second copy of it in memory.
+
+use std::borrow::Cow;
+use std::fmt;
+
+use serde::de::value::{MapAccessDeserializer, SeqAccessDeserializer};
+use serde::de::{Deserialize, Deserializer, IgnoredAny, MapAccess, SeqAccess, Visitor};
+use serde_json::{Map, Value};
+
+/// A parsed request body.
+pub(super) struct Body<'a> {
+    /// Every top-level field but `attachments`.
+    pub fields: Map<String, Value>,
+    /// The `attachments` field, when present.
+    pub attachments: Option<Attachments<'a>>,
+}
+
+/// The `attachments` field.
+pub(super) enum Attachments<'a> {
+    /// An array.
+    List(Vec<Item<'a>>),
+    /// Anything else (null, or a wrong type).
+    Other(Value),
+}
+
+/// One element of `attachments`.
+pub(super) enum Item<'a> {
+    /// An object's fields, in order.
+    Object(Vec<(String, Field<'a>)>),
+    /// Not an object.
+    Other,
+}
+
+/// A field of an attachment object.
+pub(super) enum Field<'a> {
+    /// A string, borrowed from the body when it had no escapes.
+    Text(Cow<'a, str>),
+    /// Anything else.
+    Other(Value),
+}
+
+/// Parses `body`. A valid JSON document that is not an object is an error
+/// of category `Data`; malformed JSON of category `Syntax` or `Eof`.
+pub(super) fn parse(body: &[u8]) -> Result<Body<'_>, serde_json::Error> {
+    serde_json::from_slice(body)
+}
+
+impl<'de> Deserialize<'de> for Body<'de> {
+    fn deserialize<D: Deserializer<'de>>(deserializer: D) -> Result<Self, D::Error> {
+        struct BodyVisitor;
+        impl<'de> Visitor<'de> for BodyVisitor {
+            type Value = Body<'de>;
+
+            fn expecting(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+                f.write_str("a JSON object")
+            }
+
+            fn visit_map<A: MapAccess<'de>>(self, mut map: A) -> Result<Body<'de>, A::Error> {
+                let mut fields = Map::new();
+                let mut attachments = None;
+                while let Some(key) = map.next_key::<String>()? {
+                    if key == "attachments" {
+                        attachments = Some(map.next_value::<Attachments<'de>>()?);
+                    } else {
+                        let value: Value = map.next_value()?;
+                        fields.insert(key, value);
+                    }
+                }
+                Ok(Body {
+                    fields,
+                    attachments,
+                })
+            }
+        }
+        deserializer.deserialize_any(BodyVisitor)
+    }
+}
+
+/// Turns what a visitor saw into a `Value` (for the "anything else" cases).
+struct ValueOf;
+
+impl ValueOf {
+    fn seq<'de, A: SeqAccess<'de>>(seq: A) -> Result<Value, A::Error> {
+        Value::deserialize(SeqAccessDeserializer::new(seq))
+    }
+
+    fn map<'de, A: MapAccess<'de>>(map: A) -> Result<Value, A::Error> {
+        Value::deserialize(MapAccessDeserializer::new(map))
+    }
+}
+
+/// The primitive cases shared by the visitors below, each building `$make(Value)`.
+macro_rules! other_primitives {
+    ($make:expr) => {
+        fn visit_bool<E: serde::de::Error>(self, value: bool) -> Result<Self::Value, E> {
+            Ok($make(Value::Bool(value)))
+        }
+        fn visit_i64<E: serde::de::Error>(self, value: i64) -> Result<Self::Value, E> {
+            Ok($make(Value::from(value)))
+        }
+        fn visit_u64<E: serde::de::Error>(self, value: u64) -> Result<Self::Value, E> {
+            Ok($make(Value::from(value)))
+        }
+        fn visit_f64<E: serde::de::Error>(self, value: f64) -> Result<Self::Value, E> {
+            Ok($make(Value::from(value)))
+        }
+        fn visit_unit<E: serde::de::Error>(self) -> Result<Self::Value, E> {
+            Ok($make(Value::Null))
+        }
+        fn visit_none<E: serde::de::Error>(self) -> Result<Self::Value, E> {
+            Ok($make(Value::Null))
+        }
+    };
+}
+
+impl<'de> Deserialize<'de> for Attachments<'de> {
+    fn deserialize<D: Deserializer<'de>>(deserializer: D) -> Result<Self, D::Error> {
+        struct AttachmentsVisitor;
+        impl<'de> Visitor<'de> for AttachmentsVisitor {
+            type Value = Attachments<'de>;
+
+            fn expecting(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+                f.write_str("any JSON value")
+            }
+
+            fn visit_seq<A: SeqAccess<'de>>(self, mut seq: A) -> Result<Self::Value, A::Error> {
+                let mut items = Vec::with_capacity(seq.size_hint().unwrap_or(0).min(64));
+                while let Some(item) = seq.next_element::<Item<'de>>()? {
+                    items.push(item);
+                }
+                Ok(Attachments::List(items))
+            }
+
+            fn visit_map<A: MapAccess<'de>>(self, map: A) -> Result<Self::Value, A::Error> {
+                Ok(Attachments::Other(ValueOf::map(map)?))
+            }
+
+            fn visit_str<E: serde::de::Error>(self, value: &str) -> Result<Self::Value, E> {
+                Ok(Attachments::Other(Value::String(value.to_string())))
+            }
+
+            other_primitives!(Attachments::Other);
+        }
+        deserializer.deserialize_any(AttachmentsVisitor)
+    }
+}
+
+impl<'de> Deserialize<'de> for Item<'de> {
+    fn deserialize<D: Deserializer<'de>>(deserializer: D) -> Result<Self, D::Error> {
+        struct ItemVisitor;
+        impl<'de> Visitor<'de> for ItemVisitor {
+            type Value = Item<'de>;
+
+            fn expecting(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+                f.write_str("any JSON value")
+            }
+
+            fn visit_map<A: MapAccess<'de>>(self, mut map: A) -> Result<Self::Value, A::Error> {
+                let mut fields = Vec::with_capacity(3);
+                while let Some(key) = map.next_key::<String>()? {
+                    let value: Field<'de> = map.next_value()?;
+                    fields.push((key, value));
+                }
+                Ok(Item::Object(fields))
+            }
+
+            fn visit_seq<A: SeqAccess<'de>>(self, mut seq: A) -> Result<Self::Value, A::Error> {
+                while seq.next_element::<IgnoredAny>()?.is_some() {}
+                Ok(Item::Other)
+            }
+
+            fn visit_str<E: serde::de::Error>(self, _: &str) -> Result<Self::Value, E> {
+                Ok(Item::Other)
+            }
+
+            other_primitives!(|_: Value| Item::Other);
+        }
+        deserializer.deserialize_any(ItemVisitor)
+    }
+}
+
+impl<'de> Deserialize<'de> for Field<'de> {
+    fn deserialize<D: Deserializer<'de>>(deserializer: D) -> Result<Self, D::Error> {
+        struct FieldVisitor;
+        impl<'de> Visitor<'de> for FieldVisitor {
+            type Value = Field<'de>;
+
+            fn expecting(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+                f.write_str("any JSON value")
+            }
+
+            fn visit_borrowed_str<E: serde::de::Error>(
+                self,
+                value: &'de str,
+            ) -> Result<Self::Value, E> {
+                Ok(Field::Text(Cow::Borrowed(value)))
+            }
+
+            fn visit_str<E: serde::de::Error>(self, value: &str) -> Result<Self::Value, E> {
+                Ok(Field::Text(Cow::Owned(value.to_string())))
+            }
+
+            fn visit_string<E: serde::de::Error>(self, value: String) -> Result<Self::Value, E> {
+                Ok(Field::Text(Cow::Owned(value)))
+            }
+
+            fn visit_seq<A: SeqAccess<'de>>(self, seq: A) -> Result<Self::Value, A::Error> {
+                Ok(Field::Other(ValueOf::seq(seq)?))
+            }
+
+            fn visit_map<A: MapAccess<'de>>(self, map: A) -> Result<Self::Value, A::Error> {
+                Ok(Field::Other(ValueOf::map(map)?))
+            }
+
+            other_primitives!(Field::Other);
+        }
+        deserializer.deserialize_any(FieldVisitor)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn attachment_strings_are_borrowed_unless_escaped() {
+        let body = br#"{"sender":"a","attachments":[{"content":"aGk=","filename":"a\/b"},5,[1,{"x":2}]],"n":[1]}"#;
+        let parsed = parse(body).unwrap();
+        assert_eq!(parsed.fields["sender"], "a");
+        assert_eq!(parsed.fields["n"], serde_json::json!([1]));
+        let Some(Attachments::List(items)) = parsed.attachments else {
+            panic!("a list")
+        };
+        assert_eq!(items.len(), 3);
+        let Item::Object(fields) = &items[0] else {
+            panic!("an object")
+        };
+        assert!(matches!(&fields[0].1, Field::Text(Cow::Borrowed("aGk="))));
+        assert!(matches!(&fields[1].1, Field::Text(Cow::Owned(name)) if name == "a/b"));
+        assert!(matches!(items[1], Item::Other));
+    }
+
+    #[test]
+    fn categories() {
+        use serde_json::error::Category;
+        assert_eq!(parse(b"[1,2]").err().unwrap().classify(), Category::Data);
+        assert_eq!(parse(b"{nope").err().unwrap().classify(), Category::Syntax);
+        assert_eq!(parse(b"{\"a\":").err().unwrap().classify(), Category::Eof);
+        assert!(matches!(
+            parse(br#"{"attachments":{"a":1}}"#).unwrap().attachments,
+            Some(Attachments::Other(Value::Object(_)))
+        ));
+    }
+}

@@ -1,0 +1,868 @@
+//! From a request to a validated, fully built email.
+//!
+//! [`MailRequest`] is what a client asks for; [`OutgoingMessage`] is what the
+//! workers deliver. The only way from one to the other is [`MailRequest::build`],
+//! which checks every field, so an `OutgoingMessage` never holds a header that
+//! a client could have injected, and nothing is accepted that a strict relay
+//! would refuse for being malformed.
+//!
+//! One job per module: this one parses and validates requests; `address`
+//! parses mailboxes (IDNA domains, SMTPUTF8 local parts); `json` reads the
+//! body (attachments without a copy of their base64 text); `encode` writes
+//! folded header lines, RFC 2047 words and transfer encodings; `build`
+//! assembles the MIME message as it goes on the wire.
+
+mod address;
+mod build;
+mod encode;
+mod json;
+
+use std::collections::hash_map::RandomState;
+use std::collections::BTreeMap;
+use std::fmt;
+use std::hash::{BuildHasher, Hasher};
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
+
+use base64::Engine as _;
+use serde::{Deserialize, Serialize};
+use serde_json::{Map, Value};
+
+use crate::config::SenderRule;
+
+pub use address::is_address_header;
+
+/// The fields a request may carry (SPEC "POST /api/mail").
+pub const FIELDS: &[&str] = &[
+    "sender",
+    "receiver",
+    "subject",
+    "message",
+    "to",
+    "cc",
+    "bcc",
+    "html",
+    "reply_to",
+    "headers",
+    "attachments",
+    "tags",
+    "metadata",
+    "template",
+    "data",
+    "send_at",
+];
+
+/// At most this many tags per message.
+pub const MAX_TAGS: usize = 10;
+/// A tag's length in characters, at most.
+pub const MAX_TAG_CHARS: usize = 64;
+/// At most this many metadata pairs per message.
+pub const MAX_METADATA_PAIRS: usize = 20;
+/// Metadata keys and values together, in bytes, at most.
+pub const MAX_METADATA_BYTES: usize = 2048;
+
+/// A file attached to a message.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct AttachmentRequest {
+    /// Shown to the recipient; may be non-ASCII.
+    pub filename: String,
+    /// MIME type, e.g. `application/pdf`.
+    pub content_type: String,
+    /// The file's bytes (base64 in JSON).
+    pub content: Vec<u8>,
+}
+
+/// What a client asks to send: the JSON body of `POST /api/mail`.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct MailRequest {
+    /// `a@b.c` or `Name <a@b.c>`; becomes `From` and the envelope sender.
+    pub sender: String,
+    /// The original `receiver` field (a string or an array in JSON).
+    pub receiver: Vec<String>,
+    /// Subject line; no CR or LF. Empty when absent with a `template`.
+    pub subject: String,
+    /// Plain-text body.
+    pub message: Option<String>,
+    /// More `To` recipients.
+    pub to: Vec<String>,
+    /// `Cc` recipients.
+    pub cc: Vec<String>,
+    /// Hidden recipients: in the envelope, never in the headers.
+    pub bcc: Vec<String>,
+    /// HTML body.
+    pub html: Option<String>,
+    /// `Reply-To`.
+    pub reply_to: Option<String>,
+    /// Extra headers, by name.
+    pub headers: BTreeMap<String, String>,
+    /// Attached files.
+    pub attachments: Vec<AttachmentRequest>,
+    /// Labels kept with the status and sent in webhooks; never in the email.
+    pub tags: Vec<String>,
+    /// Pairs kept with the status and sent in webhooks; never in the email.
+    pub metadata: BTreeMap<String, String>,
+    /// A stored template to render instead of subject/message/html.
+    pub template: Option<String>,
+    /// The template's variables.
+    pub data: Option<Map<String, Value>>,
+    /// Send then instead of now.
+    pub send_at: Option<SystemTime>,
+}
+
+/// Why a request cannot become a message. Each names the field at fault;
+/// the text is meant for the client (the 400 answer).
+#[derive(Debug, Clone, PartialEq, Eq)]
+#[non_exhaustive]
+pub enum MessageError {
+    /// The body is not JSON.
+    MalformedJson(String),
+    /// The body is JSON but not an object.
+    NotAnObject,
+    /// Top-level fields the service does not know (a typo would otherwise
+    /// send something else than meant).
+    UnknownFields(Vec<String>),
+    /// A required field is absent.
+    MissingField(&'static str),
+    /// A field has the wrong JSON type.
+    WrongType {
+        field: String,
+        expected: &'static str,
+    },
+    /// A field's value breaks a rule (length, count, format).
+    InvalidValue { field: String, reason: String },
+    /// CR or LF where it would start a new header line.
+    HeaderInjection { field: String },
+    /// Not a valid email address.
+    InvalidAddress {
+        field: String,
+        value: String,
+        reason: String,
+    },
+    /// No recipient at all.
+    NoRecipients,
+    /// A custom header that is malformed or that the service or relays set.
+    InvalidHeader { name: String, reason: String },
+    /// An attachment that cannot be built.
+    InvalidAttachment { index: usize, reason: String },
+    /// `sender` is not in `MAILROOM_ALLOWED_SENDERS`.
+    SenderNotAllowed { sender: String },
+    /// An address needs SMTPUTF8 (a non-ASCII local part) and the relay
+    /// does not offer it.
+    NeedsSmtpUtf8 { address: String },
+    /// The assembled message cannot be built.
+    Build(String),
+}
+
+impl MessageError {
+    /// The request field at fault, when there is one (`None` for a body
+    /// that is not JSON at all).
+    pub fn field(&self) -> Option<&str> {
+        match self {
+            MessageError::MalformedJson(_) | MessageError::NotAnObject | MessageError::Build(_) => {
+                None
+            }
+            MessageError::UnknownFields(fields) => fields.first().map(String::as_str),
+            MessageError::MissingField(field) => Some(field),
+            MessageError::WrongType { field, .. }
+            | MessageError::InvalidValue { field, .. }
+            | MessageError::HeaderInjection { field }
+            | MessageError::InvalidAddress { field, .. } => Some(field),
+            MessageError::NoRecipients => Some("receiver"),
+            MessageError::InvalidHeader { .. } => Some("headers"),
+            MessageError::InvalidAttachment { .. } => Some("attachments"),
+            MessageError::SenderNotAllowed { .. } => Some("sender"),
+            MessageError::NeedsSmtpUtf8 { .. } => Some("receiver"),
+        }
+    }
+}
+
+impl fmt::Display for MessageError {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            MessageError::MalformedJson(detail) => write!(f, "malformed JSON: {detail}"),
+            MessageError::NotAnObject => f.write_str("the body must be a JSON object"),
+            MessageError::UnknownFields(fields) => {
+                let named: Vec<String> = fields.iter().map(|field| format!("`{field}`")).collect();
+                write!(
+                    f,
+                    "unknown field{} {}; the valid fields are {}",
+                    if fields.len() > 1 { "s" } else { "" },
+                    named.join(", "),
+                    FIELDS.join(", ")
+                )
+            }
+            MessageError::MissingField(field) => write!(f, "missing field `{field}`"),
+            MessageError::WrongType { field, expected } => {
+                write!(f, "field `{field}` must be {expected}")
+            }
+            MessageError::InvalidValue { field, reason } => write!(f, "field `{field}`: {reason}"),
+            MessageError::HeaderInjection { field } => {
+                write!(
+                    f,
+                    "field `{field}` must not contain CR or LF (header injection)"
+                )
+            }
+            MessageError::InvalidAddress {
+                field,
+                value,
+                reason,
+            } => write!(f, "field `{field}`: invalid address {value:?}: {reason}"),
+            MessageError::NoRecipients => {
+                f.write_str("missing field `receiver`: no recipient in receiver, to, cc or bcc")
+            }
+            MessageError::InvalidHeader { name, reason } => {
+                write!(f, "header {name:?} in `headers`: {reason}")
+            }
+            MessageError::InvalidAttachment { index, reason } => {
+                write!(f, "attachments[{index}]: {reason}")
+            }
+            MessageError::SenderNotAllowed { sender } => write!(
+                f,
+                "field `sender`: {sender:?} is not allowed to send here (MAILROOM_ALLOWED_SENDERS)"
+            ),
+            MessageError::NeedsSmtpUtf8 { address } => write!(
+                f,
+                "address {address:?} has a non-ASCII local part: it needs SMTPUTF8 (RFC 6531), which the relay does not offer; use an ASCII address"
+            ),
+            MessageError::Build(detail) => write!(f, "cannot build the message: {detail}"),
+        }
+    }
+}
+
+impl std::error::Error for MessageError {}
+
+/// A message ready for delivery: built once, at acceptance, and never
+/// changed afterwards, so every attempt sends the same bytes with the same
+/// `Message-ID`.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct OutgoingMessage {
+    /// The service's id for it (also the left part of `Message-ID`).
+    pub id: String,
+    /// Envelope sender (`MAIL FROM`), its domain in IDNA (ASCII) form.
+    pub envelope_from: String,
+    /// Envelope recipients (`RCPT TO`), each once, Bcc included; domains
+    /// in IDNA (ASCII) form.
+    pub recipients: Vec<String>,
+    /// The RFC 5322 message as sent after `DATA`: CRLF line ends only,
+    /// lines of at most 998 octets, 7-bit unless an address needs SMTPUTF8.
+    pub content: String,
+}
+
+impl OutgoingMessage {
+    /// True when an address has a non-ASCII local part: the message can
+    /// only go to a relay that offers SMTPUTF8 (RFC 6531).
+    pub fn needs_smtputf8(&self) -> bool {
+        !self.envelope_from.is_ascii() || self.recipients.iter().any(|r| !r.is_ascii())
+    }
+}
+
+impl MailRequest {
+    /// Parses a JSON body, naming the field at fault on error. Unknown
+    /// top-level fields are refused.
+    pub fn from_json(body: &[u8]) -> Result<MailRequest, MessageError> {
+        let parsed = json::parse(body).map_err(|error| match error.classify() {
+            serde_json::error::Category::Data => MessageError::NotAnObject,
+            _ => MessageError::MalformedJson(error.to_string()),
+        })?;
+        let object = parsed.fields;
+        let unknown: Vec<String> = object
+            .keys()
+            .filter(|key| !FIELDS.contains(&key.as_str()))
+            .cloned()
+            .collect();
+        if !unknown.is_empty() {
+            return Err(MessageError::UnknownFields(unknown));
+        }
+        let sender =
+            optional_string(&object, "sender")?.ok_or(MessageError::MissingField("sender"))?;
+        let receiver = match object.get("receiver") {
+            None | Some(Value::Null) => Vec::new(),
+            Some(Value::String(one)) => vec![one.clone()],
+            Some(Value::Array(_)) => string_list(&object, "receiver")?,
+            Some(_) => {
+                return Err(MessageError::WrongType {
+                    field: "receiver".into(),
+                    expected: "a string or an array of strings",
+                })
+            }
+        };
+        let template = optional_string(&object, "template")?;
+        let subject = match optional_string(&object, "subject")? {
+            Some(subject) => subject,
+            None if template.is_some() => String::new(),
+            None => return Err(MessageError::MissingField("subject")),
+        };
+        let headers = string_map(&object, "headers", "an object of strings")?;
+        let tags = parse_tags(&object)?;
+        let metadata = parse_metadata(&object)?;
+        let data = match object.get("data") {
+            None | Some(Value::Null) => None,
+            Some(Value::Object(map)) => Some(map.clone()),
+            Some(_) => {
+                return Err(MessageError::WrongType {
+                    field: "data".into(),
+                    expected: "an object",
+                })
+            }
+        };
+        let send_at = match optional_string(&object, "send_at")? {
+            None => None,
+            Some(text) => Some(
+                parse_rfc3339(&text).ok_or_else(|| MessageError::InvalidValue {
+                    field: "send_at".into(),
+                    reason: format!("{text:?} is not an RFC 3339 time (e.g. 2026-05-01T09:30:00Z)"),
+                })?,
+            ),
+        };
+        // Each attachment's base64 text is decoded from the body itself.
+        let attachments = match parsed.attachments {
+            None | Some(json::Attachments::Other(Value::Null)) => Vec::new(),
+            Some(json::Attachments::List(items)) => items
+                .into_iter()
+                .enumerate()
+                .map(|(index, item)| parse_attachment(index, item))
+                .collect::<Result<_, _>>()?,
+            Some(json::Attachments::Other(_)) => {
+                return Err(MessageError::WrongType {
+                    field: "attachments".into(),
+                    expected: "an array of {filename, content_type, content}",
+                })
+            }
+        };
+        Ok(MailRequest {
+            sender,
+            receiver,
+            subject,
+            message: optional_string(&object, "message")?,
+            to: string_list(&object, "to")?,
+            cc: string_list(&object, "cc")?,
+            bcc: string_list(&object, "bcc")?,
+            html: optional_string(&object, "html")?,
+            reply_to: optional_string(&object, "reply_to")?,
+            headers,
+            attachments,
+            tags,
+            metadata,
+            template,
+            data,
+            send_at,
+        })
+    }
+
+    /// Checks every field and builds the message under a new id.
+    pub fn build(
+        &self,
+        allowed_senders: Option<&[SenderRule]>,
+    ) -> Result<OutgoingMessage, MessageError> {
+        self.build_with_id(new_message_id(), allowed_senders)
+    }
+
+    /// As [`MailRequest::build`], with a given id.
+    pub fn build_with_id(
+        &self,
+        id: String,
+        allowed_senders: Option<&[SenderRule]>,
+    ) -> Result<OutgoingMessage, MessageError> {
+        build::build(self, id, allowed_senders)
+    }
+}
+
+fn optional_string(
+    object: &Map<String, Value>,
+    field: &'static str,
+) -> Result<Option<String>, MessageError> {
+    match object.get(field) {
+        None | Some(Value::Null) => Ok(None),
+        Some(Value::String(text)) => Ok(Some(text.clone())),
+        Some(_) => Err(MessageError::WrongType {
+            field: field.into(),
+            expected: "a string",
+        }),
+    }
+}
+
+fn string_list(
+    object: &Map<String, Value>,
+    field: &'static str,
+) -> Result<Vec<String>, MessageError> {
+    let wrong = || MessageError::WrongType {
+        field: field.into(),
+        expected: "an array of strings",
+    };
+    match object.get(field) {
+        None | Some(Value::Null) => Ok(Vec::new()),
+        Some(Value::Array(items)) => items
+            .iter()
+            .map(|item| item.as_str().map(str::to_string).ok_or_else(wrong))
+            .collect(),
+        Some(_) => Err(wrong()),
+    }
+}
+
+fn string_map(
+    object: &Map<String, Value>,
+    field: &'static str,
+    expected: &'static str,
+) -> Result<BTreeMap<String, String>, MessageError> {
+    match object.get(field) {
+        None | Some(Value::Null) => Ok(BTreeMap::new()),
+        Some(Value::Object(map)) => map
+            .iter()
+            .map(|(name, value)| match value {
+                Value::String(value) => Ok((name.clone(), value.clone())),
+                _ => Err(MessageError::WrongType {
+                    field: format!("{field}.{name}"),
+                    expected: "a string",
+                }),
+            })
+            .collect(),
+        Some(_) => Err(MessageError::WrongType {
+            field: field.into(),
+            expected,
+        }),
+    }
+}
+
+fn parse_tags(object: &Map<String, Value>) -> Result<Vec<String>, MessageError> {
+    let tags = string_list(object, "tags")?;
+    let invalid = |reason: String| MessageError::InvalidValue {
+        field: "tags".into(),
+        reason,
+    };
+    if tags.len() > MAX_TAGS {
+        return Err(invalid(format!(
+            "at most {MAX_TAGS} tags, got {}",
+            tags.len()
+        )));
+    }
+    for (index, tag) in tags.iter().enumerate() {
+        let length = tag.chars().count();
+        if !(1..=MAX_TAG_CHARS).contains(&length) {
+            return Err(MessageError::InvalidValue {
+                field: format!("tags[{index}]"),
+                reason: format!("a tag has 1 to {MAX_TAG_CHARS} characters, got {length}"),
+            });
+        }
+    }
+    Ok(tags)
+}
+
+fn parse_metadata(object: &Map<String, Value>) -> Result<BTreeMap<String, String>, MessageError> {
+    let metadata = string_map(object, "metadata", "an object of strings")?;
+    let invalid = |reason: String| MessageError::InvalidValue {
+        field: "metadata".into(),
+        reason,
+    };
+    if metadata.len() > MAX_METADATA_PAIRS {
+        return Err(invalid(format!(
+            "at most {MAX_METADATA_PAIRS} pairs, got {}",
+            metadata.len()
+        )));
+    }
+    let bytes: usize = metadata
+        .iter()
+        .map(|(key, value)| key.len() + value.len())
+        .sum();
+    if bytes > MAX_METADATA_BYTES {
+        return Err(invalid(format!(
+            "keys and values hold at most {MAX_METADATA_BYTES} bytes in all, got {bytes}"
+        )));
+    }
+    if metadata.keys().any(String::is_empty) {
+        return Err(invalid("a key must not be empty".into()));
+    }
+    Ok(metadata)
+}
+
+fn parse_attachment(index: usize, item: json::Item<'_>) -> Result<AttachmentRequest, MessageError> {
+    let invalid = |reason: &str| MessageError::InvalidAttachment {
+        index,
+        reason: reason.to_string(),
+    };
+    let json::Item::Object(fields) = item else {
+        return Err(invalid(
+            "must be an object {filename, content_type, content}",
+        ));
+    };
+    let (mut filename, mut content_type, mut encoded) = (None, None, None);
+    for (name, value) in fields {
+        let text = match value {
+            json::Field::Text(text) => Some(text),
+            json::Field::Other(Value::Null) => None,
+            json::Field::Other(_) => {
+                return Err(invalid(&format!("`{name}` must be a string")));
+            }
+        };
+        match name.as_str() {
+            "filename" => filename = text,
+            "content_type" => content_type = text,
+            "content" => encoded = text,
+            _ => {
+                return Err(invalid(&format!(
+                    "unknown field `{name}`; the valid ones are filename, content_type, content"
+                )))
+            }
+        }
+    }
+    let filename = filename
+        .ok_or_else(|| invalid("missing `filename`"))?
+        .into_owned();
+    let content_type = content_type.map_or_else(
+        || "application/octet-stream".to_string(),
+        std::borrow::Cow::into_owned,
+    );
+    let encoded = encoded.ok_or_else(|| invalid("missing `content` (base64)"))?;
+    let content = decode_base64(&encoded)
+        .map_err(|error| invalid(&format!("`content` is not valid base64: {error}")))?;
+    Ok(AttachmentRequest {
+        filename,
+        content_type,
+        content,
+    })
+}
+
+/// Standard base64; line breaks and spaces (common in base64 produced by
+/// tools) carry no data and are skipped.
+fn decode_base64(encoded: &str) -> Result<Vec<u8>, base64::DecodeError> {
+    let engine = &base64::engine::general_purpose::STANDARD;
+    if !encoded.bytes().any(|byte| byte.is_ascii_whitespace()) {
+        return engine.decode(encoded.as_bytes());
+    }
+    let compact: Vec<u8> = encoded
+        .bytes()
+        .filter(|byte| !byte.is_ascii_whitespace())
+        .collect();
+    engine.decode(&compact)
+}
+
+/// An RFC 3339 date-time (`2026-05-01T09:30:00Z`, `…+02:00`, fractions of
+/// a second allowed) as a system time.
+pub fn parse_rfc3339(text: &str) -> Option<SystemTime> {
+    let bytes = text.as_bytes();
+    let number = |range: std::ops::Range<usize>| -> Option<i64> {
+        let digits = bytes.get(range)?;
+        if !digits.iter().all(u8::is_ascii_digit) {
+            return None;
+        }
+        std::str::from_utf8(digits).ok()?.parse().ok()
+    };
+    let separator = |at: usize, allowed: &[u8]| bytes.get(at).is_some_and(|b| allowed.contains(b));
+    if !(separator(4, b"-")
+        && separator(7, b"-")
+        && separator(10, b"Tt ")
+        && separator(13, b":")
+        && separator(16, b":"))
+    {
+        return None;
+    }
+    let (year, month, day) = (number(0..4)?, number(5..7)?, number(8..10)?);
+    let (hour, minute, second) = (number(11..13)?, number(14..16)?, number(17..19)?);
+    if !(1..=12).contains(&month)
+        || day < 1
+        || day > days_in_month(year, month)
+        || hour > 23
+        || minute > 59
+        || second > 60
+    {
+        return None;
+    }
+    let mut at = 19;
+    let mut nanos: u64 = 0;
+    if bytes.get(at) == Some(&b'.') {
+        at += 1;
+        let start = at;
+        while bytes.get(at).is_some_and(u8::is_ascii_digit) {
+            at += 1;
+        }
+        if at == start {
+            return None;
+        }
+        let fraction = &text[start..at.min(start + 9)];
+        nanos = fraction.parse::<u64>().ok()? * 10u64.pow(9 - fraction.len() as u32);
+    }
+    let offset_seconds = match bytes.get(at)? {
+        b'Z' | b'z' if at + 1 == bytes.len() => 0,
+        sign @ (b'+' | b'-') if at + 6 == bytes.len() && bytes[at + 3] == b':' => {
+            let (hours, minutes) = (number(at + 1..at + 3)?, number(at + 4..at + 6)?);
+            if hours > 23 || minutes > 59 {
+                return None;
+            }
+            let offset = hours * 3600 + minutes * 60;
+            if *sign == b'+' {
+                offset
+            } else {
+                -offset
+            }
+        }
+        _ => return None,
+    };
+    // A leap second is taken as the next second's start.
+    let seconds = days_from_civil(year, month, day) * 86_400 + hour * 3600 + minute * 60 + second
+        - offset_seconds;
+    let whole = Duration::from_secs(seconds.unsigned_abs()) + Duration::from_nanos(nanos);
+    if seconds >= 0 {
+        UNIX_EPOCH.checked_add(whole)
+    } else {
+        UNIX_EPOCH
+            .checked_sub(Duration::from_secs(seconds.unsigned_abs()))?
+            .checked_add(Duration::from_nanos(nanos))
+    }
+}
+
+fn days_in_month(year: i64, month: i64) -> i64 {
+    match month {
+        2 if year % 4 == 0 && (year % 100 != 0 || year % 400 == 0) => 29,
+        2 => 28,
+        4 | 6 | 9 | 11 => 30,
+        _ => 31,
+    }
+}
+
+/// Days since 1970-01-01 of a proleptic Gregorian date (H. Hinnant's algorithm).
+pub(crate) fn days_from_civil(year: i64, month: i64, day: i64) -> i64 {
+    let year = if month <= 2 { year - 1 } else { year };
+    let era = year.div_euclid(400);
+    let year_of_era = year - era * 400;
+    let shifted_month = (month + 9) % 12;
+    let day_of_year = (153 * shifted_month + 2) / 5 + day - 1;
+    let day_of_era = year_of_era * 365 + year_of_era / 4 - year_of_era / 100 + day_of_year;
+    era * 146_097 + day_of_era - 719_468
+}
+
+fn sender_allowed(address: &address::Mailbox, rules: &[SenderRule]) -> bool {
+    let full = address.address().to_lowercase();
+    let domains = [
+        address.domain.to_ascii_lowercase(),
+        address.unicode_domain.to_lowercase(),
+    ];
+    rules.iter().any(|rule| match rule {
+        SenderRule::Address(allowed) => {
+            *allowed == full || *allowed == address.unicode_address().to_lowercase()
+        }
+        SenderRule::Domain(allowed) => domains.contains(allowed),
+    })
+}
+
+/// A new message id: 12 hex digits of milliseconds (so ids sort by time)
+/// and 16 of randomness.
+pub fn new_message_id() -> String {
+    let millis = SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map(|elapsed| elapsed.as_millis() as u64)
+        .unwrap_or(0);
+    format!("{:012x}{:016x}", millis & 0xffff_ffff_ffff, random_u64())
+}
+
+/// 64 random bits from the standard library's randomly keyed hasher (no
+/// extra crate for ids and jitter).
+pub fn random_u64() -> u64 {
+    static COUNTER: AtomicU64 = AtomicU64::new(0);
+    let mut hasher = RandomState::new().build_hasher();
+    hasher.write_u64(COUNTER.fetch_add(1, Ordering::Relaxed));
+    hasher.write_u128(
+        SystemTime::now()
+            .duration_since(UNIX_EPOCH)
+            .map(|elapsed| elapsed.as_nanos())
+            .unwrap_or(0),
+    );
+    hasher.finish()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn request(json: &str) -> Result<OutgoingMessage, MessageError> {
+        MailRequest::from_json(json.as_bytes())?.build(None)
+    }
+
+    #[test]
+    fn seed_request_builds_headers() {
+        let message = request(r#"{"sender":"App <app@example.com>","receiver":"user@example.org","subject":"Hi","message":"Hello"}"#).unwrap();
+        assert_eq!(message.envelope_from, "app@example.com");
+        assert_eq!(message.recipients, vec!["user@example.org"]);
+        for header in [
+            "From: App <app@example.com>",
+            "To: user@example.org",
+            "Subject: Hi",
+            "Date: ",
+            "Message-ID: <",
+        ] {
+            assert!(
+                message.content.contains(header),
+                "{header} missing in {}",
+                message.content
+            );
+        }
+    }
+
+    #[test]
+    fn line_breaks_are_refused() {
+        let error =
+            request(r#"{"sender":"a@b.c","receiver":"d@e.f","subject":"Hi\r\nBcc: x@y.z"}"#)
+                .unwrap_err();
+        assert_eq!(
+            error,
+            MessageError::HeaderInjection {
+                field: "subject".into()
+            }
+        );
+        let error = request(r#"{"sender":"a@b.c\nBcc: x@y.z","receiver":"d@e.f","subject":"Hi"}"#)
+            .unwrap_err();
+        assert!(error.to_string().contains("sender"));
+        let error = request(r#"{"sender":"a@b.c","receiver":"d@e.f","subject":"Hi","headers":{"X-A":"1\r\nBcc: x@y.z"}}"#).unwrap_err();
+        assert!(error.to_string().contains("X-A"), "{error}");
+    }
+
+    #[test]
+    fn missing_and_wrong_fields_are_named() {
+        assert_eq!(
+            request(r#"{"receiver":"d@e.f","subject":"Hi"}"#).unwrap_err(),
+            MessageError::MissingField("sender")
+        );
+        assert_eq!(
+            request(r#"{"sender":"a@b.c","receiver":"d@e.f"}"#).unwrap_err(),
+            MessageError::MissingField("subject")
+        );
+        assert_eq!(
+            request(r#"{"sender":"a@b.c","subject":"x"}"#).unwrap_err(),
+            MessageError::NoRecipients
+        );
+        assert!(request(r#"{"sender":"a@b.c","receiver":5,"subject":"x"}"#)
+            .unwrap_err()
+            .to_string()
+            .contains("receiver"));
+        assert!(matches!(
+            request("{nope").unwrap_err(),
+            MessageError::MalformedJson(_)
+        ));
+        assert!(
+            request(r#"{"sender":"not an address","receiver":"d@e.f","subject":"x"}"#)
+                .unwrap_err()
+                .to_string()
+                .contains("sender")
+        );
+    }
+
+    #[test]
+    fn unknown_fields_are_named_with_the_valid_ones() {
+        let error = request(r#"{"sender":"a@b.c","receiver":"d@e.f","subject":"x","text":"hi"}"#)
+            .unwrap_err();
+        let text = error.to_string();
+        assert!(text.contains("`text`"), "{text}");
+        for field in FIELDS {
+            assert!(text.contains(field), "{text} should list {field}");
+        }
+    }
+
+    #[test]
+    fn tags_metadata_and_later_fields_are_parsed_and_checked() {
+        let parsed = MailRequest::from_json(
+            br#"{"sender":"a@b.c","receiver":"d@e.f","template":"welcome","data":{"name":"Zo\u00eb"},
+                "tags":["signup","eu"],"metadata":{"user":"42"},"send_at":"2026-05-01T09:30:00.5+02:00"}"#,
+        )
+        .unwrap();
+        assert_eq!(parsed.subject, "", "subject may be absent with a template");
+        assert_eq!(parsed.tags, vec!["signup", "eu"]);
+        assert_eq!(parsed.metadata["user"], "42");
+        assert_eq!(parsed.template.as_deref(), Some("welcome"));
+        assert_eq!(parsed.data.unwrap()["name"], "Zoë");
+        let expected = UNIX_EPOCH + Duration::from_millis(1_777_620_600_500);
+        assert_eq!(parsed.send_at, Some(expected));
+
+        let base = r#""sender":"a@b.c","receiver":"d@e.f","subject":"x""#;
+        for (extra, named) in [
+            (r#""tags":"one""#, "tags"),
+            (r#""tags":[""]"#, "tags[0]"),
+            (&format!(r#""tags":["{}"]"#, "t".repeat(65)), "tags[0]"),
+            (
+                r#""tags":["1","2","3","4","5","6","7","8","9","10","11"]"#,
+                "tags",
+            ),
+            (r#""metadata":{"a":1}"#, "metadata.a"),
+            (
+                &format!(r#""metadata":{{"a":"{}"}}"#, "v".repeat(2048)),
+                "metadata",
+            ),
+            (r#""template":5"#, "template"),
+            (r#""data":[1]"#, "data"),
+            (r#""send_at":"tomorrow""#, "send_at"),
+            (r#""send_at":"2026-02-30T00:00:00Z""#, "send_at"),
+        ] {
+            let json = format!("{{{base},{extra}}}");
+            let error = MailRequest::from_json(json.as_bytes()).unwrap_err();
+            assert!(error.to_string().contains(named), "{json}: {error}");
+        }
+        let pairs: Vec<String> = (0..21).map(|i| format!(r#""k{i}":"v""#)).collect();
+        let json = format!(r#"{{{base},"metadata":{{{}}}}}"#, pairs.join(","));
+        assert!(MailRequest::from_json(json.as_bytes()).is_err());
+    }
+
+    #[test]
+    fn rfc3339_times() {
+        assert_eq!(parse_rfc3339("1970-01-01T00:00:00Z"), Some(UNIX_EPOCH));
+        assert_eq!(parse_rfc3339("1970-01-01T01:00:00+01:00"), Some(UNIX_EPOCH));
+        assert_eq!(
+            parse_rfc3339("2000-03-01t00:00:00z"),
+            Some(UNIX_EPOCH + Duration::from_secs(951_868_800))
+        );
+        for bad in [
+            "",
+            "2026-13-01T00:00:00Z",
+            "2026-01-01T00:00:00",
+            "2026-01-01T24:00:00Z",
+            "2026-01-01T00:00:00+0100",
+            "2026-01-01T00:00:00.Z",
+        ] {
+            assert_eq!(parse_rfc3339(bad), None, "{bad}");
+        }
+    }
+
+    #[test]
+    fn reserved_headers_are_refused() {
+        for name in [
+            "From",
+            "message-id",
+            "Content-Type",
+            "MIME-Version",
+            "Return-Path",
+            "Received",
+        ] {
+            let json = format!(
+                r#"{{"sender":"a@b.c","receiver":"d@e.f","subject":"x","headers":{{"{name}":"v"}}}}"#
+            );
+            let error = request(&json).unwrap_err();
+            assert!(error.to_string().contains(name), "{error}");
+        }
+    }
+
+    #[test]
+    fn ids_are_unique() {
+        let ids: std::collections::HashSet<String> =
+            (0..10_000).map(|_| new_message_id()).collect();
+        assert_eq!(ids.len(), 10_000);
+    }
+
+    #[test]
+    fn sender_allow_list() {
+        let rules = vec![SenderRule::Domain("example.com".into())];
+        let request =
+            MailRequest::from_json(br#"{"sender":"a@other.org","receiver":"d@e.f","subject":"x"}"#)
+                .unwrap();
+        assert!(matches!(
+            request.build(Some(&rules)),
+            Err(MessageError::SenderNotAllowed { .. })
+        ));
+        let request = MailRequest::from_json(
+            br#"{"sender":"A <a@Example.com>","receiver":"d@e.f","subject":"x"}"#,
+        )
+        .unwrap();
+        assert!(request.build(Some(&rules)).is_ok());
+        let rules = vec![SenderRule::Domain("bücher.de".into())];
+        let request = MailRequest::from_json(
+            r#"{"sender":"a@bücher.de","receiver":"d@e.f","subject":"x"}"#.as_bytes(),
+        )
+        .unwrap();
+        assert!(request.build(Some(&rules)).is_ok());
+    }
+}
