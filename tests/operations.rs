@@ -1560,7 +1560,10 @@ fn connections_beyond_the_limit_get_503_and_the_service_keeps_serving() {
     // get the 503 (and a reset, so only the head is written here).
     let deadline = Instant::now() + PATIENCE;
     loop {
-        let (code, _) = raw_exchange(child.address, b"GET /healthz HTTP/1.1\r\nHost: t\r\n\r\n");
+        let (code, _) = raw_exchange(
+            child.address,
+            b"GET /healthz HTTP/1.1\r\nHost: t\r\nConnection: close\r\n\r\n",
+        );
         if code == Some(200) {
             break;
         }
