@@ -93,6 +93,12 @@ pub enum SubmitError {
     },
     /// `send_at` is not within the next [`MAX_SCHEDULE_DAYS`] days (HTTP 400).
     SendAtTooLate,
+    /// The request's template cannot be rendered: unknown, a variable
+    /// missing from `data`, and the like (HTTP 400).
+    Template(crate::templates::RenderError),
+    /// `template` with `subject`, `message` or `html`, or `data` without
+    /// `template` (HTTP 400).
+    TemplateMixed(&'static str),
     /// `MAILROOM_QUEUE_CAPACITY` messages are unfinished (HTTP 503).
     Full,
     /// `MAILROOM_SCHEDULED_CAPACITY` messages wait for their time (HTTP 503).
@@ -118,6 +124,8 @@ impl std::fmt::Display for SubmitError {
                 f,
                 "field `send_at` must be at most {MAX_SCHEDULE_DAYS} days ahead"
             ),
+            SubmitError::Template(error) => error.fmt(f),
+            SubmitError::TemplateMixed(detail) => f.write_str(detail),
             SubmitError::Full => {
                 f.write_str("the queue is full (MAILROOM_QUEUE_CAPACITY); retry later")
             }
@@ -136,6 +144,7 @@ impl std::error::Error for SubmitError {
     fn source(&self) -> Option<&(dyn std::error::Error + 'static)> {
         match self {
             SubmitError::Invalid(error) => Some(error),
+            SubmitError::Template(error) => Some(error),
             SubmitError::Spool(error) => Some(error),
             _ => None,
         }
@@ -557,6 +566,8 @@ impl Engine {
         );
         status.idempotency_key = key.map(str::to_string);
         status.fingerprint = key.map(|_| fingerprint(request));
+        status.tags = request.tags.clone();
+        status.metadata = request.metadata.clone();
         status.push_event(Event {
             at_ms: status.created_at_ms,
             kind: EventKind::Accepted,
@@ -581,6 +592,49 @@ impl Engine {
             .unwrap_or(Err(SubmitError::ShuttingDown))
     }
 
+    /// Renders a request's template (when it names one) and builds the
+    /// message, refusing what could never be delivered.
+    fn build(&self, request: &MailRequest) -> Result<OutgoingMessage, SubmitError> {
+        let inner = &self.inner;
+        let rendered;
+        let request = match &request.template {
+            None if request.data.is_some() => {
+                return Err(SubmitError::TemplateMixed(
+                    "field `data` goes with `template`: name the template to render",
+                ))
+            }
+            None => request,
+            Some(name) => {
+                if !request.subject.is_empty()
+                    || request.message.is_some()
+                    || request.html.is_some()
+                {
+                    return Err(SubmitError::TemplateMixed(
+                        "field `template` replaces `subject`, `message` and `html`: leave them out",
+                    ));
+                }
+                let data = serde_json::Value::Object(request.data.clone().unwrap_or_default());
+                let parts = inner
+                    .templates
+                    .render(name, &data)
+                    .map_err(SubmitError::Template)?;
+                let mut filled = request.clone();
+                filled.subject = parts.subject;
+                filled.message = parts.text;
+                filled.html = parts.html;
+                rendered = filled;
+                &rendered
+            }
+        };
+        let message = request
+            .build(inner.config.allowed_senders.as_deref())
+            .map_err(SubmitError::Invalid)?;
+        if let Some(error) = refuse_at_submit(&message, &inner.capabilities) {
+            return Err(SubmitError::Invalid(error));
+        }
+        Ok(message)
+    }
+
     /// Builds one item's record (or says why not).
     fn prepare(&self, item: &BatchItem<'_>) -> Result<MessageRecord, SubmitError> {
         let inner = &self.inner;
@@ -588,13 +642,7 @@ impl Engine {
         if !inner.accepting.load(Ordering::SeqCst) {
             return Err(SubmitError::ShuttingDown);
         }
-        let message = item
-            .request
-            .build(inner.config.allowed_senders.as_deref())
-            .map_err(SubmitError::Invalid)?;
-        if let Some(error) = refuse_at_submit(&message, &inner.capabilities) {
-            return Err(SubmitError::Invalid(error));
-        }
+        let message = self.build(item.request)?;
         let send_at = scheduled_time(item.request.send_at)?;
         let mut status = Engine::new_status(&message, item.idempotency_key, item.request);
         if let Some(send_at) = send_at {
@@ -728,12 +776,7 @@ impl Engine {
         if !inner.accepting.load(Ordering::SeqCst) {
             return Err(SendError::Rejected(SubmitError::ShuttingDown));
         }
-        let message = request
-            .build(inner.config.allowed_senders.as_deref())
-            .map_err(|error| SendError::Rejected(SubmitError::Invalid(error)))?;
-        if let Some(error) = refuse_at_submit(&message, &inner.capabilities) {
-            return Err(SendError::Rejected(SubmitError::Invalid(error)));
-        }
+        let message = self.build(request).map_err(SendError::Rejected)?;
         let id = message.id.clone();
         let (waiter, outcome) = crossbeam_channel::bounded::<WaitedOutcome>(1);
         let status = Engine::new_status(&message, idempotency_key, request);
@@ -1081,6 +1124,8 @@ fn copy_error(error: &SubmitError) -> SubmitError {
             SubmitError::IdempotencyConflict { key: key.clone() }
         }
         SubmitError::SendAtTooLate => SubmitError::SendAtTooLate,
+        SubmitError::Template(error) => SubmitError::Template(error.clone()),
+        SubmitError::TemplateMixed(detail) => SubmitError::TemplateMixed(detail),
         SubmitError::Full => SubmitError::Full,
         SubmitError::ScheduleFull => SubmitError::ScheduleFull,
         SubmitError::ShuttingDown => SubmitError::ShuttingDown,

@@ -294,6 +294,8 @@ fn item_error(error: &SubmitError) -> Value {
             Some("idempotency_key".into())
         }
         SubmitError::SendAtTooLate => Some("send_at".into()),
+        SubmitError::Template(error) => Some(error.field().into()),
+        SubmitError::TemplateMixed(_) => Some("template".into()),
         _ => None,
     };
     json!({ "error": { "message": error.to_string(), "field": field } })

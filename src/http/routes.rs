@@ -239,7 +239,9 @@ fn refusal(error: &SubmitError) -> Reply {
     match error {
         SubmitError::Invalid(_)
         | SubmitError::InvalidIdempotencyKey
-        | SubmitError::SendAtTooLate => invalid(&error.to_string()),
+        | SubmitError::SendAtTooLate
+        | SubmitError::Template(_)
+        | SubmitError::TemplateMixed(_) => invalid(&error.to_string()),
         SubmitError::IdempotencyConflict { .. } => {
             Reply::error(409, &error.to_string(), &error.to_string())
         }
