@@ -481,8 +481,7 @@ impl Engine {
         let metrics = Arc::new(Metrics::default());
         let webhooks = match &config.webhook {
             Some(settings) => {
-                let queue =
-                    crate::store::open_webhook_queue(&config.spool).map_err(StartError::Spool)?;
+                let queue = store.webhook_queue().map_err(StartError::Spool)?;
                 let webhooks = Webhooks::start(settings.clone(), queue, Arc::clone(&metrics))
                     .map_err(StartError::Thread)?;
                 // Before any worker runs: every change from now on is seen.

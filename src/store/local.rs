@@ -62,6 +62,8 @@ pub(crate) struct LocalStore {
     work: Receiver<Job>,
     schedule: Mutex<Option<JoinHandle<()>>>,
     rate: Option<RateLimiter>,
+    /// Where the pending webhooks go (the spool's `webhooks/`, or memory).
+    spool: SpoolSetting,
 }
 
 fn lock<T>(mutex: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
@@ -140,6 +142,7 @@ impl LocalStore {
             work,
             schedule: Mutex::new(Some(schedule)),
             rate: RateLimiter::new(config.rate_limit),
+            spool: config.spool.clone(),
         };
         let recovery = store.queue_recovered(pending, corrupt);
         Ok((store, recovery))
@@ -705,6 +708,10 @@ impl Store for LocalStore {
         limit: usize,
     ) -> io::Result<(Vec<Suppression>, Option<String>)> {
         Ok(self.core.suppressions.page(cursor, limit))
+    }
+
+    fn webhook_queue(&self) -> io::Result<Arc<dyn super::WebhookQueue>> {
+        super::webhooks::open(&self.spool)
     }
 
     fn stop(&self, release_retries: bool) {

@@ -32,7 +32,7 @@ pub use index::ListQuery;
 pub(crate) use index::{id_key, Page};
 pub(crate) use record::{MessageRecord, StatusRecord};
 pub use suppression::Suppression;
-pub(crate) use webhooks::{open as open_webhook_queue, PendingWebhook, WebhookQueue};
+pub(crate) use webhooks::{PendingWebhook, WebhookQueue};
 
 /// Why an action on a message (cancel, retry) was refused.
 #[derive(Debug)]
@@ -171,6 +171,9 @@ pub(crate) trait Store: Send + Sync {
         cursor: Option<&str>,
         limit: usize,
     ) -> io::Result<(Vec<Suppression>, Option<String>)>;
+
+    /// Where pending webhooks are kept with this store.
+    fn webhook_queue(&self) -> io::Result<Arc<dyn WebhookQueue>>;
 
     /// Stops the store's own threads. With `release_retries`, retries that
     /// wait for their time are handed to the workers first (memory mode

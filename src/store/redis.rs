@@ -486,36 +486,55 @@ impl Shared {
     }
 
     /// Writes a status the caller owns (a worker's message), whatever its
-    /// revision now; `op` says what else changes.
+    /// revision now; `op` says what else changes. While Redis is
+    /// unreachable the worker waits here (it could not take another message
+    /// anyway) and keeps its claim, so the outcome is recorded once Redis is
+    /// back instead of the message being sent again; a stop gives up (then
+    /// another replica takes the message over).
     fn record(&self, status: &StatusRecord, op: &str, extra: u64) {
         let id = status.id.clone();
-        let ticket = lock(&self.held).remove(&id).unwrap_or_default();
-        for _ in 0..16 {
-            let (before_events, rev) = match self.get_status(&id) {
-                Ok(Some((known, rev))) => (known.events_total, rev),
-                Ok(None) => {
+        let ticket = lock(&self.held).get(&id).cloned().unwrap_or_default();
+        let mut backoff = Duration::from_millis(100);
+        let mut warned = false;
+        loop {
+            let outcome = self.get_status(&id).and_then(|known| match known {
+                None => Ok(None),
+                Some((known, rev)) => self
+                    .update(status, &rev, op, &ticket, extra)
+                    .map(|answer| Some((answer, known.events_total))),
+            });
+            match outcome {
+                Ok(Some((1, before_events))) => {
+                    self.notify(status, before_events);
+                    break;
+                }
+                // The revision moved on (a cancel): read it again.
+                Ok(Some((0, _))) => continue,
+                Ok(Some(_)) | Ok(None) => {
                     log::warn!(
                         "message {id}: no longer known to the store; its {op} is not recorded"
                     );
-                    return;
+                    break;
                 }
                 Err(error) => {
-                    log::error!("message {id}: its {op} cannot be recorded: {error}; another replica will take it over");
-                    return;
-                }
-            };
-            match self.update(status, &rev, op, &ticket, extra) {
-                Ok(1) => {
-                    self.notify(status, before_events);
-                    return;
-                }
-                Ok(0) => continue,
-                Ok(_) => return,
-                Err(error) => {
-                    log::error!("message {id}: its {op} cannot be recorded: {error}; another replica will take it over");
-                    return;
+                    if self.stopping.load(Ordering::SeqCst) {
+                        log::error!("message {id}: stopping before its {op} could be recorded ({error}); another replica will take it over");
+                        break;
+                    }
+                    if !warned {
+                        log::warn!(
+                            "message {id}: its {op} waits until the store is reachable: {error}"
+                        );
+                        warned = true;
+                    }
+                    // Pacing retries against an unreachable Redis.
+                    std::thread::sleep(backoff);
+                    backoff = (backoff * 2).min(MAX_BACKOFF);
                 }
             }
+        }
+        if !ticket.is_empty() {
+            lock(&self.held).remove(&id);
         }
     }
 
@@ -603,8 +622,20 @@ impl Shared {
         });
     }
 
-    /// Keeps this replica's claims alive (resets their idle time).
+    /// Keeps this replica's claims alive (resets their idle time), and says
+    /// it is alive (its pending webhooks stay its own).
     fn renew(&self) {
+        let alive = self.with(|connection| {
+            redis::cmd("SET")
+                .arg(key(&format!("alive:{}", self.consumer)))
+                .arg(1)
+                .arg("PX")
+                .arg(self.limits.claim_timeout.as_millis() as u64)
+                .query::<()>(connection)
+        });
+        if let Err(error) = alive {
+            log::warn!("store: this replica's heartbeat is not renewed: {error}");
+        }
         let tickets: Vec<String> = lock(&self.held).values().cloned().collect();
         if tickets.is_empty() {
             return;
@@ -760,6 +791,7 @@ impl RedisStore {
             }
         })?;
         warn_about_persistence(&shared);
+        shared.renew();
         let store = RedisStore {
             shared,
             work,
@@ -920,7 +952,93 @@ fn warn_about_persistence(shared: &Shared) {
     }
 }
 
+/// Pending webhooks in Redis: each replica keeps those it queued in a hash
+/// of its own (`wh:{replica}`) and delivers them; a replica starting takes
+/// over the hashes of replicas that are gone (their `alive:{replica}` key,
+/// renewed with the claims, has expired), so each webhook is delivered by
+/// one replica.
+struct RedisWebhooks {
+    shared: Arc<Shared>,
+}
+
+const ADOPT: &str = r#"
+local p, mine = ARGV[1], ARGV[2]
+local taken = 0
+local cursor = '0'
+repeat
+  local page = redis.call('SCAN', cursor, 'MATCH', p..'wh:*', 'COUNT', 100)
+  cursor = page[1]
+  for _, hash in ipairs(page[2]) do
+    local owner = string.sub(hash, #p + 4)
+    if owner ~= mine and redis.call('EXISTS', p..'alive:'..owner) == 0 then
+      local fields = redis.call('HGETALL', hash)
+      for i = 1, #fields, 2 do
+        redis.call('HSET', p..'wh:'..mine, fields[i], fields[i + 1])
+        taken = taken + 1
+      end
+      redis.call('DEL', hash)
+    end
+  end
+until cursor == '0'
+return taken
+"#;
+
+impl super::WebhookQueue for RedisWebhooks {
+    fn load(&self) -> Vec<super::PendingWebhook> {
+        let shared = &self.shared;
+        let own = key(&format!("wh:{}", shared.consumer));
+        let loaded: io::Result<Vec<String>> = shared.with(|connection| {
+            let taken: i64 = Script::new(ADOPT)
+                .arg(PREFIX)
+                .arg(&shared.consumer)
+                .invoke(connection)?;
+            if taken > 0 {
+                log::warn!("webhooks: took over {taken} pending from replicas that are gone");
+            }
+            redis::cmd("HVALS").arg(&own).query(connection)
+        });
+        match loaded {
+            Ok(values) => {
+                let mut pending: Vec<super::PendingWebhook> = values
+                    .iter()
+                    .filter_map(|json| serde_json::from_str(json).ok())
+                    .collect();
+                pending.sort_by_key(|webhook| webhook.at_ms);
+                pending
+            }
+            Err(error) => {
+                log::error!("webhooks: pending ones cannot be read from Redis: {error}");
+                Vec::new()
+            }
+        }
+    }
+
+    fn add(&self, webhook: &super::PendingWebhook) -> io::Result<()> {
+        let json = serde_json::to_string(webhook).map_err(io::Error::other)?;
+        let own = key(&format!("wh:{}", self.shared.consumer));
+        self.shared.with(|connection| {
+            redis::cmd("HSET")
+                .arg(&own)
+                .arg(&webhook.id)
+                .arg(&json)
+                .query::<()>(connection)
+        })
+    }
+
+    fn complete(&self, id: &str) -> io::Result<()> {
+        let own = key(&format!("wh:{}", self.shared.consumer));
+        self.shared
+            .with(|connection| redis::cmd("HDEL").arg(&own).arg(id).query::<()>(connection))
+    }
+}
+
 impl Store for RedisStore {
+    fn webhook_queue(&self) -> io::Result<Arc<dyn super::WebhookQueue>> {
+        Ok(Arc::new(RedisWebhooks {
+            shared: Arc::clone(&self.shared),
+        }))
+    }
+
     fn is_durable(&self) -> bool {
         true
     }

@@ -10,6 +10,7 @@
 pub mod certs;
 pub mod http;
 pub mod load;
+pub mod redis;
 pub mod smtp;
 pub mod webdriver;
 pub mod webhooks;
