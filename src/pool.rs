@@ -337,7 +337,7 @@ fn deliver(context: &WorkerContext, transport: &mut Transport, mut job: Job) {
 /// one of them, the message ends `suppressed` without contacting the relay
 /// (true: nothing more to do).
 fn skip_suppressed(context: &WorkerContext, job: &mut Job, status: &mut StatusRecord) -> bool {
-    let suppressed = match context.store.suppressed(&job.recipients) {
+    let suppressed = match context.store.suppressed(job.id(), &job.recipients) {
         Ok(suppressed) => suppressed,
         Err(error) => {
             log::warn!(

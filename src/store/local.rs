@@ -680,7 +680,7 @@ impl Store for LocalStore {
         })
     }
 
-    fn suppressed(&self, recipients: &[String]) -> io::Result<Vec<String>> {
+    fn suppressed(&self, _id: &str, recipients: &[String]) -> io::Result<Vec<String>> {
         Ok(self
             .core
             .suppressions

@@ -152,8 +152,8 @@ pub(crate) trait Store: Send + Sync {
     /// How many messages are where.
     fn counts(&self) -> io::Result<Counts>;
 
-    /// Which of `recipients` are on the suppression list.
-    fn suppressed(&self, recipients: &[String]) -> io::Result<Vec<String>>;
+    /// Which of `recipients` (of message `id`) are on the suppression list.
+    fn suppressed(&self, id: &str, recipients: &[String]) -> io::Result<Vec<String>>;
 
     /// Puts an address on the suppression list (or updates its reason).
     fn suppress(&self, address: &str, reason: Option<String>) -> io::Result<Suppression>;

@@ -249,6 +249,19 @@ struct Reach {
     down: Option<(Instant, Duration, String)>,
 }
 
+/// A message this replica holds.
+struct Held {
+    /// Its stream entry (empty for `/api/mail/v2`).
+    ticket: String,
+    /// The status revision last read or written here, and that status.
+    rev: Option<String>,
+    status: Option<StatusRecord>,
+    /// Its recipients on the suppression list, read with it.
+    suppressed: Option<Vec<String>>,
+    /// How many events it had when read (the observers get the new ones).
+    events: u64,
+}
+
 /// The limits the scripts apply.
 struct Limits {
     capacity: usize,
@@ -268,8 +281,10 @@ struct Shared {
     stopping: AtomicBool,
     consumer: String,
     limits: Limits,
-    /// Messages this replica holds, by id: their stream entries, renewed.
-    held: Mutex<HashMap<String, String>>,
+    /// Messages this replica holds, by id: their stream entries (renewed),
+    /// and what the feeder read of them, so a worker's changes need no
+    /// read first.
+    held: Mutex<HashMap<String, Held>>,
     observers: RwLock<Vec<Arc<dyn Observer>>>,
     work: Sender<Job>,
     accept: Script,
@@ -493,16 +508,26 @@ impl Shared {
     /// another replica takes the message over).
     fn record(&self, status: &StatusRecord, op: &str, extra: u64) {
         let id = status.id.clone();
-        let ticket = lock(&self.held).get(&id).cloned().unwrap_or_default();
+        let (ticket, mut known_rev, known_events) = lock(&self.held)
+            .get(&id)
+            .map(|held| (held.ticket.clone(), held.rev.clone(), held.events))
+            .unwrap_or_default();
         let mut backoff = Duration::from_millis(100);
         let mut warned = false;
         loop {
-            let outcome = self.get_status(&id).and_then(|known| match known {
-                None => Ok(None),
-                Some((known, rev)) => self
+            // With the revision the worker began from, one round trip; else
+            // (or when it moved on) read it first.
+            let outcome = match known_rev.take() {
+                Some(rev) => self
                     .update(status, &rev, op, &ticket, extra)
-                    .map(|answer| Some((answer, known.events_total))),
-            });
+                    .map(|answer| Some((answer, known_events))),
+                None => self.get_status(&id).and_then(|known| match known {
+                    None => Ok(None),
+                    Some((known, rev)) => self
+                        .update(status, &rev, op, &ticket, extra)
+                        .map(|answer| Some((answer, known.events_total))),
+                }),
+            };
             match outcome {
                 Ok(Some((1, before_events))) => {
                     self.notify(status, before_events);
@@ -533,9 +558,7 @@ impl Shared {
                 }
             }
         }
-        if !ticket.is_empty() {
-            lock(&self.held).remove(&id);
-        }
+        lock(&self.held).remove(&id);
     }
 
     fn notify(&self, status: &StatusRecord, before_events: u64) {
@@ -552,31 +575,51 @@ impl Shared {
         }
     }
 
-    /// Turns stream entries into jobs for the workers.
+    /// Turns stream entries into jobs for the workers: one round trip
+    /// reads every entry's message, status and suppressed recipients.
     fn feed(&self, entries: Vec<(String, String)>) {
-        for (ticket, id) in entries {
-            let loaded: io::Result<(Option<String>, Option<String>)> = self.with(|connection| {
-                redis::pipe()
-                    .cmd("GET")
+        if entries.is_empty() {
+            return;
+        }
+        type Loaded = (Option<String>, Option<String>, Option<String>);
+        let loaded: io::Result<Vec<Loaded>> = self.with(|connection| {
+            let mut pipe = redis::pipe();
+            for (_, id) in &entries {
+                pipe.cmd("GET")
                     .arg(key(&format!("msg:{id}")))
-                    .cmd("HGET")
+                    .cmd("HMGET")
                     .arg(key(&format!("st:{id}")))
                     .arg("json")
-                    .query(connection)
-            });
-            let (message, status) = match loaded {
-                Ok((Some(message), Some(status))) => (message, status),
-                Ok(_) => {
-                    // Finished or cancelled meanwhile: nothing to send.
-                    self.forget_entry(&ticket);
-                    continue;
-                }
-                Err(error) => {
-                    log::warn!(
-                        "queue: message {id} cannot be read ({error}); it is taken again later"
-                    );
-                    continue;
-                }
+                    .arg("rev");
+            }
+            let values: Vec<Value> = pipe.query(connection)?;
+            Ok(values
+                .chunks(2)
+                .map(|pair| {
+                    let message = redis::from_redis_value::<Option<String>>(pair[0].clone())
+                        .ok()
+                        .flatten();
+                    let (json, rev) = redis::from_redis_value::<(Option<String>, Option<String>)>(
+                        pair.get(1).cloned().unwrap_or(Value::Nil),
+                    )
+                    .unwrap_or((None, None));
+                    (message, json, rev)
+                })
+                .collect())
+        });
+        let loaded = match loaded {
+            Ok(loaded) => loaded,
+            Err(error) => {
+                log::warn!("queue: messages cannot be read ({error}); they are taken again later");
+                return;
+            }
+        };
+        let mut jobs = Vec::new();
+        for ((ticket, id), (message, status, rev)) in entries.into_iter().zip(loaded) {
+            let (Some(message), Some(status)) = (message, status) else {
+                // Finished or cancelled meanwhile: nothing to send.
+                self.forget_entry(&ticket);
+                continue;
             };
             let parsed: Result<(OutgoingMessage, StatusRecord), serde_json::Error> =
                 serde_json::from_str(&message)
@@ -593,12 +636,35 @@ impl Shared {
                 self.forget_entry(&ticket);
                 continue;
             }
-            lock(&self.held).insert(id.clone(), ticket.clone());
-            let mut job = Job::new(
-                Arc::new(message),
-                status.pending_recipients().to_vec(),
-                status.attempts,
+            jobs.push((ticket, id, message, status, rev));
+        }
+        let recipients: Vec<String> = jobs
+            .iter()
+            .flat_map(|(_, _, _, status, _)| status.pending_recipients().iter().cloned())
+            .collect();
+        let suppressed: Option<HashSet<String>> = self
+            .suppressed_among(&recipients)
+            .ok()
+            .map(|list| list.into_iter().collect());
+        for (ticket, id, message, status, rev) in jobs {
+            let pending = status.pending_recipients().to_vec();
+            lock(&self.held).insert(
+                id.clone(),
+                Held {
+                    ticket: ticket.clone(),
+                    rev,
+                    events: status.events_total,
+                    status: Some(status.clone()),
+                    suppressed: suppressed.as_ref().map(|suppressed| {
+                        pending
+                            .iter()
+                            .filter(|recipient| suppressed.contains(*recipient))
+                            .cloned()
+                            .collect()
+                    }),
+                },
             );
+            let mut job = Job::new(Arc::new(message), pending, status.attempts);
             job.ticket = Some(ticket);
             // Blocks while the workers are busy: that is the back-pressure
             // (this replica claims no more than it can deliver soon).
@@ -606,6 +672,28 @@ impl Shared {
                 return;
             }
         }
+    }
+
+    /// Which of `recipients` are on the suppression list (one round trip).
+    fn suppressed_among(&self, recipients: &[String]) -> io::Result<Vec<String>> {
+        if recipients.is_empty() {
+            return Ok(Vec::new());
+        }
+        let known: Vec<bool> = self.with(|connection| {
+            let mut pipe = redis::pipe();
+            for recipient in recipients {
+                pipe.cmd("HEXISTS")
+                    .arg(key("supp"))
+                    .arg(normalize(recipient));
+            }
+            pipe.query(connection)
+        })?;
+        Ok(recipients
+            .iter()
+            .zip(known)
+            .filter(|(_, known)| *known)
+            .map(|(recipient, _)| recipient.clone())
+            .collect())
     }
 
     fn forget_entry(&self, ticket: &str) {
@@ -636,7 +724,11 @@ impl Shared {
         if let Err(error) = alive {
             log::warn!("store: this replica's heartbeat is not renewed: {error}");
         }
-        let tickets: Vec<String> = lock(&self.held).values().cloned().collect();
+        let tickets: Vec<String> = lock(&self.held)
+            .values()
+            .filter(|held| !held.ticket.is_empty())
+            .map(|held| held.ticket.clone())
+            .collect();
         if tickets.is_empty() {
             return;
         }
@@ -677,7 +769,10 @@ impl Shared {
                 Vec::new()
             }
         };
-        let mine: HashSet<String> = lock(&self.held).values().cloned().collect();
+        let mine: HashSet<String> = lock(&self.held)
+            .values()
+            .map(|held| held.ticket.clone())
+            .collect();
         let taken: Vec<(String, String)> = entries
             .into_iter()
             .filter(|(ticket, _)| !mine.contains(ticket))
@@ -741,7 +836,12 @@ fn index_entries(status: &StatusRecord) -> Vec<String> {
 impl RedisStore {
     /// Connects, checks the server, and starts the replica's threads.
     pub(crate) fn open(config: &Config, settings: &RedisSettings) -> io::Result<RedisStore> {
-        let client = redis::Client::open(settings.url.expose()).map_err(io_error)?;
+        // Commands are small writes, often several per request: without
+        // TCP_NODELAY each would wait on the peer's delayed ACK.
+        let info = redis::IntoConnectionInfo::into_connection_info(settings.url.expose())
+            .map_err(io_error)?
+            .set_tcp_settings(redis::io::tcp::TcpSettings::default().set_nodelay(true));
+        let client = redis::Client::open(info).map_err(io_error)?;
         let endpoint = settings.endpoint();
         let (work_sender, work) = crossbeam_channel::bounded(config.workers);
         let hostname = std::fs::read_to_string("/etc/hostname")
@@ -775,21 +875,8 @@ impl RedisStore {
             move_due: Script::new(MOVE_DUE),
             rate: Script::new(RATE),
         });
-        // The group must exist before anything reads or adds; '0' takes
-        // what an earlier group member left in the stream.
-        shared.with(|connection| {
-            let created = redis::cmd("XGROUP")
-                .arg("CREATE")
-                .arg(key("queue"))
-                .arg(GROUP)
-                .arg("0")
-                .arg("MKSTREAM")
-                .query::<()>(connection);
-            match created {
-                Err(error) if error.code() == Some("BUSYGROUP") => Ok(()),
-                other => other,
-            }
-        })?;
+        // The group must exist before anything reads or adds.
+        create_group(&shared)?;
         warn_about_persistence(&shared);
         shared.renew();
         let store = RedisStore {
@@ -891,6 +978,14 @@ fn run_feeder(shared: &Shared) {
                 }
             }
             Ok(_) => {}
+            // The group is gone (a Redis that lost its data): make it again.
+            Err(error) if error.code() == Some("NOGROUP") => {
+                log::warn!("queue: the consumer group is missing in Redis; creating it again");
+                if let Err(error) = create_group(shared) {
+                    log::error!("queue: cannot create the consumer group: {error}");
+                    std::thread::sleep(backoff);
+                }
+            }
             Err(error) => {
                 connection = None;
                 let _ = shared.unreachable(error);
@@ -899,6 +994,24 @@ fn run_feeder(shared: &Shared) {
             }
         }
     }
+}
+
+/// Creates the consumer group (and the stream) unless it exists; `0`
+/// takes what is in the stream already.
+fn create_group(shared: &Shared) -> io::Result<()> {
+    shared.with(|connection| {
+        let created = redis::cmd("XGROUP")
+            .arg("CREATE")
+            .arg(key("queue"))
+            .arg(GROUP)
+            .arg("0")
+            .arg("MKSTREAM")
+            .query::<()>(connection);
+        match created {
+            Err(error) if error.code() == Some("BUSYGROUP") => Ok(()),
+            other => other,
+        }
+    })
 }
 
 /// Moves due retries and scheduled sends into the queue.
@@ -1189,35 +1302,49 @@ impl Store for RedisStore {
 
     fn begin_attempt(&self, id: &str, attempt: u32) -> Result<StatusRecord, Option<State>> {
         let shared = &self.shared;
-        let begun = shared.transition(
-            id,
-            |state| {
-                matches!(
-                    state,
-                    State::Queued | State::Retrying | State::Scheduled | State::Sending
-                )
-            },
-            |status| {
-                status.set_state(State::Sending);
-                status.attempts = attempt;
-                status.next_attempt_at_ms = None;
-            },
-            "begin",
-            "",
-            0,
-        );
+        let begin = |status: &mut StatusRecord| {
+            status.set_state(State::Sending);
+            status.attempts = attempt;
+            status.next_attempt_at_ms = None;
+        };
+        let allowed = |state: State| {
+            matches!(
+                state,
+                State::Queued | State::Retrying | State::Scheduled | State::Sending
+            )
+        };
+        // The feeder's read of it: one round trip when nothing changed since.
+        let known = lock(&shared.held)
+            .get_mut(id)
+            .and_then(|held| Some((held.rev.take()?, held.status.take()?)));
+        if let Some((rev, mut status)) = known.filter(|(_, status)| allowed(status.state())) {
+            begin(&mut status);
+            status.updated_at_ms = now_ms();
+            status.revision += 1;
+            if let Ok(1) = shared.update(&status, &rev, "begin", "", 0) {
+                let next = rev.parse::<u64>().map(|rev| (rev + 1).to_string()).ok();
+                if let Some(held) = lock(&shared.held).get_mut(id) {
+                    held.rev = next;
+                }
+                return Ok(status);
+            }
+        }
+        let begun = shared.transition(id, allowed, begin, "begin", "", 0);
         match begun {
-            Ok((_, status, ())) => Ok(status),
+            Ok((_, status, ())) => {
+                // Its revision is not known here any more: finishing reads it.
+                Ok(status)
+            }
             Err(ActionRefusal::State(state)) => {
                 // Cancelled (or finished) meanwhile: its entry is done with.
-                if let Some(ticket) = lock(&shared.held).remove(id) {
-                    shared.forget_entry(&ticket);
+                if let Some(held) = lock(&shared.held).remove(id) {
+                    shared.forget_entry(&held.ticket);
                 }
                 Err(Some(state))
             }
             Err(ActionRefusal::Unknown) => {
-                if let Some(ticket) = lock(&shared.held).remove(id) {
-                    shared.forget_entry(&ticket);
+                if let Some(held) = lock(&shared.held).remove(id) {
+                    shared.forget_entry(&held.ticket);
                 }
                 Err(None)
             }
@@ -1457,25 +1584,18 @@ impl Store for RedisStore {
         })
     }
 
-    fn suppressed(&self, recipients: &[String]) -> io::Result<Vec<String>> {
-        if recipients.is_empty() {
-            return Ok(Vec::new());
+    fn suppressed(&self, id: &str, recipients: &[String]) -> io::Result<Vec<String>> {
+        // Read with the message by the feeder, when it came from there.
+        let prefetched = lock(&self.shared.held)
+            .get_mut(id)
+            .and_then(|held| held.suppressed.take());
+        match prefetched {
+            Some(suppressed) => Ok(suppressed
+                .into_iter()
+                .filter(|address| recipients.contains(address))
+                .collect()),
+            None => self.shared.suppressed_among(recipients),
         }
-        let known: Vec<bool> = self.shared.with(|connection| {
-            let mut pipe = redis::pipe();
-            for recipient in recipients {
-                pipe.cmd("HEXISTS")
-                    .arg(key("supp"))
-                    .arg(normalize(recipient));
-            }
-            pipe.query(connection)
-        })?;
-        Ok(recipients
-            .iter()
-            .zip(known)
-            .filter(|(_, known)| *known)
-            .map(|(recipient, _)| recipient.clone())
-            .collect())
     }
 
     fn suppress(&self, address: &str, reason: Option<String>) -> io::Result<Suppression> {
