@@ -1026,6 +1026,7 @@ impl Engine {
         });
         let pending = inner.webhooks.as_ref().map_or(0, Webhooks::pending);
         text.push_str(&inner.metrics.render_webhooks(pending as u64));
+        text.push_str(&inner.store.metrics_text());
         text
     }
 

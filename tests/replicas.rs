@@ -156,6 +156,12 @@ fn every_replica_gives_the_same_answers() {
         wait_for_status(a.address, &id, "cancelled")["status"],
         "cancelled"
     );
+    let metrics = get(a.address, "/metrics").body_text();
+    assert!(
+        metrics.contains("mailroom_store_operation_seconds_count"),
+        "{metrics}"
+    );
+    assert!(metrics.contains("mailroom_store_up 1"), "{metrics}");
     let stats_a = get(a.address, "/api/stats").json();
     let stats_b = get(b.address, "/api/stats").json();
     assert_eq!(stats_a["data"]["by_state"], stats_b["data"]["by_state"]);

@@ -172,6 +172,11 @@ pub(crate) trait Store: Send + Sync {
         limit: usize,
     ) -> io::Result<(Vec<Suppression>, Option<String>)>;
 
+    /// The store's own lines for `/metrics` (Prometheus text; none by default).
+    fn metrics_text(&self) -> String {
+        String::new()
+    }
+
     /// Where pending webhooks are kept with this store.
     fn webhook_queue(&self) -> io::Result<Arc<dyn WebhookQueue>>;
 

@@ -273,7 +273,69 @@ struct Limits {
     rate_interval_ms: Option<f64>,
 }
 
+/// Upper bounds (seconds) of the store latency histogram.
+const LATENCY_BUCKETS: [f64; 9] = [0.0005, 0.001, 0.002, 0.005, 0.01, 0.025, 0.05, 0.1, 1.0];
+
+/// How long the operations on Redis take (one round trip each, mostly).
+#[derive(Default)]
+struct Latency {
+    buckets: [std::sync::atomic::AtomicU64; LATENCY_BUCKETS.len()],
+    count: std::sync::atomic::AtomicU64,
+    sum_micros: std::sync::atomic::AtomicU64,
+    errors: std::sync::atomic::AtomicU64,
+}
+
+impl Latency {
+    fn observe(&self, elapsed: Duration, ok: bool) {
+        let seconds = elapsed.as_secs_f64();
+        for (bound, bucket) in LATENCY_BUCKETS.iter().zip(&self.buckets) {
+            if seconds <= *bound {
+                bucket.fetch_add(1, Ordering::Relaxed);
+            }
+        }
+        self.count.fetch_add(1, Ordering::Relaxed);
+        self.sum_micros
+            .fetch_add(elapsed.as_micros() as u64, Ordering::Relaxed);
+        if !ok {
+            self.errors.fetch_add(1, Ordering::Relaxed);
+        }
+    }
+
+    fn render(&self, up: bool) -> String {
+        use std::fmt::Write as _;
+        let mut out = String::new();
+        let name = "mailroom_store_operation_seconds";
+        let _ = writeln!(
+            out,
+            "# HELP {name} Time one operation on the shared store (Redis) took.\n# TYPE {name} histogram"
+        );
+        for (bound, bucket) in LATENCY_BUCKETS.iter().zip(&self.buckets) {
+            let _ = writeln!(
+                out,
+                "{name}_bucket{{le=\"{bound}\"}} {}",
+                bucket.load(Ordering::Relaxed)
+            );
+        }
+        let count = self.count.load(Ordering::Relaxed);
+        let _ = writeln!(out, "{name}_bucket{{le=\"+Inf\"}} {count}");
+        let sum = self.sum_micros.load(Ordering::Relaxed) as f64 / 1e6;
+        let _ = writeln!(out, "{name}_sum {sum}\n{name}_count {count}");
+        let _ = writeln!(
+            out,
+            "# HELP mailroom_store_errors_total Operations on the shared store that failed.\n# TYPE mailroom_store_errors_total counter\nmailroom_store_errors_total {}",
+            self.errors.load(Ordering::Relaxed)
+        );
+        let _ = writeln!(
+            out,
+            "# HELP mailroom_store_up Whether the shared store is reachable.\n# TYPE mailroom_store_up gauge\nmailroom_store_up {}",
+            u8::from(up)
+        );
+        out
+    }
+}
+
 struct Shared {
+    latency: Latency,
     client: redis::Client,
     endpoint: String,
     idle: Mutex<Vec<Connection>>,
@@ -343,7 +405,10 @@ impl Shared {
                 Err(error) => return Err(self.unreachable(error)),
             },
         };
-        match work(&mut connection) {
+        let started = Instant::now();
+        let result = work(&mut connection);
+        self.latency.observe(started.elapsed(), result.is_ok());
+        match result {
             Ok(value) => {
                 lock(&self.idle).push(connection);
                 self.reachable();
@@ -853,6 +918,7 @@ impl RedisStore {
             crate::message::random_u64() as u32
         );
         let shared = Arc::new(Shared {
+            latency: Latency::default(),
             client,
             endpoint: endpoint.clone(),
             idle: Mutex::new(Vec::new()),
@@ -1146,6 +1212,10 @@ impl super::WebhookQueue for RedisWebhooks {
 }
 
 impl Store for RedisStore {
+    fn metrics_text(&self) -> String {
+        self.shared.latency.render(self.shared.problem().is_none())
+    }
+
     fn webhook_queue(&self) -> io::Result<Arc<dyn super::WebhookQueue>> {
         Ok(Arc::new(RedisWebhooks {
             shared: Arc::clone(&self.shared),
