@@ -156,6 +156,49 @@ fn every_replica_gives_the_same_answers() {
         wait_for_status(a.address, &id, "cancelled")["status"],
         "cancelled"
     );
+    // The suppression list is the group's.
+    let put = request(
+        a.address,
+        "PUT",
+        "/api/suppressions/gone%40Example.org",
+        &[],
+        br#"{"reason":"asked"}"#,
+    );
+    assert_eq!(put.code, 200, "{}", put.body_text());
+    let listed = get(b.address, "/api/suppressions").json();
+    assert_eq!(
+        listed["data"]["suppressions"][0]["address"],
+        "gone@Example.org"
+    );
+    let to_gone =
+        json!({"sender": "app@example.com", "receiver": "gone@example.ORG", "subject": "not sent"});
+    let suppressed = post(b.address, &to_gone, &[]).id();
+    assert_eq!(
+        wait_for_status(a.address, &suppressed, "suppressed")["attempts"],
+        0
+    );
+    assert_eq!(
+        request(
+            b.address,
+            "DELETE",
+            "/api/suppressions/gone@example.org",
+            &[],
+            b""
+        )
+        .code,
+        200
+    );
+    assert_eq!(
+        request(
+            a.address,
+            "DELETE",
+            "/api/suppressions/gone@example.org",
+            &[],
+            b""
+        )
+        .code,
+        404
+    );
     let metrics = get(a.address, "/metrics").body_text();
     assert!(
         metrics.contains("mailroom_store_operation_seconds_count"),

@@ -8,7 +8,7 @@
 //! that size, so building holds little more than the request and the
 //! result.
 
-use std::time::{SystemTime, UNIX_EPOCH};
+use std::time::SystemTime;
 
 use super::address::{is_address_header, parse_mailbox, parse_mailbox_list, Mailbox};
 use super::encode::{
@@ -127,7 +127,7 @@ pub(super) fn build(
         .collect::<Result<Vec<_>, _>>()?;
     let body = body(request)?;
 
-    let date = rfc5322_date(SystemTime::now());
+    let date = crate::time::rfc5322_date(SystemTime::now());
     let message_id = format!("<{id}@{}>", sender.domain);
     let boundary = boundary_for(&body);
     let parts = Parts {
@@ -462,52 +462,9 @@ fn indexed(field: &str, index: usize, length: usize) -> String {
     }
 }
 
-/// `Tue, 14 Apr 2026 10:15:39 +0000` (RFC 5322 §3.3), in UTC.
-pub(crate) fn rfc5322_date(time: SystemTime) -> String {
-    const DAYS: [&str; 7] = ["Thu", "Fri", "Sat", "Sun", "Mon", "Tue", "Wed"];
-    const MONTHS: [&str; 12] = [
-        "Jan", "Feb", "Mar", "Apr", "May", "Jun", "Jul", "Aug", "Sep", "Oct", "Nov", "Dec",
-    ];
-    let seconds = time
-        .duration_since(UNIX_EPOCH)
-        .map(|elapsed| elapsed.as_secs() as i64)
-        .unwrap_or(0);
-    let days = seconds.div_euclid(86_400);
-    let in_day = seconds.rem_euclid(86_400);
-    let (year, month, day) = civil_from_days(days);
-    format!(
-        "{}, {day:02} {} {year:04} {:02}:{:02}:{:02} +0000",
-        DAYS[days.rem_euclid(7) as usize],
-        MONTHS[(month - 1) as usize],
-        in_day / 3600,
-        in_day % 3600 / 60,
-        in_day % 60
-    )
-}
-
-/// The date `days` after 1970-01-01 (H. Hinnant's algorithm).
-fn civil_from_days(days: i64) -> (i64, i64, i64) {
-    let z = days + 719_468;
-    let era = z.div_euclid(146_097);
-    let day_of_era = z - era * 146_097;
-    let year_of_era =
-        (day_of_era - day_of_era / 1460 + day_of_era / 36_524 - day_of_era / 146_096) / 365;
-    let day_of_year = day_of_era - (365 * year_of_era + year_of_era / 4 - year_of_era / 100);
-    let shifted_month = (5 * day_of_year + 2) / 153;
-    let day = day_of_year - (153 * shifted_month + 2) / 5 + 1;
-    let month = if shifted_month < 10 {
-        shifted_month + 3
-    } else {
-        shifted_month - 9
-    };
-    let year = year_of_era + era * 400 + i64::from(month <= 2);
-    (year, month, day)
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
-    use std::time::Duration;
 
     fn build_json(json: &str) -> OutgoingMessage {
         MailRequest::from_json(json.as_bytes())
@@ -528,19 +485,6 @@ mod tests {
                 !line.contains(['\r', '\n', '\0']),
                 "bare CR/LF/NUL: {line:?}"
             );
-        }
-    }
-
-    #[test]
-    fn dates() {
-        assert_eq!(rfc5322_date(UNIX_EPOCH), "Thu, 01 Jan 1970 00:00:00 +0000");
-        assert_eq!(
-            rfc5322_date(UNIX_EPOCH + Duration::from_secs(1_776_161_739)),
-            "Tue, 14 Apr 2026 10:15:39 +0000"
-        );
-        for days in [-800_000i64, -1, 0, 59, 10_957, 20_000, 2_932_896] {
-            let (year, month, day) = civil_from_days(days);
-            assert_eq!(super::super::days_from_civil(year, month, day), days);
         }
     }
 

@@ -22,7 +22,7 @@ use std::collections::BTreeMap;
 use std::fmt;
 use std::hash::{BuildHasher, Hasher};
 use std::sync::atomic::{AtomicU64, Ordering};
-use std::time::{Duration, SystemTime, UNIX_EPOCH};
+use std::time::{SystemTime, UNIX_EPOCH};
 
 use base64::Engine as _;
 use serde::{Deserialize, Serialize};
@@ -535,99 +535,7 @@ fn decode_base64(encoded: &str) -> Result<Vec<u8>, base64::DecodeError> {
     engine.decode(&compact)
 }
 
-/// An RFC 3339 date-time (`2026-05-01T09:30:00Z`, `…+02:00`, fractions of
-/// a second allowed) as a system time.
-pub fn parse_rfc3339(text: &str) -> Option<SystemTime> {
-    let bytes = text.as_bytes();
-    let number = |range: std::ops::Range<usize>| -> Option<i64> {
-        let digits = bytes.get(range)?;
-        if !digits.iter().all(u8::is_ascii_digit) {
-            return None;
-        }
-        std::str::from_utf8(digits).ok()?.parse().ok()
-    };
-    let separator = |at: usize, allowed: &[u8]| bytes.get(at).is_some_and(|b| allowed.contains(b));
-    if !(separator(4, b"-")
-        && separator(7, b"-")
-        && separator(10, b"Tt ")
-        && separator(13, b":")
-        && separator(16, b":"))
-    {
-        return None;
-    }
-    let (year, month, day) = (number(0..4)?, number(5..7)?, number(8..10)?);
-    let (hour, minute, second) = (number(11..13)?, number(14..16)?, number(17..19)?);
-    if !(1..=12).contains(&month)
-        || day < 1
-        || day > days_in_month(year, month)
-        || hour > 23
-        || minute > 59
-        || second > 60
-    {
-        return None;
-    }
-    let mut at = 19;
-    let mut nanos: u64 = 0;
-    if bytes.get(at) == Some(&b'.') {
-        at += 1;
-        let start = at;
-        while bytes.get(at).is_some_and(u8::is_ascii_digit) {
-            at += 1;
-        }
-        if at == start {
-            return None;
-        }
-        let fraction = &text[start..at.min(start + 9)];
-        nanos = fraction.parse::<u64>().ok()? * 10u64.pow(9 - fraction.len() as u32);
-    }
-    let offset_seconds = match bytes.get(at)? {
-        b'Z' | b'z' if at + 1 == bytes.len() => 0,
-        sign @ (b'+' | b'-') if at + 6 == bytes.len() && bytes[at + 3] == b':' => {
-            let (hours, minutes) = (number(at + 1..at + 3)?, number(at + 4..at + 6)?);
-            if hours > 23 || minutes > 59 {
-                return None;
-            }
-            let offset = hours * 3600 + minutes * 60;
-            if *sign == b'+' {
-                offset
-            } else {
-                -offset
-            }
-        }
-        _ => return None,
-    };
-    // A leap second is taken as the next second's start.
-    let seconds = days_from_civil(year, month, day) * 86_400 + hour * 3600 + minute * 60 + second
-        - offset_seconds;
-    let whole = Duration::from_secs(seconds.unsigned_abs()) + Duration::from_nanos(nanos);
-    if seconds >= 0 {
-        UNIX_EPOCH.checked_add(whole)
-    } else {
-        UNIX_EPOCH
-            .checked_sub(Duration::from_secs(seconds.unsigned_abs()))?
-            .checked_add(Duration::from_nanos(nanos))
-    }
-}
-
-fn days_in_month(year: i64, month: i64) -> i64 {
-    match month {
-        2 if year % 4 == 0 && (year % 100 != 0 || year % 400 == 0) => 29,
-        2 => 28,
-        4 | 6 | 9 | 11 => 30,
-        _ => 31,
-    }
-}
-
-/// Days since 1970-01-01 of a proleptic Gregorian date (H. Hinnant's algorithm).
-pub(crate) fn days_from_civil(year: i64, month: i64, day: i64) -> i64 {
-    let year = if month <= 2 { year - 1 } else { year };
-    let era = year.div_euclid(400);
-    let year_of_era = year - era * 400;
-    let shifted_month = (month + 9) % 12;
-    let day_of_year = (153 * shifted_month + 2) / 5 + day - 1;
-    let day_of_era = year_of_era * 365 + year_of_era / 4 - year_of_era / 100 + day_of_year;
-    era * 146_097 + day_of_era - 719_468
-}
+pub use crate::time::parse_rfc3339;
 
 fn sender_allowed(address: &address::Mailbox, rules: &[SenderRule]) -> bool {
     let full = address.address().to_lowercase();
@@ -671,6 +579,7 @@ pub fn random_u64() -> u64 {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use std::time::Duration;
 
     fn request(json: &str) -> Result<OutgoingMessage, MessageError> {
         MailRequest::from_json(json.as_bytes())?.build(None)

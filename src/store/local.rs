@@ -580,9 +580,7 @@ impl Store for LocalStore {
             .index
             .update(id, State::is_cancellable, |status| {
                 let before = status.state();
-                status.set_state(State::Cancelled);
-                status.next_attempt_at_ms = None;
-                status.push_event(Event::now(EventKind::Cancelled));
+                status.cancel();
                 status.revision += 1;
                 status.updated_at_ms = to_millis(SystemTime::now());
                 (before, status.clone())
@@ -639,14 +637,9 @@ impl Store for LocalStore {
             },
         };
         let mut status = previous.clone();
-        status.set_state(State::Queued);
-        status.attempts = 0;
-        status.next_attempt_at_ms = None;
-        status.last_error = None;
-        status.refused.clear();
+        status.requeue();
         status.revision += 1;
         status.updated_at_ms = to_millis(SystemTime::now());
-        status.push_event(Event::now(EventKind::Requeued));
         let record = MessageRecord {
             message,
             status: status.clone(),

@@ -9,7 +9,7 @@ use std::sync::Arc;
 use serde::{Deserialize, Serialize};
 
 use crate::message::OutgoingMessage;
-use crate::status::{Event, MessageStatus, State};
+use crate::status::{Event, EventKind, MessageStatus, State};
 use crate::time::from_millis;
 
 /// A message keeps at most this many events (its latest).
@@ -134,6 +134,24 @@ impl StatusRecord {
         self.events
             .iter()
             .skip(self.events.len().saturating_sub(new))
+    }
+
+    /// Becomes `cancelled` (by a client): never sent.
+    pub fn cancel(&mut self) {
+        self.set_state(State::Cancelled);
+        self.next_attempt_at_ms = None;
+        self.push_event(Event::now(EventKind::Cancelled));
+    }
+
+    /// Becomes `queued` again after it failed, with a fresh attempt budget
+    /// (its `pending` recipients, those it has not reached, stay).
+    pub fn requeue(&mut self) {
+        self.set_state(State::Queued);
+        self.attempts = 0;
+        self.next_attempt_at_ms = None;
+        self.last_error = None;
+        self.refused.clear();
+        self.push_event(Event::now(EventKind::Requeued));
     }
 
     /// Recipients still to deliver to.

@@ -50,7 +50,7 @@ use super::{
 use crate::config::{Config, RedisSettings};
 use crate::job::Job;
 use crate::message::OutgoingMessage;
-use crate::status::{Event, EventKind, State};
+use crate::status::{Event, State};
 use crate::time::to_millis;
 
 const PREFIX: &str = "mailroom:";
@@ -737,6 +737,37 @@ impl Shared {
                 return;
             }
         }
+    }
+
+    /// Puts an address on the suppression list with `set` (`HSET` to
+    /// replace an entry, `HSETNX` to keep one); true when it was new.
+    fn put_suppression(
+        &self,
+        address: &str,
+        reason: Option<String>,
+        set: &str,
+    ) -> io::Result<(Suppression, bool)> {
+        let entry = Suppression {
+            address: address.trim().to_string(),
+            reason,
+            created_at_ms: now_ms(),
+        };
+        let json = serde_json::to_string(&entry).map_err(io::Error::other)?;
+        let normalized = normalize(address);
+        let (added, _): (bool, i64) = self.with(|connection| {
+            redis::pipe()
+                .atomic()
+                .cmd(set)
+                .arg(key("supp"))
+                .arg(&normalized)
+                .arg(&json)
+                .cmd("ZADD")
+                .arg(key("supp:ix"))
+                .arg(0)
+                .arg(&normalized)
+                .query(connection)
+        })?;
+        Ok((entry, added))
     }
 
     /// Which of `recipients` are on the suppression list (one round trip).
@@ -1475,11 +1506,7 @@ impl Store for RedisStore {
             .transition(
                 id,
                 State::is_cancellable,
-                |status| {
-                    status.set_state(State::Cancelled);
-                    status.next_attempt_at_ms = None;
-                    status.push_event(Event::now(EventKind::Cancelled));
-                },
+                StatusRecord::cancel,
                 "cancel",
                 "",
                 0,
@@ -1492,14 +1519,7 @@ impl Store for RedisStore {
             .transition(
                 id,
                 |state| state == State::Failed,
-                |status| {
-                    status.set_state(State::Queued);
-                    status.attempts = 0;
-                    status.next_attempt_at_ms = None;
-                    status.last_error = None;
-                    status.refused.clear();
-                    status.push_event(Event::now(EventKind::Requeued));
-                },
+                StatusRecord::requeue,
                 "requeue",
                 "",
                 self.shared.limits.capacity as u64,
@@ -1669,51 +1689,15 @@ impl Store for RedisStore {
     }
 
     fn suppress(&self, address: &str, reason: Option<String>) -> io::Result<Suppression> {
-        let entry = Suppression {
-            address: address.trim().to_string(),
-            reason,
-            created_at_ms: now_ms(),
-        };
-        let json = serde_json::to_string(&entry).map_err(io::Error::other)?;
-        let normalized = normalize(address);
-        self.shared.with(|connection| {
-            redis::pipe()
-                .atomic()
-                .cmd("HSET")
-                .arg(key("supp"))
-                .arg(&normalized)
-                .arg(&json)
-                .cmd("ZADD")
-                .arg(key("supp:ix"))
-                .arg(0)
-                .arg(&normalized)
-                .query::<()>(connection)
-        })?;
-        Ok(entry)
+        self.shared
+            .put_suppression(address, reason, "HSET")
+            .map(|(entry, _)| entry)
     }
 
     fn suppress_bounced(&self, address: &str, reason: &str) -> io::Result<bool> {
-        let entry = Suppression {
-            address: address.trim().to_string(),
-            reason: Some(reason.to_string()),
-            created_at_ms: now_ms(),
-        };
-        let json = serde_json::to_string(&entry).map_err(io::Error::other)?;
-        let normalized = normalize(address);
-        let (added, _): (bool, i64) = self.shared.with(|connection| {
-            redis::pipe()
-                .atomic()
-                .cmd("HSETNX")
-                .arg(key("supp"))
-                .arg(&normalized)
-                .arg(&json)
-                .cmd("ZADD")
-                .arg(key("supp:ix"))
-                .arg(0)
-                .arg(&normalized)
-                .query(connection)
-        })?;
-        Ok(added)
+        self.shared
+            .put_suppression(address, Some(reason.to_string()), "HSETNX")
+            .map(|(_, added)| added)
     }
 
     fn unsuppress(&self, address: &str) -> io::Result<bool> {
