@@ -447,7 +447,19 @@ fn id_millis(id: &str) -> u64 {
 /// A digest of what a request asks for: a repeat with the same
 /// idempotency key must ask for the same.
 fn fingerprint(request: &MailRequest) -> String {
-    let digest = ring::digest::digest(&ring::digest::SHA256, format!("{request:?}").as_bytes());
+    /// Feeds formatted text straight into the digest: a request with a large
+    /// attachment is not copied into a string first.
+    struct Digesting(ring::digest::Context);
+    impl std::fmt::Write for Digesting {
+        fn write_str(&mut self, text: &str) -> std::fmt::Result {
+            self.0.update(text.as_bytes());
+            Ok(())
+        }
+    }
+    let mut digesting = Digesting(ring::digest::Context::new(&ring::digest::SHA256));
+    // Debug covers every field, in a fixed order, maps sorted (BTreeMap).
+    let _ = std::fmt::Write::write_fmt(&mut digesting, format_args!("{request:?}"));
+    let digest = digesting.0.finish();
     digest
         .as_ref()
         .iter()
