@@ -54,7 +54,9 @@ const NOT_RUN: &[(&str, usize)] = &[
 const LINKS_TO_COME: &[&str] = &["docs/scaling.md"];
 
 /// What a block may be.
-const LANGUAGES: &[&str] = &["sh", "json", "dotenv", "python", "rust", "text", "http", "nginx"];
+const LANGUAGES: &[&str] = &[
+    "sh", "json", "dotenv", "python", "rust", "text", "http", "nginx",
+];
 
 /// The API token of docs/api.md's service (the page says so).
 const API_MD_TOKEN: &str = "s3cret";
@@ -88,7 +90,11 @@ fn match_template(template: &str, path: &str) -> Option<usize> {
 /// The documented operation for a request, as the router finds routes:
 /// the path templates with the fewest parameters, then the method.
 fn operation<'a>(document: &'a Value, method: &str, path: &str) -> Option<(&'a str, &'a Value)> {
-    let method = if method == "HEAD" { "get".to_string() } else { method.to_lowercase() };
+    let method = if method == "HEAD" {
+        "get".to_string()
+    } else {
+        method.to_lowercase()
+    };
     let paths = document["paths"].as_object()?;
     let matched: Vec<(&String, &Value, usize)> = paths
         .iter()
@@ -102,12 +108,21 @@ fn operation<'a>(document: &'a Value, method: &str, path: &str) -> Option<(&'a s
 }
 
 fn essence(content_type: &str) -> String {
-    content_type.split(';').next().unwrap_or("").trim().to_ascii_lowercase()
+    content_type
+        .split(';')
+        .next()
+        .unwrap_or("")
+        .trim()
+        .to_ascii_lowercase()
 }
 
 /// The JSON schema of an operation's answer with `code`: `Err` when the
 /// code is not documented, `Ok(None)` when the answer is not JSON.
-fn answer_schema<'a>(document: &'a Value, op: &'a Value, code: u16) -> Result<Option<&'a Value>, String> {
+fn answer_schema<'a>(
+    document: &'a Value,
+    op: &'a Value,
+    code: u16,
+) -> Result<Option<&'a Value>, String> {
     let response = op["responses"]
         .get(code.to_string())
         .ok_or_else(|| format!("status {code} is not documented"))?;
@@ -127,14 +142,18 @@ fn check_exchange(document: &Value, exchange: &Exchange, place: &str) -> Vec<Str
     };
     let Some((template, op)) = operation(document, &exchange.method, &exchange.path) else {
         if ![404, 405].contains(&code) {
-            problems.push(format!("{what}: answered {code} but not in docs/openapi.json"));
+            problems.push(format!(
+                "{what}: answered {code} but not in docs/openapi.json"
+            ));
         }
         return problems;
     };
     let response = match op["responses"].get(code.to_string()) {
         Some(response) => schema::resolve(document, response),
         None => {
-            problems.push(format!("{what}: status {code} is not documented for {template}"));
+            problems.push(format!(
+                "{what}: status {code} is not documented for {template}"
+            ));
             return problems;
         }
     };
@@ -206,10 +225,13 @@ fn check_promises(
 ) -> Vec<String> {
     let mut problems = Vec::new();
     let (text, code) = output;
-    let exit = segment.promises.iter().find_map(|(_, promise)| match promise {
-        Promise::Exit(code) => Some(*code),
-        _ => None,
-    });
+    let exit = segment
+        .promises
+        .iter()
+        .find_map(|(_, promise)| match promise {
+            Promise::Exit(code) => Some(*code),
+            _ => None,
+        });
     if *code != exit.unwrap_or(0) {
         problems.push(format!(
             "{}: exit status {code}, expected {}; output:\n{text}",
@@ -230,8 +252,7 @@ fn check_promises(
                 alternatives.push((place, *code, json, text));
                 // The promise itself must be a documented answer.
                 let Some(exchange) = last else { continue };
-                let Some((template, op)) =
-                    operation(document, &exchange.method, &exchange.path)
+                let Some((template, op)) = operation(document, &exchange.method, &exchange.path)
                 else {
                     continue;
                 };
@@ -239,9 +260,12 @@ fn check_promises(
                     Err(error) => problems.push(format!("{place}: {template}: {error}")),
                     Ok(Some(schema)) => {
                         if let Some(json) = json {
-                            if let Err(error) =
-                                schema::validate_promise(document, schema, &without_ellipses(json), "promise")
-                            {
+                            if let Err(error) = schema::validate_promise(
+                                document,
+                                schema,
+                                &without_ellipses(json),
+                                "promise",
+                            ) {
                                 problems.push(format!("{place}: the promised answer {error}"));
                             }
                         }
@@ -255,16 +279,21 @@ fn check_promises(
         return problems;
     }
     let Some(exchange) = last else {
-        problems.push(format!("{}: an HTTP promise but no curl above it", segment.place));
+        problems.push(format!(
+            "{}: an HTTP promise but no curl above it",
+            segment.place
+        ));
         return problems;
     };
     let answer_text = String::from_utf8_lossy(&exchange.answer).into_owned();
     let answer_json = serde_json::from_slice::<Value>(&exchange.answer).ok();
     let kept = alternatives.iter().any(|(_, code, json, text)| {
         exchange.code == Some(*code)
-            && json
-                .as_ref()
-                .is_none_or(|json| answer_json.as_ref().is_some_and(|answer| contains(json, answer)))
+            && json.as_ref().is_none_or(|json| {
+                answer_json
+                    .as_ref()
+                    .is_some_and(|answer| contains(json, answer))
+            })
             && text
                 .as_ref()
                 .is_none_or(|text| run::glob(&format!("…{text}…"), &answer_text))
@@ -280,7 +309,8 @@ fn check_promises(
                 .iter()
                 .map(|(_, code, json, text)| format!(
                     "  {code} {}",
-                    json.as_ref().map_or_else(|| (*text).clone().unwrap_or_default(), Value::to_string)
+                    json.as_ref()
+                        .map_or_else(|| (*text).clone().unwrap_or_default(), Value::to_string)
                 ))
                 .collect::<Vec<_>>()
                 .join("\n")
@@ -296,7 +326,10 @@ fn working_directory(name: &str) -> PathBuf {
     for template in std::fs::read_dir(&source).unwrap().filter_map(Result::ok) {
         let target = directory.join("templates").join(template.file_name());
         std::fs::create_dir_all(&target).unwrap();
-        for file in std::fs::read_dir(template.path()).unwrap().filter_map(Result::ok) {
+        for file in std::fs::read_dir(template.path())
+            .unwrap()
+            .filter_map(Result::ok)
+        {
             std::fs::copy(file.path(), target.join(file.file_name())).unwrap();
         }
     }
@@ -320,7 +353,11 @@ fn run_file(file: &str) {
     let relay = TestRelay::plain();
     let mut variables = Vec::new();
     if file == "docs/api.md" {
-        relay.refuse_recipient("nobody@example.org", 550, "5.1.1 <nobody@example.org>: no such user");
+        relay.refuse_recipient(
+            "nobody@example.org",
+            550,
+            "5.1.1 <nobody@example.org>: no such user",
+        );
         variables.push(("MAILROOM_SMTP_URL", relay.url()));
         variables.push(("MAILROOM_API_TOKEN", API_MD_TOKEN.to_string()));
     }
@@ -350,7 +387,10 @@ fn run_file(file: &str) {
             exchanges.last().copied(),
         ));
     }
-    let promised = segments.iter().map(|segment| segment.promises.len()).sum::<usize>();
+    let promised = segments
+        .iter()
+        .map(|segment| segment.promises.len())
+        .sum::<usize>();
     println!(
         "{file}: {} blocks run, {} commands segments, {} requests, {promised} promises",
         runnable.len(),
@@ -413,11 +453,17 @@ fn check_dotenv(text: &str, place: &str) {
         .env_clear()
         .output()
         .unwrap();
-    assert!(sourced.status.success(), "{place}: sh cannot read it: {}", String::from_utf8_lossy(&sourced.stderr));
+    assert!(
+        sourced.status.success(),
+        "{place}: sh cannot read it: {}",
+        String::from_utf8_lossy(&sourced.stderr)
+    );
     let environment = String::from_utf8_lossy(&sourced.stdout).into_owned();
     for (name, value) in parsed {
         assert!(
-            environment.split('\0').any(|line| line == format!("{name}={value}")),
+            environment
+                .split('\0')
+                .any(|line| line == format!("{name}={value}")),
             "{place}: sh does not read {name} as mailroom does ({value:?})"
         );
     }
@@ -455,7 +501,9 @@ fn every_block_says_what_it_is() {
                 }
                 ("dotenv", []) => check_dotenv(&block.text, &place),
                 (_, []) if !["sh", "json", "dotenv"].contains(&language) => {}
-                (_, attributes) => panic!("{place}: unknown attributes {attributes:?} for {language}"),
+                (_, attributes) => {
+                    panic!("{place}: unknown attributes {attributes:?} for {language}")
+                }
             }
         }
         let expected = NOT_RUN
@@ -463,7 +511,11 @@ fn every_block_says_what_it_is() {
             .find(|(name, _)| *name == file)
             .map(|(_, count)| *count)
             .unwrap_or_else(|| panic!("{file} is not in NOT_RUN"));
-        println!("{file}: {} blocks, {} not run:", blocks.len(), not_run.len());
+        println!(
+            "{file}: {} blocks, {} not run:",
+            blocks.len(),
+            not_run.len()
+        );
         for line in &not_run {
             println!("  {line}");
         }
@@ -504,9 +556,9 @@ fn the_env_example_and_the_readme_name_every_variable() {
     let readme = std::fs::read_to_string(root().join("README.md")).unwrap();
     for (name, _, _) in mailroom::config::VARIABLES {
         assert!(
-            example
-                .lines()
-                .any(|line| line.trim_start_matches("# ").starts_with(&format!("{name}="))),
+            example.lines().any(|line| line
+                .trim_start_matches("# ")
+                .starts_with(&format!("{name}="))),
             ".env.example lacks {name}"
         );
         assert!(
@@ -561,8 +613,16 @@ fn the_openapi_document_and_the_router_agree() {
     let send = |method: &str, path: &str, body: &str| {
         request(service.address, method, path, &bearer, body.as_bytes())
     };
-    let id = send("POST", "/api/mail", &seed_body("user@example.org", "routes")).id();
-    assert_eq!(send("PUT", "/api/suppressions/nobody@example.org", "").code, 200);
+    let id = send(
+        "POST",
+        "/api/mail",
+        &seed_body("user@example.org", "routes"),
+    )
+    .id();
+    assert_eq!(
+        send("PUT", "/api/suppressions/nobody@example.org", "").code,
+        200
+    );
     for route in routes {
         let path = fill(route.path, &id);
         let body = if route.path.ends_with("/preview") {
@@ -601,7 +661,10 @@ fn the_openapi_document_and_the_router_agree() {
         served.body,
         std::fs::read(root().join("docs/openapi.json")).unwrap()
     );
-    assert_eq!(request(service.address, "GET", "/api/stats", &[], b"").code, 401);
+    assert_eq!(
+        request(service.address, "GET", "/api/stats", &[], b"").code,
+        401
+    );
 }
 
 #[test]
@@ -625,7 +688,9 @@ fn the_openapi_examples_validate() {
             checked += 1;
         }
         // A schema with `examples`.
-        if let (Some(Value::Array(examples)), false) = (object.get("examples"), object.contains_key("schema")) {
+        if let (Some(Value::Array(examples)), false) =
+            (object.get("examples"), object.contains_key("schema"))
+        {
             for example in examples {
                 schema::validate(&document, value, example, &at)
                     .unwrap_or_else(|error| panic!("example at {at}: {error}"));
@@ -640,4 +705,20 @@ fn the_openapi_examples_validate() {
     }
     println!("{checked} examples in docs/openapi.json validate");
     assert!(checked >= 20, "only {checked} examples");
+}
+
+#[test]
+fn the_packaged_unit_is_the_contrib_unit_for_usr_bin() {
+    let body = |path: &str| {
+        let text = std::fs::read_to_string(root().join(path)).unwrap();
+        text[text.find("[Unit]").expect("a [Unit] section")..].to_string()
+    };
+    let by_hand = body("contrib/mailroom.service");
+    let packaged = body("contrib/debian/mailroom.service");
+    assert!(by_hand.contains("ExecStart=/usr/local/bin/mailroom\n"));
+    assert_eq!(
+        packaged,
+        by_hand.replace("ExecStart=/usr/local/bin/mailroom", "ExecStart=/usr/bin/mailroom"),
+        "contrib/debian/mailroom.service must stay contrib/mailroom.service with the binary in /usr/bin"
+    );
 }

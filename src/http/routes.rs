@@ -77,7 +77,11 @@ pub const ROUTES: &[Route] = &[
     route_to("GET", "/api/stats", Endpoint::Stats),
     route_to("GET", "/api/suppressions", Endpoint::Suppressions),
     route_to("PUT", "/api/suppressions/{address}", Endpoint::Suppress),
-    route_to("DELETE", "/api/suppressions/{address}", Endpoint::Unsuppress),
+    route_to(
+        "DELETE",
+        "/api/suppressions/{address}",
+        Endpoint::Unsuppress,
+    ),
     route_to("GET", "/api/templates", Endpoint::Templates),
     route_to("POST", "/api/templates/reload", Endpoint::ReloadTemplates),
     route_to("POST", "/api/templates/{name}/preview", Endpoint::Preview),
@@ -442,12 +446,18 @@ mod tests {
 
     #[test]
     fn paths_match_their_patterns_only() {
-        assert_eq!(match_path("/api/mail/{id}", "/api/mail/abc"), Some(vec!["abc"]));
+        assert_eq!(
+            match_path("/api/mail/{id}", "/api/mail/abc"),
+            Some(vec!["abc"])
+        );
         assert_eq!(match_path("/api/mail/{id}", "/api/mail/"), None);
         assert_eq!(match_path("/api/mail/{id}", "/api/mail/abc/"), None);
         assert_eq!(match_path("/api/mail/{id}", "/api/mail"), None);
         assert_eq!(
-            match_path("/api/templates/{name}/preview", "/api/templates/welcome/preview"),
+            match_path(
+                "/api/templates/{name}/preview",
+                "/api/templates/welcome/preview"
+            ),
             Some(vec!["welcome"])
         );
         assert_eq!(match_path("/", "/"), Some(vec![]));
@@ -461,7 +471,10 @@ mod tests {
         assert_eq!(allowed(&batch), "POST");
         assert_eq!(allowed(&routes_for("/api/mail")), "GET, HEAD, POST");
         assert_eq!(allowed(&routes_for("/api/mail/abc")), "GET, HEAD, DELETE");
-        assert_eq!(allowed(&routes_for("/api/suppressions/a@b.c")), "PUT, DELETE");
+        assert_eq!(
+            allowed(&routes_for("/api/suppressions/a@b.c")),
+            "PUT, DELETE"
+        );
         assert!(routes_for("/api/nope").is_empty());
         assert!(routes_for("/dashboard/other.js").is_empty());
     }

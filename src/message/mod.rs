@@ -775,7 +775,8 @@ mod tests {
             vec!["r@e.f", "t@e.f", "c@e.f", "b@e.f", "d@e.f"]
         );
         for field in ["receiver", "to", "cc", "bcc"] {
-            let json = format!(r#"{{"sender":"a@b.c","receiver":"r@e.f","subject":"x","{field}":5}}"#);
+            let json =
+                format!(r#"{{"sender":"a@b.c","receiver":"r@e.f","subject":"x","{field}":5}}"#);
             let error = MailRequest::from_json(json.as_bytes()).unwrap_err();
             assert_eq!(
                 error.to_string(),

@@ -58,7 +58,11 @@ pub(super) fn write(
 fn envelope(from: &str, recipients: &[String]) -> String {
     let mut text = format!("X-Envelope-From: <{from}>\r\nX-Envelope-To:");
     for (index, recipient) in recipients.iter().enumerate() {
-        let separator = if index + 1 < recipients.len() { "," } else { "" };
+        let separator = if index + 1 < recipients.len() {
+            ","
+        } else {
+            ""
+        };
         text.push_str(&format!(" <{recipient}>{separator}\r\n"));
     }
     if recipients.is_empty() {

@@ -49,7 +49,11 @@ pub fn blocks(root: &Path, file: &str) -> Vec<Block> {
             );
             match open.take() {
                 Some(block) => {
-                    assert!(info.trim().is_empty(), "{file}:{}: a fence inside a block", index + 1);
+                    assert!(
+                        info.trim().is_empty(),
+                        "{file}:{}: a fence inside a block",
+                        index + 1
+                    );
                     blocks.push(block);
                 }
                 None => {

@@ -94,9 +94,9 @@ pub fn segments(blocks: &[&Block]) -> Vec<Segment> {
             if let Some(promise) = line.trim_start().strip_prefix("# →") {
                 let mut promise = promise.to_string();
                 while let Some((_, next)) = lines.peek() {
-                    let continued = next
-                        .strip_prefix('#')
-                        .filter(|rest| rest.starts_with("  ") && !rest.trim_start().starts_with('→'));
+                    let continued = next.strip_prefix('#').filter(|rest| {
+                        rest.starts_with("  ") && !rest.trim_start().starts_with('→')
+                    });
                     let Some(rest) = continued else { break };
                     promise.push(' ');
                     promise.push_str(rest.trim());
@@ -106,7 +106,9 @@ pub fn segments(blocks: &[&Block]) -> Vec<Segment> {
                 match current.take() {
                     Some(segment) => segments.push(segment),
                     None => assert!(
-                        segments.last().is_some_and(|last| last.place.starts_with(&block.file)),
+                        segments
+                            .last()
+                            .is_some_and(|last| last.place.starts_with(&block.file)),
                         "{place}: a promise with no command above it"
                     ),
                 }
@@ -203,11 +205,42 @@ exec "$DOCBIN" "$@"
 
 fn parse_curl(args: &[String]) -> (String, String, Option<String>) {
     const VALUED: &[&str] = &[
-        "-d", "--data", "--data-raw", "--data-binary", "--data-urlencode", "-H", "--header",
-        "-X", "--request", "-o", "--output", "-w", "--write-out", "-u", "--user", "-D",
-        "--dump-header", "-m", "--max-time", "--connect-timeout", "-K", "--config", "-T",
-        "--upload-file", "-F", "--form", "--oauth2-bearer", "-A", "--user-agent", "-e",
-        "--referer", "-b", "--cookie", "-c", "--cookie-jar", "--retry",
+        "-d",
+        "--data",
+        "--data-raw",
+        "--data-binary",
+        "--data-urlencode",
+        "-H",
+        "--header",
+        "-X",
+        "--request",
+        "-o",
+        "--output",
+        "-w",
+        "--write-out",
+        "-u",
+        "--user",
+        "-D",
+        "--dump-header",
+        "-m",
+        "--max-time",
+        "--connect-timeout",
+        "-K",
+        "--config",
+        "-T",
+        "--upload-file",
+        "-F",
+        "--form",
+        "--oauth2-bearer",
+        "-A",
+        "--user-agent",
+        "-e",
+        "--referer",
+        "-b",
+        "--cookie",
+        "-c",
+        "--cookie-jar",
+        "--retry",
     ];
     let mut method = None;
     let mut head = false;
@@ -256,7 +289,13 @@ fn parse_curl(args: &[String]) -> (String, String, Option<String>) {
 
 /// Runs `segments` in one bash session in `work`, against the service at
 /// `address`, within `limit`.
-pub fn run(segments: &[Segment], work: &Path, address: &str, binary: &Path, limit: Duration) -> Run {
+pub fn run(
+    segments: &[Segment],
+    work: &Path,
+    address: &str,
+    binary: &Path,
+    limit: Duration,
+) -> Run {
     let scratch = mailroom_testkit::temp_dir("docs-run");
     let log = scratch.join("log");
     let wrappers = scratch.join("bin");
@@ -314,7 +353,10 @@ pub fn run(segments: &[Segment], work: &Path, address: &str, binary: &Path, limi
         if Instant::now() > deadline {
             let _ = child.kill();
             let _ = child.wait();
-            panic!("the docs script ran longer than {limit:?}; see {}", scratch.display());
+            panic!(
+                "the docs script ran longer than {limit:?}; see {}",
+                scratch.display()
+            );
         }
         // Waiting for a child process, as a person would.
         std::thread::sleep(Duration::from_millis(20));
@@ -352,7 +394,10 @@ pub fn run(segments: &[Segment], work: &Path, address: &str, binary: &Path, limi
                     .then(|| value.trim().to_string())
             });
             Exchange {
-                segment: read(format!("{n}.seg")).trim().parse().unwrap_or(usize::MAX),
+                segment: read(format!("{n}.seg"))
+                    .trim()
+                    .parse()
+                    .unwrap_or(usize::MAX),
                 args,
                 method,
                 path,
@@ -397,9 +442,16 @@ pub fn contains(expected: &Value, actual: &Value) -> bool {
         }),
         (Value::Array(expected), Value::Array(actual)) => {
             let open = expected.last() == Some(&Value::String("…".into()));
-            let shown = if open { &expected[..expected.len() - 1] } else { &expected[..] };
-            (if open { actual.len() >= shown.len() } else { actual.len() == shown.len() })
-                && shown.iter().zip(actual).all(|(e, a)| contains(e, a))
+            let shown = if open {
+                &expected[..expected.len() - 1]
+            } else {
+                &expected[..]
+            };
+            (if open {
+                actual.len() >= shown.len()
+            } else {
+                actual.len() == shown.len()
+            }) && shown.iter().zip(actual).all(|(e, a)| contains(e, a))
         }
         (Value::String(pattern), Value::String(text)) if pattern.contains('…') => {
             glob(pattern, text)
@@ -431,20 +483,54 @@ pub fn without_ellipses(value: &Value) -> Value {
 #[test]
 fn promises_and_matching() {
     assert!(glob("a…c", "abbbc") && glob("…", "x") && glob("a…", "ab") && !glob("a…c", "ab"));
-    assert!(glob("written to ./outbox/….eml", "written to ./outbox/01.eml"));
+    assert!(glob(
+        "written to ./outbox/….eml",
+        "written to ./outbox/01.eml"
+    ));
     let expected = serde_json::json!({"a": "x…", "b": [1, "…"]});
-    assert!(contains(&expected, &serde_json::json!({"a": "xy", "b": [1, 2], "c": 3})));
-    assert!(!contains(&expected, &serde_json::json!({"a": "y", "b": [1]})));
-    assert!(!contains(&serde_json::json!([1]), &serde_json::json!([1, 2])));
+    assert!(contains(
+        &expected,
+        &serde_json::json!({"a": "xy", "b": [1, 2], "c": 3})
+    ));
+    assert!(!contains(
+        &expected,
+        &serde_json::json!({"a": "y", "b": [1]})
+    ));
+    assert!(!contains(
+        &serde_json::json!([1]),
+        &serde_json::json!([1, 2])
+    ));
     assert!(matches!(parse_promise(" exit 2"), Promise::Exit(2)));
-    assert!(matches!(parse_promise("200"), Promise::Http { code: 200, json: None, text: None }));
-    assert!(matches!(parse_promise("404 {\"a\":1} (comment)"), Promise::Http { code: 404, json: Some(_), .. }));
+    assert!(matches!(
+        parse_promise("200"),
+        Promise::Http {
+            code: 200,
+            json: None,
+            text: None
+        }
+    ));
+    assert!(matches!(
+        parse_promise("404 {\"a\":1} (comment)"),
+        Promise::Http {
+            code: 404,
+            json: Some(_),
+            ..
+        }
+    ));
     assert!(matches!(parse_promise("relay ok"), Promise::Output(_)));
     assert!(matches!(parse_promise("ok"), Promise::Output(_)));
     assert!(matches!(parse_promise("Zoë"), Promise::Output(_)));
     assert!(matches!(parse_promise("2000 ms"), Promise::Output(_)));
     let (method, path, body) = parse_curl(&[
-        "-s".into(), "-X".into(), "PUT".into(), "http://127.0.0.1:1/api/x?y=1".into(), "-d".into(), "{}".into(),
+        "-s".into(),
+        "-X".into(),
+        "PUT".into(),
+        "http://127.0.0.1:1/api/x?y=1".into(),
+        "-d".into(),
+        "{}".into(),
     ]);
-    assert_eq!((method.as_str(), path.as_str(), body.as_deref()), ("PUT", "/api/x", Some("{}")));
+    assert_eq!(
+        (method.as_str(), path.as_str(), body.as_deref()),
+        ("PUT", "/api/x", Some("{}"))
+    );
 }

@@ -59,11 +59,22 @@ pub fn validate(document: &Value, schema: &Value, value: &Value, at: &str) -> Re
 
 /// As [`validate`], for an answer the docs promise: the string `…` stands
 /// for any value there (an id, a time, a duration).
-pub fn validate_promise(document: &Value, schema: &Value, value: &Value, at: &str) -> Result<(), String> {
+pub fn validate_promise(
+    document: &Value,
+    schema: &Value,
+    value: &Value,
+    at: &str,
+) -> Result<(), String> {
     check(document, schema, value, at, true)
 }
 
-fn check(document: &Value, schema: &Value, value: &Value, at: &str, wildcards: bool) -> Result<(), String> {
+fn check(
+    document: &Value,
+    schema: &Value,
+    value: &Value,
+    at: &str,
+    wildcards: bool,
+) -> Result<(), String> {
     if wildcards && value == "…" {
         return Ok(());
     }
@@ -204,7 +215,8 @@ fn check(document: &Value, schema: &Value, value: &Value, at: &str, wildcards: b
                     passed >= 1
                 };
                 if !wanted {
-                    let reasons: Vec<String> = results.into_iter().filter_map(Result::err).collect();
+                    let reasons: Vec<String> =
+                        results.into_iter().filter_map(Result::err).collect();
                     return fail(format!(
                         "{keyword}: {passed} of {} alternatives match ({})",
                         parts.len(),
