@@ -71,9 +71,17 @@ pub(crate) struct Page {
     pub headers: Vec<(&'static str, String)>,
 }
 
+/// The dashboard's paths (the page and its assets); each is a route of
+/// the router's table (checked by its tests).
+#[cfg(test)]
+pub(crate) fn paths() -> impl Iterator<Item = &'static str> {
+    ASSETS.iter().map(|asset| asset.path)
+}
+
 /// Whether `path` is one of the dashboard's (the page or an asset).
-pub(crate) fn serves(path: &str) -> bool {
-    ASSETS.iter().any(|asset| asset.path == path)
+#[cfg(test)]
+fn serves(path: &str) -> bool {
+    paths().any(|served| served == path)
 }
 
 /// The answer to a GET or HEAD of `path` (one for which [`serves`] is

@@ -588,3 +588,26 @@ fn stats_count_what_happened_this_hour() {
     assert_eq!(stats["relay"]["status"], "ok");
     assert_eq!(stats["queue_depth"], 0);
 }
+
+#[test]
+fn a_message_that_failed_through_v2_can_be_retried_with_a_spool() {
+    let relay = TestRelay::plain();
+    let mut config = config_for(&relay);
+    config.spool = mailroom::config::SpoolSetting::Directory(temp_dir("v2-retry").join("spool"));
+    let service = Service::start(config);
+    relay.reply_to_next_mail(&[(550, "5.7.1 not now")]);
+    let reply = service.post("/api/mail/v2", &seed_body("a@example.org", "v2 then retry"));
+    assert_eq!(reply.code, 502, "{}", reply.body_text());
+    let id = reply.json()["data"]["id"].as_str().unwrap().to_string();
+    assert_eq!(
+        get(&service, &format!("/api/mail/{id}"))["status"],
+        "failed"
+    );
+    let retried = send(&service, "POST", &format!("/api/mail/{id}/retry"), "");
+    assert_eq!(retried.code, 202, "{}", retried.body_text());
+    service.wait_for_status(&id, "sent");
+    assert_eq!(
+        relay.wait_for(1)[0].parsed().subject(),
+        Some("v2 then retry")
+    );
+}

@@ -509,3 +509,100 @@ fn outbox_mode_writes_eml_files() {
     );
     assert!(message.content_type().is_some());
 }
+
+#[test]
+fn the_outbox_keeps_the_envelope_and_says_where_each_message_went() {
+    let directory = temp_dir("outbox-child");
+    let service = ChildService::start(&directory, &[]);
+    // Recipients as strings in every field, a Bcc among them.
+    let body = serde_json::json!({
+        "sender": "App <app@example.com>",
+        "receiver": "to@example.org",
+        "cc": "cc@example.org",
+        "bcc": "hidden@example.org",
+        "subject": "envelope",
+    })
+    .to_string();
+    let id = service.post("/api/mail", &body).id();
+    let status = wait_for_status(service.address, &id, "sent");
+    let file = format!("./outbox/{id}.eml");
+    let attempt = &status["events"][1];
+    assert_eq!(attempt["smtp_code"], 250);
+    assert_eq!(attempt["smtp_reply"], format!("written to {file}"));
+
+    let data = std::fs::read_to_string(directory.join("outbox").join(format!("{id}.eml"))).unwrap();
+    assert!(
+        data.starts_with(
+            "X-Envelope-From: <app@example.com>\r\nX-Envelope-To: <to@example.org>,\r\n <cc@example.org>,\r\n <hidden@example.org>\r\nFrom: App <app@example.com>\r\n"
+        ),
+        "{data}"
+    );
+    let message = mail_parser::MessageParser::default()
+        .parse(data.as_bytes())
+        .unwrap();
+    assert_eq!(message.subject(), Some("envelope"));
+    assert_eq!(
+        message.cc().unwrap().first().unwrap().address(),
+        Some("cc@example.org")
+    );
+    assert!(message.bcc().is_none(), "no Bcc header");
+    let headers = &data[..data.find("\r\n\r\n").unwrap()];
+    let named = headers.matches("hidden@example.org").count();
+    assert_eq!(
+        named, 1,
+        "the Bcc recipient only in X-Envelope-To: {headers}"
+    );
+
+    // The log line of the change names the file.
+    let deadline = Instant::now() + PATIENCE;
+    let expected = format!("message {id}: sent, attempt 1: 250 written to {file}");
+    while !service.log_text().contains(&expected) {
+        assert!(
+            Instant::now() < deadline,
+            "no {expected:?} in {}",
+            service.log_text()
+        );
+        std::thread::sleep(Duration::from_millis(20));
+    }
+}
+
+#[test]
+fn a_body_that_is_not_json_is_told_to_be_json() {
+    let relay = TestRelay::plain();
+    let service = Service::start(config_for(&relay));
+    let form = [("Content-Type", "application/x-www-form-urlencoded")];
+    for path in ["/api/mail", "/api/mail/v2", "/api/mail/batch"] {
+        let reply = request(
+            service.address,
+            "POST",
+            path,
+            &form,
+            b"sender=a@b.c&subject=x",
+        );
+        assert_eq!(reply.code, 400, "{path}");
+        let message = reply.json()["message"].as_str().unwrap().to_string();
+        assert!(
+            message.starts_with("malformed JSON: ")
+                && message.ends_with(
+                    "; the body must be JSON (Content-Type: application/json), and this request says Content-Type: application/x-www-form-urlencoded"
+                ),
+            "{path}: {message}"
+        );
+        let json = [("Content-Type", "application/json")];
+        let reply = request(service.address, "POST", path, &json, b"{nope");
+        let message = reply.json()["message"].as_str().unwrap().to_string();
+        assert!(
+            message.ends_with("; the body must be JSON (Content-Type: application/json)"),
+            "{path}: {message}"
+        );
+    }
+    // A JSON body is taken whatever its Content-Type says (curl -d sends a form's).
+    let reply = request(
+        service.address,
+        "POST",
+        "/api/mail",
+        &form,
+        seed_body("user@example.org", "json anyway").as_bytes(),
+    );
+    assert_eq!(reply.code, 202, "{}", reply.body_text());
+}

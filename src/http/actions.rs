@@ -6,11 +6,42 @@
 use serde_json::{json, Map, Value};
 
 use crate::engine::{ActionError, BatchItem, Engine, ListError, SubmitError, SuppressionError};
-use crate::message::MailRequest;
+use crate::message::{MailRequest, JSON_REQUIRED};
 use crate::status::State;
 use crate::store::ListQuery;
 use crate::templates::RenderError;
 use crate::time::{from_millis, parse_rfc3339, rfc3339};
+
+/// A request body as read, with what the request said it is.
+#[derive(Debug)]
+pub(crate) struct Body {
+    pub bytes: Vec<u8>,
+    /// The `Content-Type` header, if any.
+    pub content_type: Option<String>,
+}
+
+impl Body {
+    /// The 400 text for a body that is not JSON (`detail`: the parser's
+    /// words). A request that declared another type (curl's `-d` alone
+    /// declares a form) is told so.
+    pub(crate) fn not_json(&self, detail: &str) -> String {
+        let declared = self
+            .content_type
+            .as_deref()
+            .map(str::trim)
+            .filter(|declared| {
+                let essence = declared.split(';').next().unwrap_or("").trim();
+                !(essence.eq_ignore_ascii_case("application/json")
+                    || essence.to_ascii_lowercase().ends_with("+json"))
+            });
+        match declared {
+            Some(declared) => format!(
+                "malformed JSON: {detail}; {JSON_REQUIRED}, and this request says Content-Type: {declared}"
+            ),
+            None => format!("malformed JSON: {detail}; {JSON_REQUIRED}"),
+        }
+    }
+}
 
 /// Largest batch.
 pub const MAX_BATCH: usize = 500;
@@ -243,11 +274,11 @@ fn suppression_refused(error: SuppressionError) -> Answer {
 }
 
 /// `PUT /api/suppressions/{address}` with an optional `{"reason"}` body.
-pub(crate) fn suppress(engine: &Engine, address: &str, body: &[u8]) -> Answer {
-    let reason = if body.iter().all(u8::is_ascii_whitespace) {
+pub(crate) fn suppress(engine: &Engine, address: &str, body: &Body) -> Answer {
+    let reason = if body.bytes.iter().all(u8::is_ascii_whitespace) {
         None
     } else {
-        match serde_json::from_slice::<Value>(body) {
+        match serde_json::from_slice::<Value>(&body.bytes) {
             Ok(Value::Object(object)) => {
                 if let Some(unknown) = object.keys().find(|key| key.as_str() != "reason") {
                     let detail = format!("unknown field `{unknown}`; the only field is `reason`");
@@ -267,7 +298,7 @@ pub(crate) fn suppress(engine: &Engine, address: &str, body: &[u8]) -> Answer {
                 return Answer::error(400, detail, detail);
             }
             Err(error) => {
-                let detail = format!("malformed JSON (the body must be JSON): {error}");
+                let detail = body.not_json(&error.to_string());
                 return Answer::error(400, &detail, &detail);
             }
         }
@@ -302,11 +333,11 @@ fn item_error(error: &SubmitError) -> Value {
 }
 
 /// `POST /api/mail/batch` with `{"messages": [...]}`.
-pub(crate) fn batch(engine: &Engine, body: &[u8]) -> Answer {
-    let value: Value = match serde_json::from_slice(body) {
+pub(crate) fn batch(engine: &Engine, body: &Body) -> Answer {
+    let value: Value = match serde_json::from_slice(&body.bytes) {
         Ok(value) => value,
         Err(error) => {
-            let detail = format!("malformed JSON (the body must be JSON): {error}");
+            let detail = body.not_json(&error.to_string());
             return Answer::error(400, &detail, &detail);
         }
     };
@@ -395,11 +426,11 @@ pub(crate) fn reload_templates(engine: &Engine) -> Answer {
 
 /// `POST /api/templates/{name}/preview` with `{"data": {...}}`: renders,
 /// sends nothing.
-pub(crate) fn preview(engine: &Engine, name: &str, body: &[u8]) -> Answer {
-    let data = if body.iter().all(u8::is_ascii_whitespace) {
+pub(crate) fn preview(engine: &Engine, name: &str, body: &Body) -> Answer {
+    let data = if body.bytes.iter().all(u8::is_ascii_whitespace) {
         json!({})
     } else {
-        match serde_json::from_slice::<Value>(body) {
+        match serde_json::from_slice::<Value>(&body.bytes) {
             Ok(Value::Object(mut object)) => {
                 if let Some(unknown) = object.keys().find(|key| key.as_str() != "data") {
                     let detail = format!("unknown field `{unknown}`; the only field is `data`");
@@ -412,7 +443,7 @@ pub(crate) fn preview(engine: &Engine, name: &str, body: &[u8]) -> Answer {
                 return Answer::error(400, detail, detail);
             }
             Err(error) => {
-                let detail = format!("malformed JSON (the body must be JSON): {error}");
+                let detail = body.not_json(&error.to_string());
                 return Answer::error(400, &detail, &detail);
             }
         }

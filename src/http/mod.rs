@@ -30,6 +30,7 @@ mod reply;
 mod routes;
 mod settings;
 
+pub use routes::{Route, ROUTES};
 pub use settings::HttpSettings;
 
 use std::fmt;

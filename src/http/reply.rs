@@ -51,6 +51,17 @@ impl Reply {
         self
     }
 
+    /// A body of any type, as it is (the OpenAPI document).
+    pub fn bytes(body: Vec<u8>, content_type: &'static str) -> Reply {
+        Reply {
+            code: 200,
+            body,
+            content_type,
+            headers: Vec::new(),
+            close: false,
+        }
+    }
+
     /// Plain text (the metrics exposition).
     pub fn text(body: String, content_type: &'static str) -> Reply {
         Reply {

@@ -11,7 +11,131 @@ use super::reply::Reply;
 use super::Handlers;
 use crate::dashboard;
 use crate::engine::{Readiness, SendError, SubmitError};
-use crate::message::MailRequest;
+use crate::message::{MailRequest, MessageError};
+
+/// What a route does.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Endpoint {
+    Health,
+    Ready,
+    Metrics,
+    OpenApi,
+    Dashboard,
+    Submit,
+    List,
+    SendAndWait,
+    Batch,
+    Status,
+    Cancel,
+    Retry,
+    Stats,
+    Suppressions,
+    Suppress,
+    Unsuppress,
+    Templates,
+    ReloadTemplates,
+    Preview,
+}
+
+/// One route of the API: a method and a path pattern.
+#[derive(Debug, Clone, Copy)]
+pub struct Route {
+    /// `GET` (which answers `HEAD` too), `POST`, `PUT` or `DELETE`.
+    pub method: &'static str,
+    /// The path; `{name}` stands for one non-empty path segment.
+    pub path: &'static str,
+    endpoint: Endpoint,
+}
+
+const fn route_to(method: &'static str, path: &'static str, endpoint: Endpoint) -> Route {
+    Route {
+        method,
+        path,
+        endpoint,
+    }
+}
+
+/// Every route the service answers: the router below finds requests'
+/// endpoints in this table, so it is also the list that docs/openapi.json
+/// must describe (tests/docs.rs checks both ways). Paths under `/api/` need
+/// the bearer token when one is set.
+pub const ROUTES: &[Route] = &[
+    route_to("GET", "/healthz", Endpoint::Health),
+    route_to("GET", "/readyz", Endpoint::Ready),
+    route_to("GET", "/metrics", Endpoint::Metrics),
+    route_to("GET", "/openapi.json", Endpoint::OpenApi),
+    route_to("GET", "/", Endpoint::Dashboard),
+    route_to("GET", "/dashboard/app.js", Endpoint::Dashboard),
+    route_to("GET", "/dashboard/style.css", Endpoint::Dashboard),
+    route_to("POST", "/api/mail", Endpoint::Submit),
+    route_to("GET", "/api/mail", Endpoint::List),
+    route_to("POST", "/api/mail/v2", Endpoint::SendAndWait),
+    route_to("POST", "/api/mail/batch", Endpoint::Batch),
+    route_to("GET", "/api/mail/{id}", Endpoint::Status),
+    route_to("DELETE", "/api/mail/{id}", Endpoint::Cancel),
+    route_to("POST", "/api/mail/{id}/retry", Endpoint::Retry),
+    route_to("GET", "/api/stats", Endpoint::Stats),
+    route_to("GET", "/api/suppressions", Endpoint::Suppressions),
+    route_to("PUT", "/api/suppressions/{address}", Endpoint::Suppress),
+    route_to(
+        "DELETE",
+        "/api/suppressions/{address}",
+        Endpoint::Unsuppress,
+    ),
+    route_to("GET", "/api/templates", Endpoint::Templates),
+    route_to("POST", "/api/templates/reload", Endpoint::ReloadTemplates),
+    route_to("POST", "/api/templates/{name}/preview", Endpoint::Preview),
+];
+
+/// The OpenAPI document, served at `/openapi.json`.
+pub(crate) const OPENAPI: &str = include_str!("../../docs/openapi.json");
+
+/// The values of `pattern`'s `{name}` segments in `path`, when it matches.
+fn match_path<'p>(pattern: &str, path: &'p str) -> Option<Vec<&'p str>> {
+    let mut values = Vec::new();
+    let mut given = path.split('/');
+    for expected in pattern.split('/') {
+        let segment = given.next()?;
+        if expected.starts_with('{') {
+            if segment.is_empty() {
+                return None;
+            }
+            values.push(segment);
+        } else if expected != segment {
+            return None;
+        }
+    }
+    given.next().is_none().then_some(values)
+}
+
+/// Which routes have this path: those with the fewest `{name}` segments
+/// (a literal `/api/mail/batch` wins over `/api/mail/{id}`), with the
+/// segments' values.
+fn routes_for(path: &str) -> Vec<(&'static Route, Vec<&str>)> {
+    let mut found: Vec<(&'static Route, Vec<&str>)> = ROUTES
+        .iter()
+        .filter_map(|route| match_path(route.path, path).map(|values| (route, values)))
+        .collect();
+    if let Some(fewest) = found.iter().map(|(_, values)| values.len()).min() {
+        found.retain(|(_, values)| values.len() == fewest);
+    }
+    found
+}
+
+/// The `Allow` header for these routes, in a fixed order.
+fn allowed(routes: &[(&'static Route, Vec<&str>)]) -> String {
+    let has = |method: &str| routes.iter().any(|(route, _)| route.method == method);
+    let mut methods = Vec::new();
+    for method in ["GET", "POST", "PUT", "DELETE"] {
+        if has(method) {
+            methods.push(method);
+            if method == "GET" {
+                methods.push("HEAD");
+            }
+        }
+    }
+    methods.join(", ")
+}
 
 /// What a handler works with while routing one request.
 pub(crate) struct Exchange<'a> {
@@ -26,103 +150,70 @@ pub(crate) fn route(exchange: &Exchange<'_>, request: &mut Request) -> Reply {
     let engine = &handlers.engine;
     let path = request.url().split('?').next().unwrap_or("").to_string();
     let method = request.method().clone();
-    let is = |allowed: &Method| {
-        method == *allowed || (*allowed == Method::Get && method == Method::Head)
+    if path == "/api" || path.starts_with("/api/") {
+        if let Some(refusal) = check_token(handlers.settings.api_token.as_ref(), request) {
+            return refusal;
+        }
+    }
+    let candidates = routes_for(&path);
+    if candidates.is_empty() {
+        return not_found(&path);
+    }
+    let wanted = match method {
+        Method::Head => "GET",
+        ref other => other.as_str(),
     };
-    match path.as_str() {
-        "/healthz" if is(&Method::Get) => Reply::ok(json!({ "status": "alive" })),
-        "/readyz" if is(&Method::Get) => readiness(engine.readiness()),
-        "/metrics" if is(&Method::Get) => {
+    let Some((route, values)) = candidates.iter().find(|(route, _)| route.method == wanted) else {
+        return method_not_allowed(&allowed(&candidates));
+    };
+    let value = |index: usize| values.get(index).copied().unwrap_or("");
+    let query = request
+        .url()
+        .split_once('?')
+        .map_or("", |(_, query)| query)
+        .to_string();
+    match route.endpoint {
+        Endpoint::Health => Reply::ok(json!({ "status": "alive" })),
+        Endpoint::Ready => readiness(engine.readiness()),
+        Endpoint::Metrics => {
             let mut text = engine.metrics_text();
             handlers.metrics.render(&mut text);
             Reply::text(text, "text/plain; version=0.0.4; charset=utf-8")
         }
-        "/healthz" | "/readyz" | "/metrics" => method_not_allowed("GET, HEAD"),
+        Endpoint::OpenApi => Reply::bytes(OPENAPI.as_bytes().to_vec(), "application/json"),
         // The dashboard (src/dashboard.rs): static files, no token (they hold no data).
-        _ if dashboard::serves(&path) && is(&Method::Get) => dashboard_page(&path, request),
-        _ if dashboard::serves(&path) => method_not_allowed("GET, HEAD"),
-        _ if path == "/api" || path.starts_with("/api/") => {
-            if let Some(refusal) = check_token(handlers.settings.api_token.as_ref(), request) {
-                return refusal;
+        Endpoint::Dashboard => dashboard_page(&path, request),
+        Endpoint::Submit => submit(exchange, request),
+        Endpoint::List => answer(actions::list(engine, &query)),
+        Endpoint::SendAndWait => send_and_wait(exchange, request),
+        Endpoint::Batch => match read_body(exchange, request) {
+            Ok(body) => answer(actions::batch(engine, &body)),
+            Err(reply) => reply,
+        },
+        Endpoint::Status => status(exchange, value(0)),
+        Endpoint::Cancel => answer(actions::cancel(engine, value(0))),
+        Endpoint::Retry => answer(actions::retry(engine, value(0))),
+        Endpoint::Stats => answer(actions::stats(engine)),
+        Endpoint::Suppressions => answer(actions::suppressions(engine, &query)),
+        Endpoint::Suppress | Endpoint::Unsuppress => {
+            let address = match actions::decode(value(0)) {
+                Ok(address) => address,
+                Err(reason) => return invalid(&reason),
+            };
+            if route.endpoint == Endpoint::Unsuppress {
+                return answer(actions::unsuppress(engine, &address));
             }
-            let query = request
-                .url()
-                .split_once('?')
-                .map_or("", |(_, query)| query)
-                .to_string();
-            match path.as_str() {
-                "/api/mail" if method == Method::Post => submit(exchange, request),
-                "/api/mail" if is(&Method::Get) => answer(actions::list(engine, &query)),
-                "/api/mail" => method_not_allowed("GET, HEAD, POST"),
-                "/api/mail/v2" if method == Method::Post => send_and_wait(exchange, request),
-                "/api/mail/v2" => method_not_allowed("POST"),
-                "/api/mail/batch" if method == Method::Post => match read_body(exchange, request) {
-                    Ok(body) => answer(actions::batch(engine, &body)),
-                    Err(reply) => reply,
-                },
-                "/api/mail/batch" => method_not_allowed("POST"),
-                "/api/stats" if is(&Method::Get) => answer(actions::stats(engine)),
-                "/api/stats" => method_not_allowed("GET, HEAD"),
-                "/api/suppressions" if is(&Method::Get) => {
-                    answer(actions::suppressions(engine, &query))
-                }
-                "/api/suppressions" => method_not_allowed("GET, HEAD"),
-                "/api/templates" if is(&Method::Get) => answer(actions::templates(engine)),
-                "/api/templates" => method_not_allowed("GET, HEAD"),
-                "/api/templates/reload" if method == Method::Post => {
-                    answer(actions::reload_templates(engine))
-                }
-                "/api/templates/reload" => method_not_allowed("POST"),
-                _ => {
-                    if let Some(name) = path
-                        .strip_prefix("/api/templates/")
-                        .and_then(|rest| rest.strip_suffix("/preview"))
-                        .filter(|name| !name.is_empty() && !name.contains('/'))
-                    {
-                        return match method {
-                            Method::Post => match read_body(exchange, request) {
-                                Ok(body) => answer(actions::preview(engine, name, &body)),
-                                Err(reply) => reply,
-                            },
-                            _ => method_not_allowed("POST"),
-                        };
-                    }
-                    if let Some(address) = path
-                        .strip_prefix("/api/suppressions/")
-                        .filter(|address| !address.is_empty() && !address.contains('/'))
-                    {
-                        let address = match actions::decode(address) {
-                            Ok(address) => address,
-                            Err(reason) => return invalid(&reason),
-                        };
-                        return match method {
-                            Method::Put => match read_body(exchange, request) {
-                                Ok(body) => answer(actions::suppress(engine, &address, &body)),
-                                Err(reply) => reply,
-                            },
-                            Method::Delete => answer(actions::unsuppress(engine, &address)),
-                            _ => method_not_allowed("PUT, DELETE"),
-                        };
-                    }
-                    let Some(rest) = path.strip_prefix("/api/mail/") else {
-                        return not_found(&path);
-                    };
-                    match rest.split('/').collect::<Vec<_>>().as_slice() {
-                        [id] if !id.is_empty() && is(&Method::Get) => status(exchange, id),
-                        [id] if !id.is_empty() && method == Method::Delete => {
-                            answer(actions::cancel(engine, id))
-                        }
-                        [id] if !id.is_empty() => method_not_allowed("GET, HEAD, DELETE"),
-                        [id, "retry"] if !id.is_empty() && method == Method::Post => {
-                            answer(actions::retry(engine, id))
-                        }
-                        [id, "retry"] if !id.is_empty() => method_not_allowed("POST"),
-                        _ => not_found(&path),
-                    }
-                }
+            match read_body(exchange, request) {
+                Ok(body) => answer(actions::suppress(engine, &address, &body)),
+                Err(reply) => reply,
             }
         }
-        _ => not_found(&path),
+        Endpoint::Templates => answer(actions::templates(engine)),
+        Endpoint::ReloadTemplates => answer(actions::reload_templates(engine)),
+        Endpoint::Preview => match read_body(exchange, request) {
+            Ok(body) => answer(actions::preview(engine, value(0), &body)),
+            Err(reply) => reply,
+        },
     }
 }
 
@@ -154,7 +245,7 @@ fn not_found(path: &str) -> Reply {
     Reply::error(404, "not found", &format!("no such path: {path}"))
 }
 
-fn method_not_allowed(allow: &'static str) -> Reply {
+fn method_not_allowed(allow: &str) -> Reply {
     Reply::error(405, "method not allowed", &format!("allowed: {allow}"))
         .with_header("Allow", allow)
 }
@@ -173,7 +264,7 @@ fn readiness(readiness: Readiness) -> Reply {
 
 /// Reads the body, up to the limit. A refusal closes the connection: the
 /// rest of the body is not read (SPEC: 413, then closed).
-fn read_body(exchange: &Exchange<'_>, request: &mut Request) -> Result<Vec<u8>, Reply> {
+fn read_body(exchange: &Exchange<'_>, request: &mut Request) -> Result<actions::Body, Reply> {
     let settings = &exchange.handlers.settings;
     let limit = settings.max_body_bytes;
     let too_large = || {
@@ -204,7 +295,14 @@ fn read_body(exchange: &Exchange<'_>, request: &mut Request) -> Result<Vec<u8>, 
             "the connection ended before the declared Content-Length",
         )
         .closing()),
-        Ok(_) => Ok(content),
+        Ok(_) => Ok(actions::Body {
+            bytes: content,
+            content_type: request
+                .headers()
+                .iter()
+                .find(|header| header.field.equiv("Content-Type"))
+                .map(|header| header.value.as_str().to_string()),
+        }),
         Err(error) if matches!(error.kind(), ErrorKind::WouldBlock | ErrorKind::TimedOut) => {
             Err(Reply::error(
                 408,
@@ -227,8 +325,11 @@ fn read_body(exchange: &Exchange<'_>, request: &mut Request) -> Result<Vec<u8>, 
 }
 
 fn parse_request(exchange: &Exchange<'_>, request: &mut Request) -> Result<MailRequest, Reply> {
-    let content = read_body(exchange, request)?;
-    MailRequest::from_json(&content).map_err(|error| invalid(&error.to_string()))
+    let body = read_body(exchange, request)?;
+    MailRequest::from_json(&body.bytes).map_err(|error| match error {
+        MessageError::MalformedJson(detail) => invalid(&body.not_json(&detail)),
+        error => invalid(&error.to_string()),
+    })
 }
 
 fn invalid(detail: &str) -> Reply {
@@ -336,5 +437,79 @@ fn status(exchange: &Exchange<'_>, id: &str) -> Reply {
         Ok(Some(status)) => Reply::ok(status.to_json()),
         Ok(None) => Reply::error(404, "not found", &format!("no message with id {id:?}")),
         Err(error) => Reply::unavailable("the store cannot be read", &error.to_string()),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn paths_match_their_patterns_only() {
+        assert_eq!(
+            match_path("/api/mail/{id}", "/api/mail/abc"),
+            Some(vec!["abc"])
+        );
+        assert_eq!(match_path("/api/mail/{id}", "/api/mail/"), None);
+        assert_eq!(match_path("/api/mail/{id}", "/api/mail/abc/"), None);
+        assert_eq!(match_path("/api/mail/{id}", "/api/mail"), None);
+        assert_eq!(
+            match_path(
+                "/api/templates/{name}/preview",
+                "/api/templates/welcome/preview"
+            ),
+            Some(vec!["welcome"])
+        );
+        assert_eq!(match_path("/", "/"), Some(vec![]));
+        assert_eq!(match_path("/", "/x"), None);
+    }
+
+    #[test]
+    fn literal_paths_win_and_allow_lists_the_methods() {
+        let batch = routes_for("/api/mail/batch");
+        assert_eq!(batch.len(), 1);
+        assert_eq!(allowed(&batch), "POST");
+        assert_eq!(allowed(&routes_for("/api/mail")), "GET, HEAD, POST");
+        assert_eq!(allowed(&routes_for("/api/mail/abc")), "GET, HEAD, DELETE");
+        assert_eq!(
+            allowed(&routes_for("/api/suppressions/a@b.c")),
+            "PUT, DELETE"
+        );
+        assert!(routes_for("/api/nope").is_empty());
+        assert!(routes_for("/dashboard/other.js").is_empty());
+    }
+
+    #[test]
+    fn the_table_is_consistent() {
+        for (index, route) in ROUTES.iter().enumerate() {
+            assert!(
+                ["GET", "POST", "PUT", "DELETE"].contains(&route.method),
+                "{route:?}"
+            );
+            assert!(route.path.starts_with('/'), "{route:?}");
+            for segment in route.path.split('/').skip(1) {
+                let parameter = segment.starts_with('{');
+                assert_eq!(parameter, segment.ends_with('}'), "{route:?}");
+                assert!(parameter || !segment.contains(['{', '}']), "{route:?}");
+            }
+            assert!(
+                !ROUTES[..index]
+                    .iter()
+                    .any(|other| other.method == route.method && other.path == route.path),
+                "{route:?} twice"
+            );
+        }
+        let dashboard: Vec<&str> = ROUTES
+            .iter()
+            .filter(|route| route.endpoint == Endpoint::Dashboard)
+            .map(|route| route.path)
+            .collect();
+        assert_eq!(dashboard, crate::dashboard::paths().collect::<Vec<_>>());
+    }
+
+    #[test]
+    fn the_openapi_document_is_json() {
+        let document: serde_json::Value = serde_json::from_str(OPENAPI).unwrap();
+        assert_eq!(document["openapi"], "3.1.0");
     }
 }

@@ -52,6 +52,10 @@ pub const FIELDS: &[&str] = &[
     "send_at",
 ];
 
+/// What a body that is not JSON is told (curl's `-d` alone says the body
+/// is a form, so the header is named too).
+pub const JSON_REQUIRED: &str = "the body must be JSON (Content-Type: application/json)";
+
 /// At most this many tags per message.
 pub const MAX_TAGS: usize = 10;
 /// A tag's length in characters, at most.
@@ -179,7 +183,7 @@ impl MessageError {
 impl fmt::Display for MessageError {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         match self {
-            MessageError::MalformedJson(detail) => write!(f, "malformed JSON: {detail}"),
+            MessageError::MalformedJson(detail) => write!(f, "malformed JSON: {detail}; {JSON_REQUIRED}"),
             MessageError::NotAnObject => f.write_str("the body must be a JSON object"),
             MessageError::UnknownFields(fields) => {
                 let named: Vec<String> = fields.iter().map(|field| format!("`{field}`")).collect();
@@ -275,17 +279,7 @@ impl MailRequest {
         }
         let sender =
             optional_string(&object, "sender")?.ok_or(MessageError::MissingField("sender"))?;
-        let receiver = match object.get("receiver") {
-            None | Some(Value::Null) => Vec::new(),
-            Some(Value::String(one)) => vec![one.clone()],
-            Some(Value::Array(_)) => string_list(&object, "receiver")?,
-            Some(_) => {
-                return Err(MessageError::WrongType {
-                    field: "receiver".into(),
-                    expected: "a string or an array of strings",
-                })
-            }
-        };
+        let receiver = recipient_list(&object, "receiver")?;
         let template = optional_string(&object, "template")?;
         let subject = match optional_string(&object, "subject")? {
             Some(subject) => subject,
@@ -334,9 +328,9 @@ impl MailRequest {
             receiver,
             subject,
             message: optional_string(&object, "message")?,
-            to: string_list(&object, "to")?,
-            cc: string_list(&object, "cc")?,
-            bcc: string_list(&object, "bcc")?,
+            to: recipient_list(&object, "to")?,
+            cc: recipient_list(&object, "cc")?,
+            bcc: recipient_list(&object, "bcc")?,
             html: optional_string(&object, "html")?,
             reply_to: optional_string(&object, "reply_to")?,
             headers,
@@ -391,6 +385,27 @@ fn string_list(
     };
     match object.get(field) {
         None | Some(Value::Null) => Ok(Vec::new()),
+        Some(Value::Array(items)) => items
+            .iter()
+            .map(|item| item.as_str().map(str::to_string).ok_or_else(wrong))
+            .collect(),
+        Some(_) => Err(wrong()),
+    }
+}
+
+/// A recipient field: one address as a string, or an array of them
+/// (`receiver`, `to`, `cc` and `bcc` alike).
+fn recipient_list(
+    object: &Map<String, Value>,
+    field: &'static str,
+) -> Result<Vec<String>, MessageError> {
+    let wrong = || MessageError::WrongType {
+        field: field.into(),
+        expected: "a string or an array of strings",
+    };
+    match object.get(field) {
+        None | Some(Value::Null) => Ok(Vec::new()),
+        Some(Value::String(one)) => Ok(vec![one.clone()]),
         Some(Value::Array(items)) => items
             .iter()
             .map(|item| item.as_str().map(str::to_string).ok_or_else(wrong))
@@ -650,6 +665,41 @@ mod tests {
                 .unwrap_err()
                 .to_string()
                 .contains("sender")
+        );
+    }
+
+    #[test]
+    fn every_recipient_field_takes_a_string_or_an_array() {
+        let parsed = MailRequest::from_json(
+            br#"{"sender":"a@b.c","receiver":"r@e.f","to":"t@e.f","cc":"c@e.f","bcc":["b@e.f","d@e.f"],"subject":"x"}"#,
+        )
+        .unwrap();
+        assert_eq!(parsed.receiver, vec!["r@e.f"]);
+        assert_eq!(parsed.to, vec!["t@e.f"]);
+        assert_eq!(parsed.cc, vec!["c@e.f"]);
+        assert_eq!(parsed.bcc, vec!["b@e.f", "d@e.f"]);
+        let built = parsed.build(None).unwrap();
+        assert_eq!(
+            built.recipients,
+            vec!["r@e.f", "t@e.f", "c@e.f", "b@e.f", "d@e.f"]
+        );
+        for field in ["receiver", "to", "cc", "bcc"] {
+            let json =
+                format!(r#"{{"sender":"a@b.c","receiver":"r@e.f","subject":"x","{field}":5}}"#);
+            let error = MailRequest::from_json(json.as_bytes()).unwrap_err();
+            assert_eq!(
+                error.to_string(),
+                format!("field `{field}` must be a string or an array of strings")
+            );
+        }
+    }
+
+    #[test]
+    fn a_body_that_is_not_json_is_told_to_be_json() {
+        let error = MailRequest::from_json(b"sender=a@b.c&receiver=d@e.f").unwrap_err();
+        assert_eq!(
+            error.to_string(),
+            "malformed JSON: expected value at line 1 column 1; the body must be JSON (Content-Type: application/json)"
         );
     }
 

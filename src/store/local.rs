@@ -626,15 +626,15 @@ impl Store for LocalStore {
             self.capacity.release();
             Err(refusal)
         };
-        let message = match &core.journal {
-            Some(journal) => match journal.read_dead_letter(id) {
+        // Kept in memory when it was not spooled (memory mode, or sent
+        // through /api/mail/v2), else a dead letter on disk.
+        let message = match (core.index.dead_letter(id), &core.journal) {
+            (Some(message), _) => message,
+            (None, Some(journal)) => match journal.read_dead_letter(id) {
                 Ok(record) => record.message,
                 Err(error) => return undo(ActionRefusal::Io(error)),
             },
-            None => match core.index.dead_letter(id) {
-                Some(message) => message,
-                None => return undo(ActionRefusal::Unknown),
-            },
+            (None, None) => return undo(ActionRefusal::Unknown),
         };
         let mut status = previous.clone();
         status.requeue();

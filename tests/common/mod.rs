@@ -7,6 +7,7 @@ use std::collections::HashMap;
 
 use std::net::{IpAddr, SocketAddr, TcpListener, TcpStream};
 use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
@@ -283,41 +284,51 @@ pub struct ChildService {
 }
 
 impl ChildService {
-    /// Starts `mailroom` in `directory` with `variables`, on a free port,
-    /// and waits until it answers `/healthz`.
+    /// Starts `mailroom` in `directory` with `variables`, on a port it
+    /// picks itself (no race with other tests for a port chosen here), and
+    /// waits until it says where it listens.
     pub fn start(directory: &Path, variables: &[(&str, String)]) -> ChildService {
-        let (port, reserved) = unused_port();
-        drop(reserved);
-        let address: SocketAddr = format!("127.0.0.1:{port}").parse().unwrap();
-        let log = directory.join(format!("service-{port}.log"));
+        static STARTS: AtomicUsize = AtomicUsize::new(0);
+        let log = directory.join(format!(
+            "service-{}-{}.log",
+            std::process::id(),
+            STARTS.fetch_add(1, Ordering::SeqCst)
+        ));
         let mut command = std::process::Command::new(env!("CARGO_BIN_EXE_mailroom"));
         command
             .current_dir(directory)
             .env_clear()
             .env("PATH", std::env::var("PATH").unwrap_or_default())
-            .env("MAILROOM_LISTEN", address.to_string())
+            .env("MAILROOM_LISTEN", "127.0.0.1:0")
             .env("RUST_LOG", "info")
             .stdout(std::fs::File::create(&log).unwrap())
             .stderr(std::fs::File::options().append(true).open(&log).unwrap());
         for (name, value) in variables {
             command.env(name, value);
         }
-        let child = command.spawn().unwrap();
-        let service = ChildService {
+        let mut child = command.spawn().unwrap();
+        let deadline = Instant::now() + PATIENCE;
+        let address = loop {
+            let text = std::fs::read_to_string(&log).unwrap_or_default();
+            let listening = text
+                .lines()
+                .find_map(|line| line.split("listening on http://").nth(1))
+                .and_then(|address| address.trim().parse::<SocketAddr>().ok());
+            if let Some(address) = listening {
+                break address;
+            }
+            if let Ok(Some(status)) = child.try_wait() {
+                panic!("service exited ({status}) before listening: {text}");
+            }
+            assert!(Instant::now() < deadline, "service did not start: {text}");
+            // Polling its log, as a person starting it would watch it.
+            std::thread::sleep(Duration::from_millis(10));
+        };
+        ChildService {
             child,
             address,
             log,
-        };
-        let deadline = Instant::now() + PATIENCE;
-        while TcpStream::connect(address).is_err() {
-            assert!(
-                Instant::now() < deadline,
-                "service did not start: {}",
-                service.log_text()
-            );
-            std::thread::sleep(Duration::from_millis(20));
         }
-        service
     }
 
     pub fn log_text(&self) -> String {
