@@ -68,3 +68,8 @@ pub use templates::{
 pub use transport::{
     Delivered, DeliveryError, FailureKind, RecipientRefusal, RelayCapabilities, SmtpReply,
 };
+
+/// The README's library example, compiled as a doctest so it stays true.
+#[doc = include_str!("../README.md")]
+#[cfg(doctest)]
+pub struct ReadmeDoctests;

@@ -498,6 +498,8 @@ fn every_block_says_what_it_is() {
                         .unwrap_or_else(|error| panic!("{place}: {error}"));
                 }
                 ("dotenv", []) => check_dotenv(&block.text, &place),
+                // Compiled (not run) as a doctest of the library: src/lib.rs.
+                ("rust", ["no_run"]) => {}
                 (_, []) if !["sh", "json", "dotenv"].contains(&language) => {}
                 (_, attributes) => {
                     panic!("{place}: unknown attributes {attributes:?} for {language}")
