@@ -42,15 +42,16 @@ pub mod http;
 
 mod job;
 pub mod message;
-pub mod metrics;
+mod metrics;
 mod pool;
 mod schedule;
 pub mod status;
 mod store;
+#[doc(hidden)] // the service's readiness notification, not the engine's
 pub mod systemd;
 pub mod templates;
 mod time;
-pub mod transport;
+mod transport;
 pub mod webhooks;
 
 pub use config::{Config, ConfigError};
@@ -65,8 +66,10 @@ pub use status::{Event, EventKind, MessageStatus, State};
 pub use templates::{
     RenderError, Rendered, TemplateError, TemplateInfo, TemplateSnapshot, Templates,
 };
+pub use metrics::Minute;
 pub use transport::{
-    Delivered, DeliveryError, FailureKind, RecipientRefusal, RelayCapabilities, SmtpReply,
+    check_relay, Delivered, DeliveryError, FailureKind, RecipientRefusal, RelayCapabilities,
+    SmtpReply,
 };
 
 /// The README's library example, compiled as a doctest so it stays true.

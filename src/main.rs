@@ -252,7 +252,7 @@ fn run_check(config: &Config, http: &HttpSettings, check_smtp: bool) -> ExitCode
         );
         return ExitCode::SUCCESS;
     }
-    match mailroom::transport::check_relay(&config.relay, &mut |step| println!("  {step}")) {
+    match mailroom::check_relay(&config.relay, &mut |step| println!("  {step}")) {
         Ok(()) => {
             println!("relay ok");
             ExitCode::SUCCESS

@@ -578,6 +578,7 @@ pub fn new_message_id() -> String {
 
 /// 64 random bits from the standard library's randomly keyed hasher (no
 /// extra crate for ids and jitter).
+#[doc(hidden)]
 pub fn random_u64() -> u64 {
     static COUNTER: AtomicU64 = AtomicU64::new(0);
     let mut hasher = RandomState::new().build_hasher();

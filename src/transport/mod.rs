@@ -34,9 +34,8 @@ use lettre::transport::smtp::extension::ClientId;
 use crate::config::{Relay, SmtpSettings, TlsMode};
 use crate::message::{MessageError, OutgoingMessage};
 
-pub use classify::{classify, DeliveryError, FailureKind, SmtpReply};
+pub use classify::{DeliveryError, FailureKind, SmtpReply};
 pub use session::SmtpSender;
-pub use smtp::connect_with_report;
 
 /// A connection idle longer than this is closed rather than reused: many
 /// relays drop idle clients after a minute or so.
