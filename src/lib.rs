@@ -26,7 +26,7 @@
 //! decision after an attempt), `pool` (workers), `dispatch` and `schedule`
 //! (getting jobs to workers, now or when due), `transport` (SMTP/outbox and
 //! error classification), `store` (statuses, events, indexes and the
-//! durable journal), [`status`] (what the API shows), [`metrics`],
+//! durable journal), [`status`] (what the API shows), `metrics`,
 //! [`webhooks`] (signed webhooks of message events), `dashboard` (the web
 //! page at `/`),
 //! [`http`] (the API over HTTP, on our tiny_http fork, with its own
@@ -62,11 +62,11 @@ pub use engine::{
 };
 pub use http::{BindError, HttpServer, HttpSettings};
 pub use message::{AttachmentRequest, MailRequest, MessageError, OutgoingMessage};
+pub use metrics::Minute;
 pub use status::{Event, EventKind, MessageStatus, State};
 pub use templates::{
     RenderError, Rendered, TemplateError, TemplateInfo, TemplateSnapshot, Templates,
 };
-pub use metrics::Minute;
 pub use transport::{
     check_relay, Delivered, DeliveryError, FailureKind, RecipientRefusal, RelayCapabilities,
     SmtpReply,

@@ -2,7 +2,7 @@
 //! `MAILROOM_WEBHOOK_URL`, signed as the Standard Webhooks specification
 //! says, by a few threads of their own.
 //!
-//! The store tells [`Webhooks`] of each recorded change (it is an
+//! The store tells `Webhooks` of each recorded change (it is an
 //! observer): that only builds the body, appends it to the pending queue
 //! (`store::webhooks`, a `write` without fsync) and hands it to the
 //! delivery threads, so mail delivery and the API never wait for an

@@ -7,7 +7,7 @@
 //! followers): a thread takes a request from tiny_http, then reads, routes
 //! and answers it itself, so a request costs no hand-off between threads.
 //!
-//! - Quick requests start no thread beyond [`MIN_HANDLERS`]: fewer runnable
+//! - Quick requests start no thread beyond `MIN_HANDLERS`: fewer runnable
 //!   threads keep latency low under load.
 //! - Before anything that can wait on a client (reading a body from the
 //!   socket, waiting for a delivery or for another request with the same
@@ -19,7 +19,7 @@
 //!   them unanswered. A thread answering request n+1 never waits for
 //!   request n held by itself, so this cannot deadlock; a thread waiting
 //!   for its turn counts as busy for the check below.
-//! - [`HttpServer::run`] checks every [`STALL_CHECK`] that requests are
+//! - [`HttpServer::run`] checks every `STALL_CHECK` that requests are
 //!   being taken, and starts a receiver when none was taken while none is
 //!   receiving (handlers blocked where nobody expected, e.g. a stalled disk).
 
