@@ -640,6 +640,21 @@ fn parse_relay(
 
 /// Parses lettre's URL form (`smtp://`, `smtps://`, `?tls=required|opportunistic`,
 /// percent-encoded user and password, EHLO name as the path).
+/// Parses a URL that must name a host; the host comes without the brackets
+/// of an IPv6 literal. The error is the reason only: callers name the
+/// variable and mask the value.
+fn parse_url_with_host(value: &str) -> Result<(url::Url, String), String> {
+    let url = url::Url::parse(value).map_err(|error| error.to_string())?;
+    let host = url
+        .host_str()
+        .filter(|host| !host.is_empty())
+        .ok_or_else(|| "no host".to_string())?
+        .trim_start_matches('[')
+        .trim_end_matches(']')
+        .to_string();
+    Ok((url, host))
+}
+
 fn parse_smtp_url(
     value: &str,
     timeout: Duration,
@@ -652,14 +667,7 @@ fn parse_smtp_url(
         value: masked.clone(),
         reason,
     };
-    let url = url::Url::parse(value).map_err(|error| invalid(error.to_string()))?;
-    let host = url
-        .host_str()
-        .filter(|host| !host.is_empty())
-        .ok_or_else(|| invalid("no host".into()))?
-        .trim_start_matches('[')
-        .trim_end_matches(']')
-        .to_string();
+    let (url, host) = parse_url_with_host(value).map_err(invalid)?;
     let tls_parameter = url
         .query_pairs()
         .find(|(key, _)| key == "tls")
@@ -878,14 +886,7 @@ fn parse_webhook_url(value: &str, allow_http: bool) -> Result<url::Url, ConfigEr
         value: mask_password(value),
         reason,
     };
-    let url = url::Url::parse(value).map_err(|error| invalid(error.to_string()))?;
-    let host = url
-        .host_str()
-        .filter(|host| !host.is_empty())
-        .ok_or_else(|| invalid("no host".into()))?
-        .trim_start_matches('[')
-        .trim_end_matches(']')
-        .to_string();
+    let (url, host) = parse_url_with_host(value).map_err(invalid)?;
     match url.scheme() {
         "https" => {}
         "http" if allow_http || is_loopback_host(&host) => {}
