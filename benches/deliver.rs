@@ -41,7 +41,17 @@ fn main() {
         .filter_map(|value| value.trim().parse::<u8>().ok())
         .map(|value| value == 1)
         .collect();
-    for tls in [false, true] {
+    // BENCH_ONLY_MAILROOM=1: no raw runs (for profiling mailroom alone).
+    let only_mailroom = env_number("BENCH_ONLY_MAILROOM", 0) == 1;
+    // BENCH_ONLY_RAW=1: no mailroom runs.
+    let only_raw = env_number("BENCH_ONLY_RAW", 0) == 1;
+    let tls_modes: Vec<bool> = std::env::var("BENCH_TLS")
+        .unwrap_or_else(|_| "0,1".into())
+        .split(',')
+        .filter_map(|value| value.trim().parse::<u8>().ok())
+        .map(|value| value == 1)
+        .collect();
+    for tls in tls_modes {
         for &pipelined in &pipelining {
             let sink = Sink::start(SinkOptions {
                 tls,
@@ -60,7 +70,21 @@ fn main() {
                 let mut ours = Vec::new();
                 let mut raw = Vec::new();
                 for _ in 0..rounds() {
+                    if only_raw {
+                        let run = if pipelined {
+                            deliver::raw_pipelined(&sink, threads, count, &message)
+                        } else {
+                            deliver::raw(&sink, threads, count, &message)
+                        };
+                        ours.push(run);
+                        raw.push(run);
+                        continue;
+                    }
                     ours.push(deliver::mailroom(&sink, threads, count, &request));
+                    if only_mailroom {
+                        raw.push(ours[ours.len() - 1]);
+                        continue;
+                    }
                     raw.push(if pipelined {
                         deliver::raw_pipelined(&sink, threads, count, &message)
                     } else {
@@ -75,6 +99,9 @@ fn main() {
                     sink.improper_pipelining()
                 );
             }
+        }
+        if only_mailroom || only_raw {
+            continue;
         }
         let sink = Sink::start(SinkOptions {
             tls,

@@ -369,7 +369,6 @@ fn may_take_more(context: &WorkerContext) -> bool {
 
 /// A held attempt as the worker's transport needs it.
 struct InFlight {
-    id: String,
     message: Arc<OutgoingMessage>,
     /// `None`: every recipient of the message (no copy of the list).
     recipients: Option<Vec<String>>,
@@ -390,10 +389,8 @@ fn hold(context: &WorkerContext, slot: &Slot, attempt: Attempt) -> Option<InFlig
     let message = Arc::clone(&attempt.job.message);
     let recipients =
         (attempt.job.recipients != message.recipients).then(|| attempt.job.recipients.clone());
-    let id = attempt.id.clone();
     match slot.hold(attempt) {
         Ok(()) => Some(InFlight {
-            id,
             message,
             recipients,
         }),
@@ -484,12 +481,12 @@ fn deliver(pool: &Pool, slot: &Slot, transport: &mut Transport, job: Job) -> boo
     let mut step = transport.begin(&current.message, current.recipients(), &hooks);
     loop {
         if let Step::Done(result) = step {
-            return settle(context, slot, &current.id, result);
+            return settle(context, slot, &current.message.id, result);
         }
         match next_job(pool, slot, transport) {
             Next::None => {
                 let (result, _) = transport.finish(None, &hooks);
-                return settle(context, slot, &current.id, result);
+                return settle(context, slot, &current.message.id, result);
             }
             Next::Now(attempt) => {
                 let Some(next) = hold(context, slot, *attempt) else {
@@ -497,7 +494,7 @@ fn deliver(pool: &Pool, slot: &Slot, transport: &mut Transport, job: Job) -> boo
                 };
                 let (result, next_step) =
                     transport.finish(Some((&next.message, next.recipients())), &hooks);
-                if !settle(context, slot, &current.id, result) {
+                if !settle(context, slot, &current.message.id, result) {
                     return false;
                 }
                 current = next;
@@ -510,7 +507,7 @@ fn deliver(pool: &Pool, slot: &Slot, transport: &mut Transport, job: Job) -> boo
             }
             Next::Paced(job, wait) => {
                 let (result, _) = transport.finish(None, &hooks);
-                if !settle(context, slot, &current.id, result) {
+                if !settle(context, slot, &current.message.id, result) {
                     return false;
                 }
                 // Pacing (MAILROOM_RATE_LIMIT), not synchronisation.

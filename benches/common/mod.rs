@@ -98,6 +98,9 @@ pub fn config_for(sink: &Sink, workers: usize, capacity: usize) -> Config {
     config.relay = Relay::Smtp(settings_for(sink));
     config.workers = workers;
     config.queue_capacity = capacity;
+    if let Ok(niceness) = std::env::var("BENCH_WORKER_NICE") {
+        config.worker_niceness = niceness.trim().parse().unwrap_or(config.worker_niceness);
+    }
     config
 }
 

@@ -51,6 +51,8 @@ struct Current {
     /// The waiting transaction is the attempt's first (its failure fails
     /// the attempt).
     first: bool,
+    /// A further transaction's recipients (empty for the first).
+    pending: Vec<String>,
     /// The waiting transaction (its envelope answered with 354).
     transaction: Transaction,
 }
@@ -227,7 +229,9 @@ impl SmtpSender {
         let (reused, sender, result) = match prepared {
             Some((sender, prepared)) => {
                 let result = match self.open.as_mut() {
-                    Some(open) if !open.broken => read_prepared(open, prepared, &self.deadline),
+                    Some(open) if !open.broken => {
+                        read_prepared(open, prepared, recipients, &self.deadline)
+                    }
                     _ => Err(Failure {
                         error: DeliveryError::transient("connection closed".into(), false),
                         stage: Stage::Mail,
@@ -275,6 +279,7 @@ impl SmtpSender {
             sender,
             delivered: Delivered::default(),
             first: true,
+            pending: Vec::new(),
             transaction: Transaction::default(),
         };
         self.after_envelope(current, recipients, result)
@@ -355,6 +360,7 @@ impl SmtpSender {
             sender,
             mut delivered,
             first,
+            pending,
             transaction,
         } = current;
         let response = match reply {
@@ -367,11 +373,7 @@ impl SmtpSender {
                 return if first {
                     Step::Done(Err(failure.error))
                 } else {
-                    Step::Done(Ok(with_failed(
-                        delivered,
-                        &transaction.recipients,
-                        &failure,
-                    )))
+                    Step::Done(Ok(with_failed(delivered, &pending, &failure)))
                 };
             }
         };
@@ -387,17 +389,18 @@ impl SmtpSender {
         // deadline in it does not lose it.
         let pending = transaction.too_many;
         (hooks.progress)(&message.id, &delivered, &pending);
-        let current = Current {
+        let mut current = Current {
             message,
             sender,
             delivered,
             first: false,
+            pending,
             transaction: Transaction::default(),
         };
         let result = match self.open.as_mut() {
             Some(open) if !open.broken => {
                 self.deadline.start_phase();
-                envelope(open, &current.sender, &pending, &self.deadline)
+                envelope(open, &current.sender, &current.pending, &self.deadline)
             }
             _ => Err(Failure {
                 error: DeliveryError::transient("the SMTP connection broke".into(), true),
@@ -405,6 +408,8 @@ impl SmtpSender {
                 connection_dead: true,
             }),
         };
+        let pending = std::mem::take(&mut current.pending);
+        current.pending = pending.clone();
         self.after_envelope(current, &pending, result)
     }
 

@@ -12,13 +12,11 @@
 //! `read_response` reads the next.
 
 use std::fmt;
-use std::str::FromStr;
 use std::time::Duration;
 
-use lettre::address::Address;
 use lettre::transport::smtp::authentication::{Credentials, Mechanism};
 use lettre::transport::smtp::client::{SmtpConnection, TlsParameters};
-use lettre::transport::smtp::commands::{Data, Ehlo, Mail, Rcpt, Rset};
+use lettre::transport::smtp::commands::{Data, Ehlo, Rset};
 use lettre::transport::smtp::extension::{ClientId, Extension, MailBodyParameter, MailParameter};
 use lettre::transport::smtp::response::Response;
 use lettre::transport::smtp::Error as SmtpError;
@@ -192,10 +190,17 @@ impl Open {
     ) -> Result<Response, SmtpError> {
         self.bound_reads(deadline);
         let result = if content.len() <= LARGE_BODY {
-            self.smtp.command(Flight {
-                body: DataBody(content),
-                then: then.unwrap_or_default(),
-            })
+            let then = then.unwrap_or_default();
+            let mut flight = String::with_capacity(content.len() + 5 + then.len());
+            if plain_crlf(content) {
+                flight.push_str(content);
+                flight.push_str("\r\n.\r\n");
+            } else {
+                let _ = fmt::write(&mut flight, format_args!("{}", DataBody(content)));
+            }
+            flight.push_str(then);
+            // A `str` is copied by lettre in one allocation of its size.
+            self.smtp.command(flight.as_str())
         } else {
             self.smtp
                 .message_iter(content.as_bytes().chunks(BODY_CHUNK))
@@ -340,23 +345,38 @@ impl Sender {
         if !message.content.is_ascii() && info.supports_feature(Extension::EightBitMime) {
             parameters.push(MailParameter::Body(MailBodyParameter::EightBitMime));
         }
-        let from = Address::from_str(&message.envelope_from).map_err(|_| {
-            Failure::local(DeliveryError::permanent(format!(
+        let Some(from) = smtp_path(&message.envelope_from) else {
+            return Err(Failure::local(DeliveryError::permanent(format!(
                 "invalid envelope sender {:?}",
                 message.envelope_from
-            )))
-        })?;
-        Ok(Sender {
-            mail: Mail::new(Some(from), parameters).to_string(),
-        })
+            ))));
+        };
+        let mut mail = format!("MAIL FROM:<{from}>");
+        for parameter in &parameters {
+            mail.push(' ');
+            mail.push_str(&parameter.to_string());
+        }
+        mail.push_str("\r\n");
+        Ok(Sender { mail })
     }
+}
+
+/// An address as it may go between `<` and `>` in MAIL FROM or RCPT TO.
+/// The message builder has checked every address with lettre's parser;
+/// this only makes sure nothing here can end or extend the command (no
+/// spaces, controls, angle brackets), without parsing it again for every
+/// delivery.
+fn smtp_path(address: &str) -> Option<&str> {
+    let plausible = address.contains('@')
+        && address
+            .bytes()
+            .all(|byte| byte > b' ' && byte != 0x7f && byte != b'<' && byte != b'>');
+    plausible.then_some(address)
 }
 
 /// One transaction's results so far.
 #[derive(Debug, Default)]
 pub(super) struct Transaction {
-    /// Its recipients, as asked for.
-    pub recipients: Vec<String>,
     pub accepted: Vec<String>,
     pub refused: Vec<RecipientRefusal>,
     pub deferred: Vec<RecipientRefusal>,
@@ -370,13 +390,6 @@ pub(super) struct Transaction {
 }
 
 impl Transaction {
-    fn new(recipients: &[String]) -> Transaction {
-        Transaction {
-            recipients: recipients.to_vec(),
-            ..Transaction::default()
-        }
-    }
-
     /// Refused without asking: in pipelined groups such refusals are
     /// noted before the relay's replies, so they are put back in the
     /// order of the recipients, as one command at a time has them.
@@ -385,12 +398,11 @@ impl Transaction {
         self.refused.push(refusal);
     }
 
-    fn order_refusals(&mut self) {
+    fn order_refusals(&mut self, recipients: &[String]) {
         if !self.refused_locally {
             return;
         }
-        let position: std::collections::HashMap<&str, usize> = self
-            .recipients
+        let position: std::collections::HashMap<&str, usize> = recipients
             .iter()
             .enumerate()
             .map(|(index, recipient)| (recipient.as_str(), index))
@@ -403,9 +415,9 @@ impl Transaction {
 
 /// A recipient's RCPT TO, or its local refusal.
 fn rcpt_command(recipient: &str) -> Result<String, RecipientRefusal> {
-    match Address::from_str(recipient) {
-        Ok(address) => Ok(Rcpt::new(address, Vec::new()).to_string()),
-        Err(_) => Err(RecipientRefusal {
+    match smtp_path(recipient) {
+        Some(path) => Ok(format!("RCPT TO:<{path}>\r\n")),
+        None => Err(RecipientRefusal {
             recipient: recipient.to_string(),
             reply: SmtpReply {
                 code: 553,
@@ -466,7 +478,7 @@ pub(super) fn envelope(
     if open.extensions.pipelining {
         return pipelined_envelope(open, sender, recipients, deadline);
     }
-    let mut transaction = Transaction::new(recipients);
+    let mut transaction = Transaction::default();
     if let Err(error) = open.send(sender.mail.as_str(), deadline) {
         return Err(open.failure(error, Stage::Mail));
     }
@@ -520,7 +532,7 @@ pub(super) fn prepare(sender: &Sender, recipients: &[String]) -> Option<Prepared
     if recipients.len() + 2 > GROUP {
         return None;
     }
-    let mut transaction = Transaction::new(recipients);
+    let mut transaction = Transaction::default();
     let mut text = sender.mail.clone();
     let mut asked = vec![Asked::Mail];
     for recipient in recipients {
@@ -553,6 +565,7 @@ impl Prepared {
 pub(super) fn read_prepared(
     open: &mut Open,
     prepared: Prepared,
+    recipients: &[String],
     deadline: &Deadline,
 ) -> Result<Transaction, Failure> {
     let Prepared {
@@ -570,7 +583,7 @@ pub(super) fn read_prepared(
         first,
         deadline,
     )?;
-    finish_envelope(open, transaction, mail_failure, deadline)
+    finish_envelope(open, transaction, recipients, mail_failure, deadline)
 }
 
 /// The pipelined envelope, written in groups of at most [`GROUP`]
@@ -582,7 +595,7 @@ fn pipelined_envelope(
     recipients: &[String],
     deadline: &Deadline,
 ) -> Result<Transaction, Failure> {
-    let mut transaction = Transaction::new(recipients);
+    let mut transaction = Transaction::default();
     let mut mail_failure = None;
     let mut text = sender.mail.clone();
     let mut asked = vec![Asked::Mail];
@@ -638,7 +651,7 @@ fn pipelined_envelope(
             break;
         }
     }
-    finish_envelope(open, transaction, mail_failure, deadline)
+    finish_envelope(open, transaction, recipients, mail_failure, deadline)
 }
 
 /// Handles the replies to one pipelined write, the first one given.
@@ -715,6 +728,7 @@ fn replies(
 fn finish_envelope(
     open: &mut Open,
     transaction: Transaction,
+    recipients: &[String],
     mail_failure: Option<Failure>,
     deadline: &Deadline,
 ) -> Result<Transaction, Failure> {
@@ -722,7 +736,7 @@ fn finish_envelope(
         return Err(failure);
     }
     let mut transaction = transaction;
-    transaction.order_refusals();
+    transaction.order_refusals(recipients);
     if !transaction.ready {
         // MAIL was taken: clear it before the next transaction.
         open.reset(deadline);
@@ -743,19 +757,6 @@ pub(super) fn reply_of(response: &Response) -> SmtpReply {
     }
 }
 
-/// A body with what follows it in the same write.
-struct Flight<'a> {
-    body: DataBody<'a>,
-    then: &'a str,
-}
-
-impl fmt::Display for Flight<'_> {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        self.body.fmt(f)?;
-        f.write_str(self.then)
-    }
-}
-
 /// The body after DATA: line ends made CRLF, dot-stuffed, with the
 /// terminating `.` line, written by lettre in a single write (see the
 /// module documentation of `transport`).
@@ -766,7 +767,7 @@ impl fmt::Display for DataBody<'_> {
         let content = self.0;
         // Messages built here have CRLF line ends only; most have no line
         // starting with '.': copy them whole (this runs for every delivery).
-        if !content.starts_with('.') && !content.contains("\n.") && crlf_only(content) {
+        if plain_crlf(content) {
             f.write_str(content)?;
             return f.write_str("\r\n.\r\n");
         }
@@ -799,19 +800,50 @@ impl fmt::Display for DataBody<'_> {
     }
 }
 
-/// True when every CR is followed by LF and every LF preceded by CR.
-fn crlf_only(text: &str) -> bool {
-    let bytes = text.as_bytes();
-    bytes.iter().enumerate().all(|(index, &byte)| match byte {
-        b'\r' => bytes.get(index + 1) == Some(&b'\n'),
-        b'\n' => index > 0 && bytes[index - 1] == b'\r',
-        _ => true,
-    })
+/// A body that goes as it is (nearly every message): CRLF line ends only
+/// (every CR followed by LF, every LF preceded by CR) and no line starting
+/// with a dot. One pass over the bytes: this runs for every delivery.
+fn plain_crlf(content: &str) -> bool {
+    let bytes = content.as_bytes();
+    let mut line_start = true;
+    let mut index = 0;
+    while let Some(&byte) = bytes.get(index) {
+        match byte {
+            b'.' if line_start => return false,
+            b'\r' if bytes.get(index + 1) == Some(&b'\n') => {
+                index += 2;
+                line_start = true;
+                continue;
+            }
+            b'\r' | b'\n' => return false,
+            _ => {}
+        }
+        line_start = false;
+        index += 1;
+    }
+    true
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn smtp_paths_cannot_break_the_command() {
+        assert_eq!(smtp_path("jörg@example.org"), Some("jörg@example.org"));
+        for bad in [
+            "",
+            "nobody",
+            "a b@c.d",
+            "a@b.c>\r\nRSET",
+            "<a@b.c>",
+            "a@b\u{7f}",
+        ] {
+            assert_eq!(smtp_path(bad), None, "{bad:?}");
+        }
+        assert_eq!(rcpt_command("a@b.c").unwrap(), "RCPT TO:<a@b.c>\r\n");
+        assert_eq!(rcpt_command("x y@b.c").unwrap_err().reply.code, 553);
+    }
 
     #[test]
     fn dot_stuffing_line_ends_and_terminator() {
@@ -825,9 +857,22 @@ mod tests {
             DataBody("hi\r.\r\nMAIL FROM:<e@x>\nz").to_string(),
             "hi\r\n..\r\nMAIL FROM:<e@x>\r\nz\r\n.\r\n"
         );
-        assert!(crlf_only("a\r\nb"));
-        assert!(!crlf_only("a\nb"));
-        assert!(!crlf_only("a\rb"));
-        assert!(!crlf_only("\n"));
+        for plain in ["a\r\nb", "", "a\r\n", "a\r\nb. c\r\n\r\nd"] {
+            assert!(plain_crlf(plain), "{plain:?}");
+        }
+        for not in [
+            "a\nb",
+            "a\rb",
+            "\n",
+            "\r",
+            "\n\r",
+            "a\r\r\n\nb",
+            "a\r\n\r",
+            "x\r\n.\r\n",
+        ] {
+            assert!(!plain_crlf(not), "{not:?}");
+        }
+        assert!(!plain_crlf("a\r\n.b"));
+        assert!(!plain_crlf(".b"));
     }
 }
