@@ -262,33 +262,17 @@ impl Index {
         };
         let mut inner = self.lock();
         let after = record.state();
-        let same_links = inner.entries.get(&key).map(|entry| {
-            entry.record.tags == record.tags && entry.record.recipients == record.recipients
-        });
-        let before = match (same_links, inner.entries.remove(&key)) {
-            // The usual update (a worker's, an action's): same tags and
-            // recipients, so only its state index may change.
-            (Some(true), Some(mut entry)) => {
-                let before = entry.record.state();
-                if before != after {
-                    remove_from(&mut inner.by_state, &before, key);
-                    inner.by_state.entry(after).or_default().insert(key);
-                }
-                entry.record = record;
-                entry.dead_letter = dead_letter;
-                inner.entries.insert(key, entry);
-                before
-            }
-            (_, Some(mut entry)) => {
-                inner.unlink(key, &entry.record);
+        let before = match inner.entries.get(&key).map(|entry| entry.record.clone()) {
+            Some(old) => {
+                inner.unlink(key, &old);
                 inner.link(key, &record);
-                let before = entry.record.state();
-                entry.record = record;
-                entry.dead_letter = dead_letter;
-                inner.entries.insert(key, entry);
-                before
+                if let Some(entry) = inner.entries.get_mut(&key) {
+                    entry.record = record;
+                    entry.dead_letter = dead_letter;
+                }
+                old.state()
             }
-            (_, None) => {
+            None => {
                 inner.link(key, &record);
                 inner.entries.insert(
                     key,
