@@ -1,354 +1,333 @@
-//! Accepted `POST /api/mail` per second, with the durable spool and with
-//! `MAILROOM_SPOOL_DIR=none`, in the same run.
+//! The journal spool against memory mode (`MAILROOM_SPOOL_DIR=none`), in
+//! the same run, interleaved round by round:
 //!
-//! The engine and the HTTP server run in this process; 32 client threads
-//! (`MAILROOM_BENCH_CLIENTS`) each keep one HTTP/1.1 connection alive and
-//! POST the seed body as fast as they are answered, for
-//! `MAILROOM_BENCH_SECONDS` (default 5) per mode after a 1 s warm-up.
-//! Messages are delivered meanwhile to a minimal SMTP sink on loopback (it
-//! answers 250 to everything and keeps nothing), so the workers compete for
-//! the CPU as in production. The spool lives in a fresh directory under
-//! `MAILROOM_BENCH_DIR` (default: the system temp dir — say which file
-//! system that is when you report figures; tmpfs makes fsync free).
+//! - **accept** (deliveries running): K keep-alive clients POST the seed
+//!   body to `/api/mail` for BENCH_SECONDS while 5 workers deliver to the
+//!   bench sink; every durable `202` is fsync'd first;
+//! - **accept alone**: the same with the sink holding every delivery until
+//!   the load ends;
+//! - **end to end**: K clients POST N messages in all while 5 workers
+//!   deliver them; timed from the first POST to the sink's count of N;
+//! - **batch**: one client, 500 single POSTs against one `/api/mail/batch`
+//!   of 500 items (one commit for the whole batch).
 //!
-//! Run: `cargo bench --bench durable_accept`
+//! The engine and the HTTP server run in this process (no logger); the
+//! spool lives under BENCH_DIR (default: the system temp dir; say which
+//! file system that is when you report figures: tmpfs makes fsync free).
+//! Prints figures; asserts nothing.
+//!
+//! `cargo bench --bench durable_accept`; BENCH_CLIENTS (32), BENCH_SECONDS
+//! (2), BENCH_MESSAGES (end to end, 20000), BENCH_WORKERS (5), BENCH_ROUNDS
+//! (3), BENCH_DIR; BENCH_PARTS (accept,alone,e2e,batch) and BENCH_SPOOLS
+//! (journal,memory) pick what runs; BENCH_NO_DRAIN=1 skips draining after
+//! "accept alone" (for profiling).
 
-use std::io::{BufRead, BufReader, Read, Write};
-use std::net::{SocketAddr, TcpListener, TcpStream};
+mod common;
+
+use std::net::SocketAddr;
 use std::path::PathBuf;
-use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use mailroom::config::{Relay, SmtpSettings, SpoolSetting, TlsMode};
-use mailroom::{Config, Engine, HttpServer};
+use common::sink::{Sink, SinkOptions};
+use common::{config_for, env_number, heading, median, process_cpu, rounds, seed_json};
+use mailroom::config::SpoolSetting;
+use mailroom::{Engine, HttpServer};
+use mailroom_testkit::load::{post_request, run_load, LoadReport};
 
-const SEED_BODY: &str = r#"{"sender":"App <app@example.com>","receiver":"user@example.org","subject":"Welcome","message":"Hello from mailroom"}"#;
+/// Room enough that the queue never fills.
+const CAPACITY: usize = 1_000_000;
+
+#[derive(Clone, Copy, PartialEq, Eq, Debug)]
+enum Spool {
+    Journal,
+    Memory,
+}
+
+impl Spool {
+    fn name(self) -> &'static str {
+        match self {
+            Spool::Journal => "journal",
+            Spool::Memory => "memory",
+        }
+    }
+}
+
+/// A running service: engine and HTTP server in this process.
+struct Service {
+    engine: Engine,
+    http: Arc<HttpServer>,
+    accept: Option<std::thread::JoinHandle<()>>,
+    directory: Option<PathBuf>,
+}
+
+impl Service {
+    fn start(sink: &Sink, spool: Spool) -> Service {
+        let mut config = config_for(sink, env_number("BENCH_WORKERS", 5) as usize, CAPACITY);
+        let directory = (spool == Spool::Journal).then(|| {
+            let base = std::env::var_os("BENCH_DIR")
+                .map(PathBuf::from)
+                .unwrap_or_else(std::env::temp_dir);
+            let directory = base.join(format!(
+                "mailroom-bench-durable-{}-{}",
+                std::process::id(),
+                common::env_number("BENCH_SEQUENCE", 0)
+            ));
+            let _ = std::fs::remove_dir_all(&directory);
+            directory
+        });
+        if let Some(directory) = &directory {
+            config.spool = SpoolSetting::Directory(directory.clone());
+        }
+        let engine = Engine::start(config).expect("the engine starts");
+        let http =
+            Arc::new(HttpServer::bind(engine.clone(), common::http_settings()).expect("bind"));
+        let runner = Arc::clone(&http);
+        let accept = Some(std::thread::spawn(move || runner.run()));
+        Service {
+            engine,
+            http,
+            accept,
+            directory,
+        }
+    }
+
+    fn address(&self) -> SocketAddr {
+        self.http.local_addr()
+    }
+
+    /// Waits (bounded) until every accepted message is delivered.
+    fn drain(&self) {
+        let deadline = Instant::now() + Duration::from_secs(300);
+        while self.engine.unfinished() > 0 && Instant::now() < deadline {
+            // Polling the engine's count, as a user polls /api/stats.
+            std::thread::sleep(Duration::from_millis(5));
+        }
+    }
+}
+
+impl Drop for Service {
+    fn drop(&mut self) {
+        self.http.stop();
+        if let Some(accept) = self.accept.take() {
+            let _ = accept.join();
+        }
+        self.engine.shutdown();
+        if let Some(directory) = &self.directory {
+            let _ = std::fs::remove_dir_all(directory);
+        }
+    }
+}
+
+/// Accept figures: the load report and CPU µs per request.
+fn accept(
+    sink: &Sink,
+    spool: Spool,
+    clients: usize,
+    seconds: Duration,
+    held: bool,
+) -> (LoadReport, f64) {
+    if held {
+        sink.close_gate();
+    }
+    let service = Service::start(sink, spool);
+    let request = post_request("/api/mail", &seed_json());
+    let cpu = process_cpu();
+    let report = run_load(service.address(), clients, seconds, &request, 202, u64::MAX);
+    let cpu = process_cpu() - cpu;
+    if held && env_number("BENCH_NO_DRAIN", 0) == 1 {
+        // Profiling the accept side alone: nothing more to measure.
+        drop(service);
+        sink.open_gate();
+        let per_request = cpu.as_secs_f64() * 1e6 / report.ok.max(1) as f64;
+        return (report, per_request);
+    }
+    sink.open_gate();
+    service.drain();
+    let per_request = cpu.as_secs_f64() * 1e6 / report.ok.max(1) as f64;
+    (report, per_request)
+}
+
+/// End to end: `count` messages through HTTP and the workers; messages/s.
+fn end_to_end(sink: &Sink, spool: Spool, clients: usize, count: u64) -> f64 {
+    sink.open_gate();
+    let service = Service::start(sink, spool);
+    let request = post_request("/api/mail", &seed_json());
+    let before = sink.messages();
+    let started = Instant::now();
+    let report = run_load(
+        service.address(),
+        clients,
+        Duration::from_secs(600),
+        &request,
+        202,
+        count.div_ceil(clients as u64),
+    );
+    let accepted = report.ok;
+    let done = sink.wait_for(before + accepted, Duration::from_secs(600));
+    let elapsed = done.unwrap_or_else(Instant::now) - started;
+    (sink.messages() - before) as f64 / elapsed.as_secs_f64()
+}
+
+/// One client: `batches` × 500 single POSTs, then `batches` batches of 500;
+/// messages/s for each.
+fn batch(sink: &Sink, spool: Spool, batches: u64) -> (f64, f64) {
+    sink.open_gate();
+    let service = Service::start(sink, spool);
+    let single = post_request("/api/mail", &seed_json());
+    let started = Instant::now();
+    let singles = run_load(
+        service.address(),
+        1,
+        Duration::from_secs(600),
+        &single,
+        202,
+        500 * batches,
+    );
+    let single_rate = singles.ok as f64 / started.elapsed().as_secs_f64();
+    let item: serde_json::Value = serde_json::from_str(&seed_json()).expect("seed JSON");
+    let body = serde_json::json!({ "messages": vec![item; 500] }).to_string();
+    let request = post_request("/api/mail/batch", &body);
+    let started = Instant::now();
+    let batched = run_load(
+        service.address(),
+        1,
+        Duration::from_secs(600),
+        &request,
+        200,
+        batches,
+    );
+    let elapsed = started.elapsed();
+    if batched.ok < batches {
+        println!("  note: {} of {batches} batches answered 200", batched.ok);
+    }
+    let batch_rate = (batched.ok * 500) as f64 / elapsed.as_secs_f64();
+    service.drain();
+    (single_rate, batch_rate)
+}
 
 fn main() {
-    let clients = env_number("MAILROOM_BENCH_CLIENTS", 32) as usize;
-    let seconds = env_number("MAILROOM_BENCH_SECONDS", 5);
-    // Without RUST_LOG nothing is logged; with it, the service's log lines
-    // (two per message) go to stderr as in production.
-    if std::env::var_os("RUST_LOG").is_some() {
-        env_logger::init();
-    }
-    let base = std::env::var_os("MAILROOM_BENCH_DIR")
+    let _ = rustls::crypto::ring::default_provider().install_default();
+    heading("durable: the journal spool against memory mode, same run");
+    let clients = env_number("BENCH_CLIENTS", 32) as usize;
+    let seconds = Duration::from_secs(env_number("BENCH_SECONDS", 2));
+    let count = env_number("BENCH_MESSAGES", 20_000);
+    let base = std::env::var_os("BENCH_DIR")
         .map(PathBuf::from)
         .unwrap_or_else(std::env::temp_dir);
-    let sink = start_sink();
     println!(
-        "durable_accept: {clients} keep-alive clients, {seconds} s per mode, seed body, \
-         SMTP sink on {sink}, {} cores",
-        std::thread::available_parallelism().map_or(0, |n| n.get())
+        "{clients} keep-alive clients, seed body, {} workers delivering to the bench sink (plain, PIPELINING), spool under {}; end to end: {count} messages",
+        env_number("BENCH_WORKERS", 5),
+        base.display()
     );
-    let spool_dir = base.join(format!("mailroom-bench-spool-{}", std::process::id()));
-    let _ = std::fs::remove_dir_all(&spool_dir);
-    let durable = run(
-        SpoolSetting::Directory(spool_dir.clone()),
-        sink,
-        clients,
-        seconds,
-    );
-    let spool_bytes = directory_bytes(&spool_dir);
-    let _ = std::fs::remove_dir_all(&spool_dir);
-    let memory = run(SpoolSetting::Memory, sink, clients, seconds);
-    println!(
-        "spool {}: {:.0} accepted/s ({} accepted, {} refused, p50 {:.2} ms, p99 {:.2} ms, \
-         max {:.1} ms, {:.0} µs CPU per accept; spool held {} KiB at the end)",
-        spool_dir.display(),
-        durable.rate,
-        durable.accepted,
-        durable.refused,
-        durable.p50_ms,
-        durable.p99_ms,
-        durable.max_ms,
-        durable.cpu_us,
-        spool_bytes / 1024
-    );
-    println!(
-        "spool none: {:.0} accepted/s ({} accepted, {} refused, p50 {:.2} ms, p99 {:.2} ms, \
-         max {:.1} ms, {:.0} µs CPU per accept)",
-        memory.rate,
-        memory.accepted,
-        memory.refused,
-        memory.p50_ms,
-        memory.p99_ms,
-        memory.max_ms,
-        memory.cpu_us
-    );
-    println!(
-        "durable / memory: {:.0}%",
-        100.0 * durable.rate / memory.rate.max(1.0)
-    );
-}
-
-struct Figures {
-    rate: f64,
-    accepted: u64,
-    refused: u64,
-    p50_ms: f64,
-    p99_ms: f64,
-    max_ms: f64,
-    /// CPU time of the whole process (clients and sink included) per
-    /// accepted request, in microseconds.
-    cpu_us: f64,
-}
-
-fn run(spool: SpoolSetting, sink: SocketAddr, clients: usize, seconds: u64) -> Figures {
-    let mut config = Config::for_outbox(std::env::temp_dir().join("mailroom-bench-unused"));
-    config.relay = Relay::Smtp(SmtpSettings {
-        host: "127.0.0.1".into(),
-        port: sink.port(),
-        tls: TlsMode::None,
-        credentials: None,
-        hello_name: Some("bench.test".into()),
-        extra_root_pem: None,
-        timeout: Duration::from_secs(10),
+    let sink = Sink::start(SinkOptions {
+        gated: true,
+        ..SinkOptions::default()
     });
-    config.spool = spool;
-    // Measure acceptance, not back-pressure.
-    config.queue_capacity = 10_000_000;
-    config.shutdown_timeout = Duration::from_secs(2);
-    let engine = Engine::start(config).expect("engine starts");
-    let server = Arc::new(HttpServer::bind(engine.clone(), http_settings()).expect("bind"));
-    let address = server.local_addr();
-    let runner = Arc::clone(&server);
-    let accept_loop = std::thread::spawn(move || runner.run());
-
-    let measuring = Arc::new(AtomicBool::new(false));
-    let done = Arc::new(AtomicBool::new(false));
-    let accepted = Arc::new(AtomicU64::new(0));
-    let refused = Arc::new(AtomicU64::new(0));
-    let request = format!(
-        "POST /api/mail HTTP/1.1\r\nHost: bench\r\nContent-Type: application/json\r\n\
-         Content-Length: {}\r\n\r\n{SEED_BODY}",
-        SEED_BODY.len()
-    );
-    let threads: Vec<_> = (0..clients)
-        .map(|_| {
-            // Connections open one at a time, each answered once before the
-            // next: tiny_http 0.12's connection thread pool can leave a
-            // connection that arrives in a burst unserved for as long as
-            // the others stay open (see the report), which would measure
-            // that, not the spool.
-            let (mut writer, mut reader) = connect(address);
-            writer.write_all(request.as_bytes()).expect("first request");
-            read_reply(&mut reader).expect("first answer");
-            let mut connection = Some((writer, reader));
-            let (measuring, done) = (Arc::clone(&measuring), Arc::clone(&done));
-            let (accepted, refused) = (Arc::clone(&accepted), Arc::clone(&refused));
-            let request = request.clone();
-            std::thread::spawn(move || {
-                let mut latencies = Vec::new();
-                while !done.load(Ordering::Relaxed) {
-                    let started = Instant::now();
-                    // Reconnects when the server closed the connection.
-                    let (writer, reader) = connection.get_or_insert_with(|| connect(address));
-                    let answer = writer
-                        .write_all(request.as_bytes())
-                        .and_then(|()| read_reply(reader));
-                    let code = match answer {
-                        Ok((code, keep_alive)) => {
-                            if !keep_alive {
-                                connection = None;
-                            }
-                            code
-                        }
-                        Err(_) => {
-                            connection = None;
-                            continue;
-                        }
-                    };
-                    if measuring.load(Ordering::Relaxed) {
-                        latencies.push(started.elapsed());
-                        if code == 202 {
-                            accepted.fetch_add(1, Ordering::Relaxed);
-                        } else {
-                            refused.fetch_add(1, Ordering::Relaxed);
-                        }
-                    }
-                }
-                latencies
-            })
-        })
-        .collect();
-
-    std::thread::sleep(Duration::from_secs(1)); // warm-up
-    measuring.store(true, Ordering::SeqCst);
-    let started = Instant::now();
-    let cpu_before = process_cpu_seconds();
-    std::thread::sleep(Duration::from_secs(seconds));
-    let cpu = process_cpu_seconds() - cpu_before;
-    measuring.store(false, Ordering::SeqCst);
-    let elapsed = started.elapsed();
-    done.store(true, Ordering::SeqCst);
-    let per_client: Vec<Vec<Duration>> = threads
-        .into_iter()
-        .map(|thread| thread.join().expect("client thread"))
-        .collect();
-    let idle_clients = per_client
-        .iter()
-        .filter(|answers| answers.is_empty())
-        .count();
-    if idle_clients > 0 {
-        println!("warning: {idle_clients} of {clients} clients got no answer while measuring");
-    }
-    let mut latencies: Vec<Duration> = per_client.into_iter().flatten().collect();
-    latencies.sort();
-    let percentile = |p: f64| {
-        latencies
-            .get(((latencies.len() as f64 * p) as usize).min(latencies.len().saturating_sub(1)))
-            .map_or(0.0, |latency| latency.as_secs_f64() * 1000.0)
-    };
-    server.stop();
-    let _ = accept_loop.join();
-    engine.shutdown();
-    let accepted = accepted.load(Ordering::SeqCst);
-    Figures {
-        rate: accepted as f64 / elapsed.as_secs_f64(),
-        cpu_us: cpu * 1e6 / accepted.max(1) as f64,
-        accepted,
-        refused: refused.load(Ordering::SeqCst),
-        p50_ms: percentile(0.50),
-        p99_ms: percentile(0.99),
-        max_ms: latencies
-            .last()
-            .map_or(0.0, |latency| latency.as_secs_f64() * 1000.0),
-    }
-}
-
-fn connect(address: SocketAddr) -> (TcpStream, BufReader<TcpStream>) {
-    let stream = TcpStream::connect(address).expect("connect");
-    stream.set_nodelay(true).expect("TCP_NODELAY");
-    (stream.try_clone().expect("clone"), BufReader::new(stream))
-}
-
-/// Reads one answer (the service always sends Content-Length); returns its
-/// code and whether the connection stays open.
-fn read_reply(reader: &mut BufReader<TcpStream>) -> std::io::Result<(u16, bool)> {
-    let mut line = String::new();
-    reader.read_line(&mut line)?;
-    let code = line
-        .split_whitespace()
-        .nth(1)
-        .and_then(|code| code.parse().ok())
-        .ok_or_else(|| std::io::Error::other(format!("bad status line {line:?}")))?;
-    let mut length = 0;
-    let mut keep_alive = true;
-    loop {
-        line.clear();
-        reader.read_line(&mut line)?;
-        let header = line.trim_end();
-        if header.is_empty() {
-            break;
-        }
-        if let Some((name, value)) = header.split_once(':') {
-            if name.eq_ignore_ascii_case("content-length") {
-                length = value.trim().parse().map_err(std::io::Error::other)?;
-            } else if name.eq_ignore_ascii_case("connection") {
-                keep_alive = !value.trim().eq_ignore_ascii_case("close");
+    sink.open_gate();
+    let spools = [Spool::Journal, Spool::Memory];
+    let mut accepts: Vec<Vec<(LoadReport, f64)>> = vec![Vec::new(); 2];
+    let mut alone: Vec<Vec<(LoadReport, f64)>> = vec![Vec::new(); 2];
+    let mut e2e: Vec<Vec<f64>> = vec![Vec::new(); 2];
+    let mut batches: Vec<Vec<(f64, f64)>> = vec![Vec::new(); 2];
+    // BENCH_PARTS (accept,alone,e2e,batch) and BENCH_SPOOLS (journal,memory)
+    // pick what runs, e.g. to profile one part.
+    let parts = std::env::var("BENCH_PARTS").unwrap_or_else(|_| "accept,alone,e2e,batch".into());
+    let only = std::env::var("BENCH_SPOOLS").unwrap_or_else(|_| "journal,memory".into());
+    let runs = |part: &str, spool: Spool| parts.contains(part) && only.contains(spool.name());
+    for _ in 0..rounds() {
+        for (index, &spool) in spools.iter().enumerate() {
+            if runs("accept", spool) {
+                accepts[index].push(accept(&sink, spool, clients, seconds, false));
+            }
+            if runs("alone", spool) {
+                alone[index].push(accept(&sink, spool, clients, seconds, true));
+            }
+            if runs("e2e", spool) {
+                e2e[index].push(end_to_end(&sink, spool, clients, count));
+            }
+            if runs("batch", spool) {
+                batches[index].push(batch(&sink, spool, 4));
             }
         }
     }
-    let mut body = vec![0; length];
-    reader.read_exact(&mut body)?;
-    Ok((code, keep_alive))
-}
-
-/// A minimal SMTP server that accepts everything and keeps nothing.
-fn start_sink() -> SocketAddr {
-    let listener = TcpListener::bind("127.0.0.1:0").expect("sink bind");
-    let address = listener.local_addr().unwrap();
-    std::thread::spawn(move || {
-        for stream in listener.incoming().flatten() {
-            std::thread::spawn(move || {
-                let _ = sink_session(stream);
-            });
+    let rate = |runs: &[(LoadReport, f64)]| {
+        median(&runs.iter().map(|(r, _)| r.rate()).collect::<Vec<_>>())
+    };
+    let p99 = |runs: &[(LoadReport, f64)]| {
+        median(
+            &runs
+                .iter()
+                .map(|(r, _)| r.percentile(99.0).as_secs_f64() * 1000.0)
+                .collect::<Vec<_>>(),
+        )
+    };
+    let cpu =
+        |runs: &[(LoadReport, f64)]| median(&runs.iter().map(|(_, c)| *c).collect::<Vec<_>>());
+    let spread = |values: &[f64]| {
+        let min = values.iter().copied().fold(f64::MAX, f64::min);
+        let max = values.iter().copied().fold(0.0, f64::max);
+        format!("{min:.0}..{max:.0}")
+    };
+    for (title, figures) in [
+        ("accept, deliveries running", &accepts),
+        ("accept alone (deliveries held)", &alone),
+    ] {
+        if figures.iter().all(Vec::is_empty) {
+            continue;
         }
-    });
-    address
-}
-
-fn sink_session(stream: TcpStream) -> std::io::Result<()> {
-    stream.set_nodelay(true)?;
-    let mut writer = stream.try_clone()?;
-    let mut reader = BufReader::new(stream);
-    writer.write_all(b"220 sink ESMTP\r\n")?;
-    let mut line = Vec::new();
-    loop {
-        line.clear();
-        if reader.read_until(b'\n', &mut line)? == 0 {
-            return Ok(());
-        }
-        let command = String::from_utf8_lossy(&line).to_ascii_uppercase();
-        if command.starts_with("EHLO") || command.starts_with("HELO") {
-            writer.write_all(b"250-sink\r\n250 8BITMIME\r\n")?;
-        } else if command.starts_with("DATA") {
-            writer.write_all(b"354 go ahead\r\n")?;
-            loop {
-                line.clear();
-                if reader.read_until(b'\n', &mut line)? == 0 {
-                    return Ok(());
-                }
-                if line == b".\r\n" {
-                    break;
-                }
+        for (index, spool) in spools.iter().enumerate() {
+            if figures[index].is_empty() {
+                continue;
             }
-            writer.write_all(b"250 OK\r\n")?;
-        } else if command.starts_with("QUIT") {
-            writer.write_all(b"221 bye\r\n")?;
-            return Ok(());
-        } else {
-            writer.write_all(b"250 OK\r\n")?;
+            let rates: Vec<f64> = figures[index].iter().map(|(r, _)| r.rate()).collect();
+            println!(
+                "  {title:<32} {:<8} {:>8.0} req/s ({}), p99 {:.2} ms, {:.0} CPU us/req",
+                spool.name(),
+                rate(&figures[index]),
+                spread(&rates),
+                p99(&figures[index]),
+                cpu(&figures[index])
+            );
         }
+        println!(
+            "  {title:<32} journal / memory: {:.2}",
+            rate(&figures[0]) / rate(&figures[1]).max(1.0)
+        );
     }
-}
-
-/// User and system CPU time of this process so far (Linux `/proc`; 0 elsewhere).
-fn process_cpu_seconds() -> f64 {
-    let Ok(stat) = std::fs::read_to_string("/proc/self/stat") else {
-        return 0.0;
-    };
-    // Fields after the command name (which is in parentheses): utime and
-    // stime are the 12th and 13th, in clock ticks (100 per second on Linux).
-    let Some((_, rest)) = stat.rsplit_once(')') else {
-        return 0.0;
-    };
-    let fields: Vec<&str> = rest.split_whitespace().collect();
-    let ticks = |index: usize| {
-        fields
-            .get(index)
-            .and_then(|value| value.parse::<f64>().ok())
-            .unwrap_or(0.0)
-    };
-    (ticks(11) + ticks(12)) / 100.0
-}
-
-fn env_number(name: &str, default: u64) -> u64 {
-    std::env::var(name)
-        .ok()
-        .and_then(|value| value.parse().ok())
-        .unwrap_or(default)
-}
-
-fn directory_bytes(directory: &std::path::Path) -> u64 {
-    let Ok(entries) = std::fs::read_dir(directory) else {
-        return 0;
-    };
-    entries
-        .flatten()
-        .map(|entry| match entry.metadata() {
-            Ok(metadata) if metadata.is_dir() => directory_bytes(&entry.path()),
-            Ok(metadata) => metadata.len(),
-            Err(_) => 0,
-        })
-        .sum()
-}
-
-/// HTTP settings for an in-process server on a free loopback port.
-fn http_settings() -> mailroom::HttpSettings {
-    let mut settings = mailroom::HttpSettings::default();
-    settings.listen = "127.0.0.1:0".parse().expect("address");
-    settings
+    for (index, spool) in spools.iter().enumerate() {
+        if e2e[index].is_empty() {
+            continue;
+        }
+        println!(
+            "  {:<32} {:<8} {:>8.0} msg/s ({})",
+            "end to end",
+            spool.name(),
+            median(&e2e[index]),
+            spread(&e2e[index])
+        );
+    }
+    println!(
+        "  {:<32} journal / memory: {:.2}",
+        "end to end",
+        median(&e2e[0]) / median(&e2e[1]).max(1.0)
+    );
+    for (index, spool) in spools.iter().enumerate() {
+        if batches[index].is_empty() {
+            continue;
+        }
+        let singles: Vec<f64> = batches[index].iter().map(|(s, _)| *s).collect();
+        let batched: Vec<f64> = batches[index].iter().map(|(_, b)| *b).collect();
+        println!(
+            "  {:<32} {:<8} 500 single POSTs {:>8.0} msg/s ({}); batches of 500 {:>8.0} msg/s ({}); batch / single {:.1}",
+            "one client",
+            spool.name(),
+            median(&singles),
+            spread(&singles),
+            median(&batched),
+            spread(&batched),
+            median(&batched) / median(&singles).max(1.0)
+        );
+    }
+    println!("figures: medians over rounds (spread: min..max); CPU us/req: CPU time of the whole bench process (clients, server, workers, sink) per accepted request");
 }

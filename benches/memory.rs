@@ -1,10 +1,10 @@
 //! Memory: the release binary as a child process; VmRSS and VmHWM from
 //! /proc/PID/status when idle, around messages with a large attachment,
-//! and with 100,000 messages of about 1 KB held while the relay is down.
-//! Prints figures.
+//! with 100,000 messages of about 1 KB held while the relay is down, and
+//! with 100,000 scheduled a week ahead with the spool on. Prints figures.
 //!
 //! `cargo bench --bench memory`; BENCH_QUEUED (default 100000),
-//! BENCH_ATTACHMENT_MIB (default 7).
+//! BENCH_SCHEDULED (default 100000), BENCH_ATTACHMENT_MIB (default 7).
 
 mod common;
 
@@ -177,7 +177,70 @@ fn main() {
         (rss.saturating_sub(idle)) as f64 / report.ok.max(1) as f64
     );
     service.stop();
+
+    // Scheduled sends with the spool on: the content waits on disk, only
+    // the id (and the status) in memory.
+    let scheduled = env_number("BENCH_SCHEDULED", 100_000);
+    let spool = directory.join(format!("spool-scheduled-{}", std::process::id()));
+    let service = Service::start(
+        &directory,
+        &[
+            ("MAILROOM_SMTP_URL", relay.clone()),
+            ("MAILROOM_SPOOL_DIR", spool.to_string_lossy().into_owned()),
+        ],
+    );
+    let (idle, _) = service.memory();
+    let mut later: serde_json::Value = serde_json::from_str(&one_kb_json()).expect("JSON");
+    let send_at = std::time::SystemTime::now() + Duration::from_secs(7 * 24 * 3600);
+    later["send_at"] = serde_json::Value::String(rfc3339(send_at));
+    let body = later.to_string();
+    let request = post_request("/api/mail", &body);
+    let started = Instant::now();
+    let report = run_load(
+        service.address,
+        clients,
+        Duration::from_secs(900),
+        &request,
+        202,
+        scheduled / clients as u64,
+    );
+    let (rss, hwm) = service.memory();
+    println!(
+        "{} messages of ~1 KB scheduled a week ahead (spool on: content on disk, ids in memory; accepted in {:.1} s, {} errors): VmRSS {:.1} MB (idle {:.1} MB), VmHWM {:.1} MB, {:.0} bytes per scheduled message above idle",
+        report.ok,
+        started.elapsed().as_secs_f64(),
+        report.errors,
+        mb(rss),
+        mb(idle),
+        mb(hwm),
+        (rss.saturating_sub(idle)) as f64 / report.ok.max(1) as f64
+    );
+    service.stop();
     let _ = std::fs::remove_dir_all(&directory);
+}
+
+/// RFC 3339 in UTC, to the second.
+fn rfc3339(at: std::time::SystemTime) -> String {
+    let seconds = at
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |since| since.as_secs());
+    let (days, rest) = (seconds / 86_400, seconds % 86_400);
+    // Civil date from days since 1970-01-01 (Howard Hinnant's algorithm).
+    let z = days as i64 + 719_468;
+    let era = z.div_euclid(146_097);
+    let doe = z.rem_euclid(146_097);
+    let yoe = (doe - doe / 1_460 + doe / 36_524 - doe / 146_096) / 365;
+    let doy = doe - (365 * yoe + yoe / 4 - yoe / 100);
+    let mp = (5 * doy + 2) / 153;
+    let day = doy - (153 * mp + 2) / 5 + 1;
+    let month = if mp < 10 { mp + 3 } else { mp - 9 };
+    let year = yoe + era * 400 + i64::from(month <= 2);
+    format!(
+        "{year:04}-{month:02}-{day:02}T{:02}:{:02}:{:02}Z",
+        rest / 3600,
+        rest % 3600 / 60,
+        rest % 60
+    )
 }
 
 /// A request with one attachment of `size` pseudo-random bytes.

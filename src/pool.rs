@@ -6,7 +6,7 @@
 //! the dispatch to reschedule, the retry policy, metrics and relay health.
 
 use std::sync::atomic::{AtomicBool, Ordering};
-use std::sync::{Arc, Mutex};
+use std::sync::{Arc, Mutex, OnceLock};
 use std::thread::JoinHandle;
 use std::time::{Duration, Instant, SystemTime};
 
@@ -15,11 +15,14 @@ use crossbeam_channel::{select, Receiver};
 use crate::health::RelayHealth;
 use crate::job::{decide, describe, AttemptOutcome, Decision, Job, RetryPolicy, WaitedOutcome};
 use crate::message::random_u64;
+use crate::message::OutgoingMessage;
 use crate::metrics::{AttemptResult, Metrics};
 use crate::status::{Event, EventKind, State};
 use crate::store::{MessageRecord, StatusRecord, Store};
 use crate::time::to_millis;
-use crate::transport::{Delivered, FailureKind, Transport};
+use crate::transport::{
+    abandoned_outcome, Deadline, Delivered, FailureKind, Hooks, Step, Transport,
+};
 
 /// How often an idle worker wakes to close a connection idle too long.
 const IDLE_CHECK: Duration = Duration::from_secs(5);
@@ -69,36 +72,251 @@ pub(crate) struct WorkerContext {
     pub suppress_on_bounce: bool,
 }
 
-/// Starts the workers. They stop when `stop` is closed (after finishing the
-/// message in hand); in memory mode they first drain what is queued, until
-/// the shutdown deadline.
+/// Starts the workers and their supervisor; the handle returned is the
+/// supervisor's, which ends once every worker has. Workers stop when
+/// `stop` is closed (after finishing what they hold); in memory mode they
+/// first drain what is queued, until the shutdown deadline.
+///
+/// Each worker runs its transport (lettre) on its own thread. The
+/// supervisor watches the transports' deadlines: a worker still inside an
+/// SMTP phase past its deadline (a relay trickling bytes, which lettre's
+/// per-read timeout does not catch) is given up. A replacement starts at
+/// once with a fresh transport and reports the attempts the stuck worker
+/// held as timed out; the stuck thread's late result is discarded, and it
+/// ends when a per-read timeout or the relay ends its read (at most
+/// `MAX_ABANDONED` (64) such transports may linger; beyond that no new
+/// connection is opened).
 pub(crate) fn start_workers(
     context: &Arc<WorkerContext>,
     work: Receiver<Job>,
     stop: Receiver<()>,
     transports: Vec<Transport>,
 ) -> std::io::Result<Vec<JoinHandle<()>>> {
-    transports
-        .into_iter()
-        .enumerate()
-        .map(|(index, transport)| {
-            let context = Arc::clone(context);
-            let work = work.clone();
-            let stop = stop.clone();
-            std::thread::Builder::new()
-                .name(format!("worker-{index}"))
-                .spawn(move || run_worker(&context, &work, &stop, transport))
-        })
-        .collect()
+    let pool = Arc::new(Pool {
+        context: Arc::clone(context),
+        work,
+        stop,
+        supervisor: OnceLock::new(),
+    });
+    let mut members = Vec::with_capacity(transports.len());
+    for (index, transport) in transports.into_iter().enumerate() {
+        let spare = transport.replacement();
+        let (slot, handle) = spawn_worker(&pool, index, transport, Vec::new())?;
+        members.push(Member {
+            index,
+            slot,
+            handle,
+            spare,
+        });
+    }
+    let supervising = Arc::clone(&pool);
+    let supervisor = std::thread::Builder::new()
+        .name("supervisor".into())
+        .spawn(move || supervise(&supervising, members))?;
+    let _ = pool.supervisor.set(supervisor.thread().clone());
+    supervisor.thread().unpark();
+    Ok(vec![supervisor])
 }
 
-fn run_worker(
-    context: &WorkerContext,
-    work: &Receiver<Job>,
-    stop: &Receiver<()>,
-    mut transport: Transport,
-) {
+/// What the workers and the supervisor share.
+struct Pool {
+    context: Arc<WorkerContext>,
+    work: Receiver<Job>,
+    stop: Receiver<()>,
+    /// Woken when a worker ends.
+    supervisor: OnceLock<std::thread::Thread>,
+}
+
+/// A message a worker has begun an attempt on (the store shows it
+/// `sending`): what is needed to carry out the decision after it.
+struct Attempt {
+    job: Job,
+    status: StatusRecord,
+    attempt: u32,
+    id: String,
+    started_at: SystemTime,
+    started: Instant,
+    /// Delivered in earlier transactions, and who is left (a recipient
+    /// limit split the attempt); reported if it is given up.
+    progress: Option<(Delivered, Vec<String>)>,
+}
+
+/// What a worker shares with the supervisor.
+struct Slot {
+    /// Its transport's deadline (none for the outbox).
+    deadline: Option<Arc<Deadline>>,
+    state: Mutex<SlotState>,
+}
+
+#[derive(Default)]
+struct SlotState {
+    /// Attempts in flight: the one whose body goes next, and the one
+    /// whose envelope went with it.
+    attempts: Vec<Attempt>,
+    /// Given up at a deadline: a replacement reports what it held.
+    abandoned: bool,
+    /// The worker's loop has ended.
+    ended: bool,
+}
+
+impl Slot {
+    fn lock(&self) -> std::sync::MutexGuard<'_, SlotState> {
+        self.state
+            .lock()
+            .unwrap_or_else(|poisoned| poisoned.into_inner())
+    }
+
+    /// Holds an attempt in flight; gives it back when the worker was
+    /// given up meanwhile.
+    fn hold(&self, attempt: Attempt) -> Result<(), Box<Attempt>> {
+        let mut state = self.lock();
+        if state.abandoned {
+            return Err(Box::new(attempt));
+        }
+        state.attempts.push(attempt);
+        Ok(())
+    }
+
+    /// Takes back the attempt on message `id`; `None` when the supervisor
+    /// took it (the worker was given up).
+    fn take(&self, id: &str) -> Option<Attempt> {
+        let mut state = self.lock();
+        let position = state.attempts.iter().position(|held| held.id == id)?;
+        Some(state.attempts.swap_remove(position))
+    }
+
+    fn note_progress(&self, id: &str, delivered: &Delivered, pending: &[String]) {
+        if let Some(held) = self.lock().attempts.iter_mut().find(|held| held.id == id) {
+            held.progress = Some((delivered.clone(), pending.to_vec()));
+        }
+    }
+
+    fn is_abandoned(&self) -> bool {
+        self.lock().abandoned
+    }
+}
+
+/// A worker as the supervisor sees it.
+struct Member {
+    index: usize,
+    slot: Arc<Slot>,
+    handle: JoinHandle<()>,
+    /// The transport a replacement would get (not connected).
+    spare: Transport,
+}
+
+/// Marks the worker ended and wakes the supervisor, however the loop ends
+/// (a panic included).
+struct Ended<'a> {
+    pool: &'a Pool,
+    slot: &'a Slot,
+}
+
+impl Drop for Ended<'_> {
+    fn drop(&mut self) {
+        self.slot.lock().ended = true;
+        if let Some(supervisor) = self.pool.supervisor.get() {
+            supervisor.unpark();
+        }
+    }
+}
+
+fn spawn_worker(
+    pool: &Arc<Pool>,
+    index: usize,
+    transport: Transport,
+    inherited: Vec<Attempt>,
+) -> std::io::Result<(Arc<Slot>, JoinHandle<()>)> {
+    let slot = Arc::new(Slot {
+        deadline: transport.deadline(),
+        state: Mutex::new(SlotState::default()),
+    });
+    let worker_slot = Arc::clone(&slot);
+    let worker_pool = Arc::clone(pool);
+    let handle = std::thread::Builder::new()
+        .name(format!("worker-{index}"))
+        .spawn(move || run_worker(&worker_pool, &worker_slot, transport, inherited))?;
+    Ok((slot, handle))
+}
+
+/// The supervisor's loop: wakes at the earliest deadline of a phase in
+/// progress (deadlines only move forward, and a phase that starts later
+/// ends a whole timeout later), and when a worker ends.
+fn supervise(pool: &Arc<Pool>, mut members: Vec<Member>) {
+    loop {
+        let mut index = 0;
+        while index < members.len() {
+            if members[index].slot.lock().ended {
+                let member = members.swap_remove(index);
+                let _ = member.handle.join();
+            } else {
+                index += 1;
+            }
+        }
+        if members.is_empty() {
+            return;
+        }
+        let now = Instant::now();
+        let mut wake = now + IDLE_CHECK;
+        for member in &mut members {
+            let Some(deadline) = member.slot.deadline.clone() else {
+                continue;
+            };
+            match deadline.due() {
+                Some(due) if due <= now => take_over(pool, member, &deadline),
+                Some(due) => wake = wake.min(due),
+                None => wake = wake.min(now + deadline.timeout()),
+            }
+        }
+        std::thread::park_timeout(wake.saturating_duration_since(Instant::now()));
+    }
+}
+
+/// Gives a worker up at its deadline and starts its replacement, which
+/// reports the attempts it held.
+fn take_over(pool: &Arc<Pool>, member: &mut Member, deadline: &Deadline) {
+    let inherited = {
+        let mut state = member.slot.lock();
+        let expired = deadline.due().is_some_and(|due| due <= Instant::now());
+        if state.ended || state.abandoned || !expired {
+            return;
+        }
+        state.abandoned = true;
+        std::mem::take(&mut state.attempts)
+    };
+    let lingering = deadline.abandon();
+    log::warn!(
+        "SMTP session with {} given up at its deadline ({} ms, MAILROOM_SMTP_TIMEOUT_MS): worker replaced, {} attempts reported as timed out ({lingering} abandoned sessions still waiting on the relay)",
+        deadline.endpoint(),
+        deadline.timeout().as_millis(),
+        inherited.len()
+    );
+    let spare = member.spare.replacement();
+    let transport = std::mem::replace(&mut member.spare, spare);
+    match spawn_worker(pool, member.index, transport, inherited) {
+        Ok((slot, handle)) => {
+            member.slot = slot;
+            // The stuck thread is left to end on its own.
+            drop(std::mem::replace(&mut member.handle, handle));
+        }
+        Err(error) => {
+            log::error!("cannot start a worker to replace a stuck one: {error}");
+        }
+    }
+}
+
+fn run_worker(pool: &Pool, slot: &Slot, mut transport: Transport, inherited: Vec<Attempt>) {
+    let _ended = Ended { pool, slot };
+    let context = &*pool.context;
     lower_priority(context.niceness);
+    if let Some(deadline) = &slot.deadline {
+        // The stuck worker's: same relay, same timeout.
+        for mut attempt in inherited {
+            let result = abandoned_outcome(deadline, attempt.progress.take());
+            conclude(context, attempt, result);
+        }
+    }
+    let (work, stop) = (&pool.work, &pool.stop);
     loop {
         select! {
             recv(work) -> job => match job {
@@ -109,7 +327,11 @@ fn run_worker(
                     drop(job);
                     break;
                 }
-                Ok(job) => deliver(context, &mut transport, job),
+                Ok(job) => {
+                    if !deliver(pool, slot, &mut transport, job) {
+                        return;
+                    }
+                }
                 Err(_) => break,
             },
             recv(stop) -> _ => break,
@@ -123,12 +345,216 @@ fn run_worker(
                 break;
             }
             match work.try_recv() {
-                Ok(job) => deliver(context, &mut transport, job),
+                Ok(job) => {
+                    if !deliver(pool, slot, &mut transport, job) {
+                        return;
+                    }
+                }
                 Err(_) => break,
             }
         }
     }
     transport.close();
+}
+
+/// True unless the pool is stopping (spool mode) or past its drain deadline
+/// (memory mode).
+fn may_take_more(context: &WorkerContext) -> bool {
+    !context.control.stopping.load(Ordering::SeqCst)
+        && context
+            .control
+            .drain_deadline()
+            .is_none_or(|deadline| Instant::now() < deadline)
+}
+
+/// A held attempt as the worker's transport needs it.
+struct InFlight {
+    message: Arc<OutgoingMessage>,
+    /// `None`: every recipient of the message (no copy of the list).
+    recipients: Option<Vec<String>>,
+}
+
+impl InFlight {
+    fn recipients(&self) -> &[String] {
+        self.recipients
+            .as_deref()
+            .unwrap_or(&self.message.recipients)
+    }
+}
+
+/// Hands an attempt to the slot (where the supervisor can report it);
+/// `None` when the worker was given up meanwhile: the attempt is then
+/// reported as timed out here, and the worker must end.
+fn hold(context: &WorkerContext, slot: &Slot, attempt: Attempt) -> Option<InFlight> {
+    let message = Arc::clone(&attempt.job.message);
+    let recipients =
+        (attempt.job.recipients != message.recipients).then(|| attempt.job.recipients.clone());
+    match slot.hold(attempt) {
+        Ok(()) => Some(InFlight {
+            message,
+            recipients,
+        }),
+        Err(attempt) => {
+            let result = match &slot.deadline {
+                Some(deadline) => Err(deadline.timeout_error()),
+                None => Err(crate::transport::DeliveryError::transient(
+                    "the worker was stopped".into(),
+                    false,
+                )),
+            };
+            conclude(context, *attempt, result);
+            None
+        }
+    }
+}
+
+/// Carries out what follows the attempt on message `id`, unless the
+/// supervisor took it over (false: the worker was given up and must end;
+/// the late result is discarded).
+fn settle(context: &WorkerContext, slot: &Slot, id: &str, result: AttemptOutcome) -> bool {
+    match slot.take(id) {
+        Some(attempt) => {
+            conclude(context, attempt, result);
+            true
+        }
+        None => false,
+    }
+}
+
+/// What to do with the next job while a body is about to go.
+enum Next {
+    /// Nothing to take along.
+    None,
+    /// Begun: its envelope goes with the body.
+    Now(Box<Attempt>),
+    /// Taken, but its delivery slot (MAILROOM_RATE_LIMIT) is this far off:
+    /// it starts after the body, once the time has come.
+    Paced(Job, Duration),
+}
+
+/// Takes the next waiting job when the transport would send its envelope
+/// with the current body (PIPELINING and a backlog).
+fn next_job(pool: &Pool, slot: &Slot, transport: &Transport) -> Next {
+    let context = &*pool.context;
+    if !transport.wants_next() || slot.is_abandoned() || !may_take_more(context) {
+        return Next::None;
+    }
+    loop {
+        let Ok(job) = pool.work.try_recv() else {
+            return Next::None;
+        };
+        let wait = context.store.rate_slot();
+        if !wait.is_zero() {
+            return Next::Paced(job, wait);
+        }
+        if let Some(attempt) = begin_attempt(context, job) {
+            return Next::Now(Box::new(attempt));
+        }
+    }
+}
+
+/// Delivers `job` and, while jobs are waiting and the relay takes the next
+/// envelope in the same write as a body, those after it (about one round
+/// trip per message on a busy connection). False when the worker was
+/// given up at a deadline meanwhile: it must end.
+fn deliver(pool: &Pool, slot: &Slot, transport: &mut Transport, job: Job) -> bool {
+    let context = &*pool.context;
+    let wait = context.store.rate_slot();
+    if !wait.is_zero() {
+        // Pacing (MAILROOM_RATE_LIMIT), not synchronisation.
+        std::thread::sleep(wait);
+    }
+    let Some(attempt) = begin_attempt(context, job) else {
+        return true;
+    };
+    let connected = || context.metrics.connection_opened();
+    let progress = |id: &str, delivered: &Delivered, pending: &[String]| {
+        slot.note_progress(id, delivered, pending);
+    };
+    let hooks = Hooks {
+        connected: &connected,
+        progress: &progress,
+    };
+    let Some(mut current) = hold(context, slot, attempt) else {
+        return false;
+    };
+    let mut step = transport.begin(&current.message, current.recipients(), &hooks);
+    loop {
+        if let Step::Done(result) = step {
+            return settle(context, slot, &current.message.id, result);
+        }
+        match next_job(pool, slot, transport) {
+            Next::None => {
+                let (result, _) = transport.finish(None, &hooks);
+                return settle(context, slot, &current.message.id, result);
+            }
+            Next::Now(attempt) => {
+                let Some(next) = hold(context, slot, *attempt) else {
+                    return false;
+                };
+                let (result, next_step) =
+                    transport.finish(Some((&next.message, next.recipients())), &hooks);
+                if !settle(context, slot, &current.message.id, result) {
+                    return false;
+                }
+                current = next;
+                step = next_step.unwrap_or_else(|| {
+                    Step::Done(Err(crate::transport::DeliveryError::transient(
+                        "the next message was not begun".into(),
+                        false,
+                    )))
+                });
+            }
+            Next::Paced(job, wait) => {
+                let (result, _) = transport.finish(None, &hooks);
+                if !settle(context, slot, &current.message.id, result) {
+                    return false;
+                }
+                // Pacing (MAILROOM_RATE_LIMIT), not synchronisation.
+                std::thread::sleep(wait);
+                let Some(attempt) = begin_attempt(context, job) else {
+                    return true;
+                };
+                let Some(next) = hold(context, slot, attempt) else {
+                    return false;
+                };
+                current = next;
+                step = transport.begin(&current.message, current.recipients(), &hooks);
+            }
+        }
+    }
+}
+
+/// Marks a job's message `sending` for its next attempt (unless it was
+/// cancelled meanwhile, or every recipient is suppressed).
+fn begin_attempt(context: &WorkerContext, mut job: Job) -> Option<Attempt> {
+    let attempt = job.attempts + 1;
+    let id = job.id().to_string();
+    let mut status = match context.store.begin_attempt(&id, attempt) {
+        Ok(status) => status,
+        Err(state) => {
+            // Cancelled (or forgotten) while it waited: whoever finished it
+            // released its place.
+            log::debug!(
+                "message {id}: not sent, it is {}",
+                state.map_or("unknown", State::as_str)
+            );
+            return None;
+        }
+    };
+    if skip_suppressed(context, &mut job, &mut status) {
+        return None;
+    }
+    job.attempts = attempt;
+    Some(Attempt {
+        job,
+        status,
+        attempt,
+        id,
+        started_at: SystemTime::now(),
+        started: Instant::now(),
+        progress: None,
+    })
 }
 
 /// Lowers the calling thread's CPU priority by `niceness` steps.
@@ -176,35 +602,18 @@ fn counted_result(result: &AttemptOutcome) -> AttemptResult {
     }
 }
 
-fn deliver(context: &WorkerContext, transport: &mut Transport, mut job: Job) {
-    let wait = context.store.rate_slot();
-    if !wait.is_zero() {
-        // Pacing (MAILROOM_RATE_LIMIT), not synchronisation.
-        std::thread::sleep(wait);
-    }
-    let attempt = job.attempts + 1;
-    let id = job.id().to_string();
-    let mut status = match context.store.begin_attempt(&id, attempt) {
-        Ok(status) => status,
-        Err(state) => {
-            // Cancelled (or forgotten) while it waited: whoever finished it
-            // released its place.
-            log::debug!(
-                "message {id}: not sent, it is {}",
-                state.map_or("unknown", State::as_str)
-            );
-            return;
-        }
-    };
-    if skip_suppressed(context, &mut job, &mut status) {
-        return;
-    }
-    job.attempts = attempt;
-    let started_at = SystemTime::now();
-    let started = Instant::now();
-    let result: AttemptOutcome = transport.deliver(&job.message, &job.recipients, &|| {
-        context.metrics.connection_opened()
-    });
+/// After an attempt: [`decide`] what follows, and carry it out through the
+/// store.
+fn conclude(context: &WorkerContext, attempt: Attempt, result: AttemptOutcome) {
+    let Attempt {
+        mut job,
+        mut status,
+        attempt,
+        id,
+        started_at,
+        started,
+        ..
+    } = attempt;
     let elapsed = started.elapsed();
     match &result {
         Err(error) if error.relay_unusable => context.health.failed(&error.detail),

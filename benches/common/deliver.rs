@@ -94,10 +94,33 @@ pub fn built(request: &MailRequest) -> OutgoingMessage {
     request.build(None).expect("the request builds")
 }
 
+/// How the raw loop talks to the sink.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Loop {
+    /// MAIL, each RCPT, DATA, each waiting for its reply; then the body.
+    OneAtATime,
+    /// MAIL, the RCPTs and DATA in one write, the replies read in order;
+    /// then the body (PIPELINING, RFC 2920).
+    Pipelined,
+    /// lettre's own `SmtpConnection::send`.
+    LettreSend,
+}
+
 /// `threads` threads, each with one reused lettre `SmtpConnection`, send
-/// `count` messages in all (taken from a shared counter).
+/// `count` messages in all (taken from a shared counter), one command at a
+/// time.
 pub fn raw(sink: &Sink, threads: usize, count: u64, message: &OutgoingMessage) -> DeliverRun {
-    lettre_loop(sink, threads, count, message, false)
+    lettre_loop(sink, threads, count, message, Loop::OneAtATime)
+}
+
+/// As [`raw`], with the envelope pipelined (the sink must offer it).
+pub fn raw_pipelined(
+    sink: &Sink,
+    threads: usize,
+    count: u64,
+    message: &OutgoingMessage,
+) -> DeliverRun {
+    lettre_loop(sink, threads, count, message, Loop::Pipelined)
 }
 
 /// As [`raw`], but through lettre's own `SmtpConnection::send`, which is
@@ -109,7 +132,7 @@ pub fn lettre_send(
     count: u64,
     message: &OutgoingMessage,
 ) -> DeliverRun {
-    lettre_loop(sink, threads, count, message, true)
+    lettre_loop(sink, threads, count, message, Loop::LettreSend)
 }
 
 fn lettre_loop(
@@ -117,7 +140,7 @@ fn lettre_loop(
     threads: usize,
     count: u64,
     message: &OutgoingMessage,
-    lettre_send: bool,
+    mode: Loop,
 ) -> DeliverRun {
     let stuffed: Arc<str> = Arc::from(dot_stuffed(&message.content));
     let from: lettre::Address = message.envelope_from.parse().expect("sender");
@@ -137,6 +160,11 @@ fn lettre_loop(
             let (stuffed, from, to, tls) =
                 (Arc::clone(&stuffed), from.clone(), to.clone(), tls.clone());
             let envelope = Envelope::new(Some(from.clone()), to.clone()).expect("envelope");
+            let mut envelope_text = Mail::new(Some(from.clone()), Vec::new()).to_string();
+            for recipient in &to {
+                envelope_text.push_str(&Rcpt::new(recipient.clone(), Vec::new()).to_string());
+            }
+            envelope_text.push_str(&Data.to_string());
             let content = Arc::clone(&content);
             let (next, connections, start) = (
                 Arc::clone(&next),
@@ -155,8 +183,17 @@ fn lettre_loop(
                             smtp.insert(open(port, tls.as_ref()))
                         }
                     };
-                    if lettre_send {
+                    if mode == Loop::LettreSend {
                         connection.send(&envelope, &content).expect("sent");
+                        continue;
+                    }
+                    if mode == Loop::Pipelined {
+                        connection.command(Raw(&envelope_text)).expect("MAIL");
+                        for _ in 0..to.len() {
+                            connection.read_response().expect("RCPT");
+                        }
+                        connection.read_response().expect("DATA");
+                        connection.command(Raw(&stuffed)).expect("message");
                         continue;
                     }
                     connection

@@ -4,6 +4,7 @@
 #![allow(dead_code)]
 
 pub mod deliver;
+pub mod postfix;
 pub mod sink;
 
 use std::time::Duration;
@@ -12,6 +13,31 @@ use mailroom::config::{Relay, Secret, SmtpSettings, TlsMode};
 use mailroom::{Config, MailRequest};
 
 use sink::Sink;
+
+/// One delivery run over a latency proxy.
+#[derive(Debug, Clone, Copy, Default)]
+pub struct LinkRun {
+    /// Messages the sink counted.
+    pub messages: u64,
+    /// From the start signal to the last message counted.
+    pub elapsed: Duration,
+    /// Client flights counted at the proxy.
+    pub flights: u64,
+    /// Connections through the proxy.
+    pub connections: u64,
+}
+
+impl LinkRun {
+    /// Messages per second.
+    pub fn rate(&self) -> f64 {
+        self.messages as f64 / self.elapsed.as_secs_f64().max(1e-9)
+    }
+
+    /// Client flights per message.
+    pub fn round_trips(&self) -> f64 {
+        self.flights as f64 / self.messages.max(1) as f64
+    }
+}
 
 /// Login the benchmarks use against TLS sinks (which accept any).
 pub const USER: &str = "bench";
@@ -72,6 +98,9 @@ pub fn config_for(sink: &Sink, workers: usize, capacity: usize) -> Config {
     config.relay = Relay::Smtp(settings_for(sink));
     config.workers = workers;
     config.queue_capacity = capacity;
+    if let Ok(niceness) = std::env::var("BENCH_WORKER_NICE") {
+        config.worker_niceness = niceness.trim().parse().unwrap_or(config.worker_niceness);
+    }
     config
 }
 

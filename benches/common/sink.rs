@@ -1,6 +1,6 @@
 //! The benchmarks' SMTP peer: the testkit's strict relay (the one the
 //! tests use), set up as a fast sink: it keeps counts, not messages,
-//! offers PIPELINING and 8BITMIME, and with TLS, STARTTLS and AUTH
+//! offers PIPELINING (unless told not to) and 8BITMIME, and with TLS, STARTTLS and AUTH
 //! PLAIN/LOGIN accepting any login. Optionally slow (a delay per message)
 //! or gated (sessions held before the greeting until the gate opens).
 
@@ -17,6 +17,8 @@ pub struct SinkOptions {
     pub delay: Duration,
     /// Hold new sessions before the greeting until [`Sink::open_gate`].
     pub gated: bool,
+    /// Do not offer PIPELINING (it is offered by default).
+    pub no_pipelining: bool,
 }
 
 /// A running sink on a loopback port; it lives until the process ends.
@@ -42,7 +44,7 @@ impl Sink {
             } else {
                 Login::Off
             },
-            pipelining: true,
+            pipelining: !options.no_pipelining,
             eightbitmime: true,
             record: false,
             delay: options.delay,
@@ -64,6 +66,16 @@ impl Sink {
     /// Connections accepted so far.
     pub fn connections(&self) -> u64 {
         self.relay.connections() as u64
+    }
+
+    /// Commands the sink refused as pipelined without PIPELINING offered.
+    pub fn improper_pipelining(&self) -> usize {
+        self.relay.improper_pipelining()
+    }
+
+    /// The relay itself (its port, its switches).
+    pub fn relay(&self) -> &StrictRelay {
+        &self.relay
     }
 
     /// Lets held sessions (and later ones) proceed.

@@ -2,10 +2,11 @@
 //! open, or into the outbox directory. Also decides which failures are worth
 //! retrying.
 //!
-//! Modules: `session` (the worker's side: a connection thread per worker
-//! and the deadline it is held to), `smtp` (what runs on that thread:
-//! connecting, the MAIL/RCPT/DATA transactions, per-recipient results),
-//! `classify` (errors, transient or permanent), `outbox` (`.eml` files).
+//! Modules: `session` (a worker's SMTP connection and the attempts on
+//! it, with PIPELINING when offered), `smtp` (the conversation: connecting,
+//! envelopes, bodies, per-recipient results), `deadline` (what the pool's
+//! supervisor watches), `classify` (errors, transient or permanent),
+//! `outbox` (`.eml` files).
 //!
 //! Why lettre's `SmtpConnection` and not `SmtpTransport`: lettre 0.11.23
 //! writes a message body and its final `.` in two writes without
@@ -18,6 +19,7 @@
 //! module changes.
 
 mod classify;
+mod deadline;
 mod outbox;
 mod session;
 mod smtp;
@@ -35,7 +37,8 @@ use crate::config::{Relay, SmtpSettings, TlsMode};
 use crate::message::{MessageError, OutgoingMessage};
 
 pub use classify::{DeliveryError, FailureKind, SmtpReply};
-pub use session::SmtpSender;
+pub use deadline::Deadline;
+pub use session::{abandoned_outcome, SmtpSender};
 
 /// A connection idle longer than this is closed rather than reused: many
 /// relays drop idle clients after a minute or so.
@@ -111,6 +114,10 @@ pub struct Capabilities {
     pub eightbitmime: bool,
     /// STARTTLS (before it was used).
     pub starttls: bool,
+    /// PIPELINING (RFC 2920): envelopes go in one write.
+    pub pipelining: bool,
+    /// CHUNKING (RFC 3030), offered; not used (see docs/performance.md).
+    pub chunking: bool,
 }
 
 /// What the relay offers, once a connection has been made; shared by the
@@ -171,8 +178,8 @@ pub struct TransportFactory {
     relay: Relay,
     tls: Option<TlsParameters>,
     capabilities: RelayCapabilities,
-    /// Sessions given up on at their deadline whose threads still wait on
-    /// the relay (see `session`).
+    /// Transports given up at their deadline whose threads still wait on
+    /// the relay (see `deadline`).
     abandoned: Arc<AtomicUsize>,
 }
 
@@ -244,6 +251,26 @@ fn tls_parameters(smtp: &SmtpSettings) -> Result<TlsParameters, String> {
         .map_err(|error| format!("TLS setup for the relay failed: {error}"))
 }
 
+/// What a transport tells its caller during an attempt.
+pub struct Hooks<'a> {
+    /// A new SMTP connection was opened.
+    pub connected: &'a dyn Fn(),
+    /// Message `id`'s attempt delivered this much in earlier transactions
+    /// and goes on with a further one for the pending recipients (a
+    /// recipient limit): what to report if it is given up at its deadline.
+    pub progress: &'a dyn Fn(&str, &Delivered, &[String]),
+}
+
+/// Where an attempt stands after its envelope.
+#[derive(Debug)]
+#[must_use]
+pub enum Step {
+    /// The relay waits for the body: call [`Transport::finish`].
+    Ready,
+    /// The attempt is over (nothing was accepted, it failed, or it went).
+    Done(Result<Delivered, DeliveryError>),
+}
+
 /// One worker's way to deliver.
 pub enum Transport {
     /// SMTP relay, one connection reused across messages.
@@ -253,22 +280,66 @@ pub enum Transport {
 }
 
 impl Transport {
-    /// Delivers `message` to `recipients` (those still to deliver: all of
-    /// `message.recipients` at first, those deferred before later on).
-    /// `on_connect` is called for each new SMTP connection.
-    ///
-    /// `Ok` with per-recipient results once the relay answered every RCPT
-    /// (no DATA is sent when none was accepted); `Err` when the whole
-    /// transaction failed (connect, TLS, AUTH, MAIL FROM, DATA, deadline).
-    pub fn deliver(
+    /// Starts an attempt: connects if needed, sends the envelope and reads
+    /// the replies; [`Step::Ready`] when the body is to go.
+    pub fn begin(
         &mut self,
         message: &Arc<OutgoingMessage>,
         recipients: &[String],
-        on_connect: &dyn Fn(),
-    ) -> Result<Delivered, DeliveryError> {
+        hooks: &Hooks<'_>,
+    ) -> Step {
         match self {
-            Transport::Smtp(sender) => sender.deliver(message, recipients, on_connect),
-            Transport::Outbox(dir) => outbox::write(dir, message, recipients),
+            Transport::Smtp(sender) => sender.begin(message, recipients, hooks),
+            Transport::Outbox(dir) => Step::Done(outbox::write(dir, message, recipients)),
+        }
+    }
+
+    /// Ends the attempt begun last (after [`Step::Ready`]): its body, and
+    /// any further transactions a recipient limit asks for. With `next`,
+    /// begins that attempt as well (its envelope in the same write as this
+    /// body when the relay offers PIPELINING) and says where it stands.
+    pub fn finish(
+        &mut self,
+        next: Option<(&Arc<OutgoingMessage>, &[String])>,
+        hooks: &Hooks<'_>,
+    ) -> (Result<Delivered, DeliveryError>, Option<Step>) {
+        match self {
+            Transport::Smtp(sender) => sender.finish(next, hooks),
+            Transport::Outbox(dir) => (
+                Err(DeliveryError::transient(
+                    "no attempt was waiting for its body".into(),
+                    false,
+                )),
+                next.map(|(message, recipients)| {
+                    Step::Done(outbox::write(dir, message, recipients))
+                }),
+            ),
+        }
+    }
+
+    /// True when [`Transport::finish`] would send another message's
+    /// envelope together with this body: worth taking the next message now.
+    pub fn wants_next(&self) -> bool {
+        match self {
+            Transport::Smtp(sender) => sender.wants_next(),
+            Transport::Outbox(_) => false,
+        }
+    }
+
+    /// The deadline of the phase running, for a supervisor (SMTP only).
+    pub fn deadline(&self) -> Option<Arc<Deadline>> {
+        match self {
+            Transport::Smtp(sender) => Some(Arc::clone(sender.deadline())),
+            Transport::Outbox(_) => None,
+        }
+    }
+
+    /// A transport like this one, not connected: for a worker replacing
+    /// one given up at its deadline.
+    pub fn replacement(&self) -> Transport {
+        match self {
+            Transport::Smtp(sender) => Transport::Smtp(Box::new(sender.replacement())),
+            Transport::Outbox(dir) => Transport::Outbox(dir.clone()),
         }
     }
 

@@ -1,46 +1,40 @@
-//! The worker's side of SMTP: each worker owns a connection thread that
-//! holds its lettre connection and runs each attempt, while the worker
-//! waits for the outcome with a deadline.
+//! SMTP delivery on the worker's own thread: one reused connection, the
+//! attempts' transactions, and the deadline the pool's supervisor watches.
 //!
-//! Why a thread: `MAILROOM_SMTP_TIMEOUT_MS` bounds every phase (connect
-//! with greeting, EHLO, STARTTLS and AUTH; each MAIL..end-of-data
-//! transaction), but lettre's timeouts are per read, so a relay that
-//! trickles a byte now and then holds a read for ever, and lettre gives
-//! no access to its socket to cut it. The connection thread moves the
-//! phase's deadline forward as each phase starts (an atomic store, no
-//! wake-up); the worker waits on the outcome channel until the deadline
-//! in force. Past it, the worker gives the thread up with its connection
-//! (the attempt fails transiently) and the next attempt starts a fresh
-//! thread. The abandoned thread ends when a per-read timeout (lowered to
-//! the remaining budget before each command) or the relay ends its read;
-//! how many may linger at once is capped.
+//! An attempt is [`SmtpSender::begin`] (connect if needed, the envelope)
+//! and [`SmtpSender::finish`] (the body, and any further transactions a
+//! recipient limit asks for). With PIPELINING, `finish` can carry the next
+//! message's envelope in the same write as this one's body (RFC 2920
+//! §3.1): a busy connection then costs about one round trip per message.
+//! The two transactions stay independent: the reply to the final dot ends
+//! this one, whatever it says, before the relay reads the next MAIL.
 //!
-//! Per message this costs one hand-off each way (a channel send and a
-//! wake-up); `benches/deliver` compares it with a plain lettre loop.
+//! Deadlines: each phase (connect; each transaction from its MAIL to the
+//! reply to its final dot) must end within `MAILROOM_SMTP_TIMEOUT_MS`.
+//! The phase's end is stored in a [`Deadline`] (an atomic, no wake-up) that
+//! the pool's supervisor watches; lettre's per-read timeout follows the
+//! time left, so a silent relay ends the read by itself, and only a relay
+//! that trickles bytes needs the supervisor (see `pool`).
 
-use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
-use std::sync::{Arc, Mutex};
+use std::sync::atomic::AtomicUsize;
+use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use crossbeam_channel::RecvTimeoutError;
 use lettre::transport::smtp::client::TlsParameters;
 use lettre::transport::smtp::extension::ClientId;
 
-use super::classify::DeliveryError;
-use super::smtp::{attempt, capabilities_of, connect_with_report, Failure, Open, Stage};
-use super::{Delivered, RecipientRefusal, RelayCapabilities, SmtpReply};
+use super::classify::{DeliveryError, FailureKind, SmtpReply};
+use super::deadline::{Deadline, MAX_ABANDONED};
+use super::smtp::{
+    self, abandoned, capabilities_of, connect_with_report, envelope, prepare, read_prepared,
+    reply_of, Failure, Open, Prepared, Sender, Stage, Transaction, LARGE_BODY,
+};
+use super::{Delivered, Hooks, RecipientRefusal, RelayCapabilities, Step};
 use crate::config::SmtpSettings;
 use crate::message::OutgoingMessage;
 
-/// At most this many abandoned connection threads may still wait on a
-/// relay; beyond it no new connection is opened (the relay is not
-/// answering, and each would hold a thread and a socket).
-pub const MAX_ABANDONED: usize = 64;
-
-/// Stack of a connection thread (lettre and rustls need little).
-const SESSION_STACK: usize = 512 * 1024;
-
-/// What every connection thread of a factory needs.
+/// What every transport of a factory needs.
 pub(crate) struct SessionConfig {
     pub settings: SmtpSettings,
     pub tls: Option<TlsParameters>,
@@ -48,540 +42,500 @@ pub(crate) struct SessionConfig {
     pub capabilities: RelayCapabilities,
 }
 
-/// The deadline of the current phase, shared by a worker and its
-/// connection thread: nanoseconds after `base`.
-pub(super) struct Deadline {
-    base: Instant,
-    at: AtomicU64,
-    timeout: Duration,
-    /// The worker gave up waiting: start nothing more on this connection.
-    abandoned: AtomicBool,
+/// The attempt whose body is to go next.
+struct Current {
+    message: Arc<OutgoingMessage>,
+    sender: Sender,
+    /// What earlier transactions of this attempt delivered.
+    delivered: Delivered,
+    /// The waiting transaction is the attempt's first (its failure fails
+    /// the attempt).
+    first: bool,
+    /// A further transaction's recipients (empty for the first).
+    pending: Vec<String>,
+    /// The waiting transaction (its envelope answered with 354).
+    transaction: Transaction,
 }
 
-impl Deadline {
-    fn new(timeout: Duration) -> Deadline {
-        Deadline {
-            base: Instant::now(),
-            at: AtomicU64::new(0),
-            timeout,
-            abandoned: AtomicBool::new(false),
-        }
-    }
-
-    /// A new phase starts now: it has `timeout` from here.
-    pub fn start_phase(&self) {
-        let at = (self.base.elapsed() + self.timeout).as_nanos();
-        self.at.store(at as u64, Ordering::SeqCst);
-    }
-
-    /// When the current phase must be over.
-    fn instant(&self) -> Instant {
-        self.base + Duration::from_nanos(self.at.load(Ordering::SeqCst))
-    }
-
-    /// Time left in the current phase.
-    pub fn remaining(&self) -> Duration {
-        self.instant().saturating_duration_since(Instant::now())
-    }
-
-    /// The length of a phase.
-    pub fn timeout(&self) -> Duration {
-        self.timeout
-    }
-
-    /// True once the worker has given this connection thread up.
-    pub fn abandoned(&self) -> bool {
-        self.abandoned.load(Ordering::SeqCst)
-    }
-}
-
-enum Request {
-    Deliver {
-        message: Arc<OutgoingMessage>,
-        /// `None`: every recipient of the message (no copy of the list).
-        recipients: Option<Vec<String>>,
-    },
-    /// QUIT and close the connection (the thread stays).
-    Close,
-}
-
-/// Delivered so far in a multi-transaction attempt, and who is left; read
-/// by the worker when it gives the attempt up at a deadline.
-type Progress = Arc<Mutex<Option<(Delivered, Vec<String>)>>>;
-
-struct Outcome {
-    result: Result<Delivered, DeliveryError>,
-    connections_opened: u32,
-}
-
-/// The hand-off between a worker and its connection thread: one request,
-/// then one outcome. A waiting side parks (no spinning, no yielding, as a
-/// channel's receive would do first) and is woken with `unpark`, so each
-/// direction costs one wake-up.
-struct Exchange {
-    request: Mutex<Option<Request>>,
-    has_request: AtomicBool,
-    outcome: Mutex<Option<Outcome>>,
-    /// The thread waiting for the outcome.
-    worker: Mutex<Option<std::thread::Thread>>,
-    /// The worker is gone or gave the thread up: the thread ends.
-    closed: AtomicBool,
-    /// The thread ended (normally, or by a panic).
-    ended: AtomicBool,
-}
-
-impl Exchange {
-    fn lock<T>(mutex: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
-        mutex
-            .lock()
-            .unwrap_or_else(|poisoned| poisoned.into_inner())
-    }
-}
-
-/// Marks the exchange ended when the connection thread stops, even by a
-/// panic, so its worker does not wait for an outcome that cannot come.
-struct EndGuard(Arc<Exchange>);
-
-impl Drop for EndGuard {
-    fn drop(&mut self) {
-        self.0.ended.store(true, Ordering::SeqCst);
-        if let Some(worker) = Exchange::lock(&self.0.worker).as_ref() {
-            worker.unpark();
-        }
-    }
-}
-
-/// A connection thread as its worker sees it.
-struct Session {
-    exchange: Arc<Exchange>,
-    thread: std::thread::Thread,
-    deadline: Arc<Deadline>,
-    /// Delivered so far in a multi-transaction attempt, and who is left.
-    progress: Progress,
-    /// A connection is open on the thread, last used then.
-    open_since: Option<Instant>,
-}
-
-impl Session {
-    /// Hands a request to the thread.
-    fn post(&self, request: Request) {
-        {
-            let mut worker = Exchange::lock(&self.exchange.worker);
-            let current = std::thread::current();
-            if worker.as_ref().map(std::thread::Thread::id) != Some(current.id()) {
-                *worker = Some(current);
-            }
-        }
-        *Exchange::lock(&self.exchange.request) = Some(request);
-        self.exchange.has_request.store(true, Ordering::SeqCst);
-        self.thread.unpark();
-    }
-}
-
-impl Drop for Session {
-    fn drop(&mut self) {
-        self.exchange.closed.store(true, Ordering::SeqCst);
-        self.thread.unpark();
-    }
-}
-
-/// Delivers over SMTP through the worker's connection thread, keeping one
-/// connection open between messages.
+/// Delivers over SMTP on the calling thread, keeping one connection open
+/// between messages.
 pub struct SmtpSender {
     config: Arc<SessionConfig>,
-    abandoned: Arc<AtomicUsize>,
-    session: Option<Session>,
+    deadline: Arc<Deadline>,
+    open: Option<Open>,
+    /// When the connection was last used.
+    used_at: Option<Instant>,
+    current: Option<Current>,
 }
 
 impl SmtpSender {
-    pub(crate) fn new(config: Arc<SessionConfig>, abandoned: Arc<AtomicUsize>) -> SmtpSender {
+    pub(crate) fn new(config: Arc<SessionConfig>, lingering: Arc<AtomicUsize>) -> SmtpSender {
+        let deadline = Arc::new(Deadline::new(
+            config.settings.timeout,
+            lingering,
+            config.settings.endpoint(),
+        ));
         SmtpSender {
             config,
-            abandoned,
-            session: None,
+            deadline,
+            open: None,
+            used_at: None,
+            current: None,
         }
     }
 
-    /// See [`super::Transport::deliver`].
-    pub fn deliver(
+    /// A transport like this one, without its connection (for a worker
+    /// that replaces one given up at its deadline).
+    pub(crate) fn replacement(&self) -> SmtpSender {
+        SmtpSender::new(Arc::clone(&self.config), self.deadline.lingering_counter())
+    }
+
+    /// The deadline the supervisor watches.
+    pub fn deadline(&self) -> &Arc<Deadline> {
+        &self.deadline
+    }
+
+    /// True when [`SmtpSender::finish`] would carry another message's
+    /// envelope with this body (the relay offers PIPELINING, the body is
+    /// not large, and no further transaction of this message comes first).
+    pub fn wants_next(&self) -> bool {
+        let (Some(open), Some(current)) = (&self.open, &self.current) else {
+            return false;
+        };
+        open.extensions.pipelining
+            && !open.broken
+            && current.transaction.too_many.is_empty()
+            && current.message.content.len() <= LARGE_BODY
+    }
+
+    /// Starts an attempt: connects if needed and sends the envelope. See
+    /// [`super::Transport::begin`].
+    pub fn begin(
         &mut self,
         message: &Arc<OutgoingMessage>,
         recipients: &[String],
-        on_connect: &dyn Fn(),
-    ) -> Result<Delivered, DeliveryError> {
-        let session = match self.session.take() {
-            Some(session) => session,
-            None => self.spawn()?,
-        };
-        session.deadline.start_phase();
-        let every = recipients.len() == message.recipients.len()
-            && recipients.as_ptr() == message.recipients.as_ptr();
-        let request = Request::Deliver {
-            message: Arc::clone(message),
-            recipients: (!every).then(|| recipients.to_vec()),
-        };
-        session.post(request);
-        match wait(&session) {
-            Ok(outcome) => {
-                for _ in 0..outcome.connections_opened {
-                    on_connect();
-                }
-                let mut session = session;
-                session.open_since = Some(Instant::now());
-                self.session = Some(session);
-                outcome.result
-            }
-            Err(Waited::Disconnected) => Err(DeliveryError::transient(
-                "the SMTP connection thread ended unexpectedly".into(),
+        hooks: &Hooks<'_>,
+    ) -> Step {
+        if self.current.is_some() {
+            // An attempt left waiting for its body cannot be continued.
+            self.drop_connection();
+            self.current = None;
+        }
+        let step = self.start(message, recipients, None, hooks);
+        self.settle(&step);
+        step
+    }
+
+    /// Sends the body of the attempt begun last (and any further
+    /// transactions it needs); with `next`, begins that attempt too,
+    /// its envelope in the same write as the body when possible. See
+    /// [`super::Transport::finish`].
+    pub fn finish(
+        &mut self,
+        next: Option<(&Arc<OutgoingMessage>, &[String])>,
+        hooks: &Hooks<'_>,
+    ) -> (Result<Delivered, DeliveryError>, Option<Step>) {
+        let Some(mut current) = self.current.take() else {
+            let result = Err(DeliveryError::transient(
+                "no SMTP transaction was waiting for its body".into(),
                 false,
-            )),
-            Err(Waited::Deadline) => {
-                let partial = session
-                    .progress
-                    .lock()
-                    .unwrap_or_else(|poisoned| poisoned.into_inner())
-                    .take();
-                self.abandon(session);
-                let error = self.deadline_error();
-                match partial {
-                    // Earlier transactions of this attempt delivered.
-                    Some((delivered, pending)) if !delivered.accepted.is_empty() => {
-                        Ok(with_pending_deferred(delivered, pending, &error))
+            ));
+            let step = next.map(|(message, recipients)| self.begin(message, recipients, hooks));
+            return (result, step);
+        };
+        let mut chained: Option<(Sender, Prepared, Instant)> = None;
+        let result = loop {
+            let Some(open) = self.open.as_mut() else {
+                break Err(DeliveryError::transient(
+                    "the SMTP connection is gone".into(),
+                    false,
+                ));
+            };
+            if self.deadline.is_abandoned() {
+                // Closing without the final dot: the relay drops the
+                // transaction.
+                open.broken = true;
+                break Err(abandoned());
+            }
+            let last = current.transaction.too_many.is_empty();
+            let chain = match next {
+                Some((message, recipients))
+                    if last
+                        && open.extensions.pipelining
+                        && current.message.content.len() <= LARGE_BODY =>
+                {
+                    Sender::new(&open.smtp, message)
+                        .ok()
+                        .and_then(|sender| prepare(&sender, recipients).map(|p| (sender, p)))
+                }
+                _ => None,
+            };
+            let written_at = Instant::now();
+            let reply = open.body(
+                &current.message.content,
+                chain.as_ref().map(|(_, prepared)| prepared.text()),
+                &self.deadline,
+            );
+            chained = chain.map(|(sender, prepared)| (sender, prepared, written_at));
+            match self.after_body(current, reply, hooks) {
+                Step::Ready => match self.current.take() {
+                    Some(further) => current = further,
+                    None => break Err(DeliveryError::transient("lost track".into(), false)),
+                },
+                Step::Done(result) => break result,
+            }
+        };
+        let step = next.map(|(message, recipients)| match chained {
+            Some((sender, prepared, written_at)) => {
+                // The next transaction's time runs from when its commands went.
+                self.deadline.phase_started_at(written_at);
+                self.start(message, recipients, Some((sender, prepared)), hooks)
+            }
+            None => self.start(message, recipients, None, hooks),
+        });
+        match &step {
+            Some(step) => self.settle(step),
+            None => self.settle(&Step::Done(Ok(Delivered::default()))),
+        }
+        (result, step)
+    }
+
+    /// After a step: a broken connection is dropped; with nothing waiting,
+    /// no deadline runs.
+    fn settle(&mut self, step: &Step) {
+        if self.open.as_ref().is_some_and(|open| open.broken) {
+            self.drop_connection();
+        }
+        if self.open.is_some() {
+            self.used_at = Some(Instant::now());
+        }
+        if matches!(step, Step::Done(_)) {
+            self.current = None;
+            self.deadline.idle();
+        }
+    }
+
+    /// Connects (if needed) and sends the envelope, or reads the replies
+    /// of one that went out behind a body (`prepared`). A dead pooled
+    /// connection found before the body went is not an attempt: the
+    /// envelope goes again on a fresh one.
+    fn start(
+        &mut self,
+        message: &Arc<OutgoingMessage>,
+        recipients: &[String],
+        prepared: Option<(Sender, Prepared)>,
+        hooks: &Hooks<'_>,
+    ) -> Step {
+        let (reused, sender, result) = match prepared {
+            Some((sender, prepared)) => {
+                let result = match self.open.as_mut() {
+                    Some(open) if !open.broken => {
+                        read_prepared(open, prepared, recipients, &self.deadline)
                     }
-                    _ => Err(error),
+                    _ => Err(Failure {
+                        error: DeliveryError::transient("connection closed".into(), false),
+                        stage: Stage::Mail,
+                        connection_dead: true,
+                    }),
+                };
+                (true, sender, result)
+            }
+            None => {
+                let reused = self.open.as_ref().is_some_and(|open| !open.broken);
+                if !reused {
+                    self.drop_connection();
+                    if let Err(error) = self.connect(hooks) {
+                        return Step::Done(Err(error));
+                    }
+                }
+                match self.transaction_start(message, recipients) {
+                    Ok((sender, result)) => (reused, sender, result),
+                    Err(failure) => return Step::Done(Err(failure.error)),
+                }
+            }
+        };
+        let (sender, result) = match result {
+            Err(failure) if reused && failure.is_dead_on_reuse() => {
+                // The relay closed the idle connection or said 421 on reuse:
+                // not the message's fault, and not an attempt.
+                log::debug!(
+                    "message {}: reused SMTP connection is dead ({}), reconnecting",
+                    message.id,
+                    failure.error
+                );
+                self.drop_connection();
+                if let Err(error) = self.connect(hooks) {
+                    return Step::Done(Err(error));
+                }
+                match self.transaction_start(message, recipients) {
+                    Ok(started) => started,
+                    Err(failure) => return Step::Done(Err(failure.error)),
+                }
+            }
+            other => (sender, other),
+        };
+        let current = Current {
+            message: Arc::clone(message),
+            sender,
+            delivered: Delivered::default(),
+            first: true,
+            pending: Vec::new(),
+            transaction: Transaction::default(),
+        };
+        self.after_envelope(current, recipients, result)
+    }
+
+    /// The first transaction's envelope on the open connection.
+    fn transaction_start(
+        &mut self,
+        message: &OutgoingMessage,
+        recipients: &[String],
+    ) -> Result<(Sender, Result<Transaction, Failure>), Failure> {
+        let Some(open) = self.open.as_mut() else {
+            return Err(Failure::local(DeliveryError::transient(
+                "no SMTP connection".into(),
+                true,
+            )));
+        };
+        let sender = Sender::new(&open.smtp, message)?;
+        self.deadline.start_phase();
+        let result = envelope(open, &sender, recipients, &self.deadline);
+        Ok((sender, result))
+    }
+
+    /// After a transaction's envelope: ready for the body, or done.
+    fn after_envelope(
+        &mut self,
+        mut current: Current,
+        recipients: &[String],
+        result: Result<Transaction, Failure>,
+    ) -> Step {
+        match result {
+            Ok(transaction) if transaction.ready => {
+                current.transaction = transaction;
+                self.current = Some(current);
+                Step::Ready
+            }
+            Ok(transaction) => {
+                // No recipient accepted in this transaction: those it could
+                // not ask for because of a limit are deferred with it.
+                let mut delivered = current.delivered;
+                delivered.refused.extend(transaction.refused);
+                delivered.deferred.extend(transaction.deferred);
+                if let Some(reply) = transaction.limit_reply {
+                    delivered
+                        .deferred
+                        .extend(transaction.too_many.into_iter().map(|recipient| {
+                            RecipientRefusal {
+                                recipient,
+                                reply: reply.clone(),
+                            }
+                        }));
+                }
+                Step::Done(Ok(delivered))
+            }
+            Err(failure) => {
+                if failure.stage != Stage::Local {
+                    self.reset();
+                }
+                if current.first {
+                    Step::Done(Err(failure.error))
+                } else {
+                    Step::Done(Ok(with_failed(current.delivered, recipients, &failure)))
                 }
             }
         }
     }
 
-    fn deadline_error(&self) -> DeliveryError {
-        DeliveryError::transient(
-            format!(
-                "timed out: {} did not finish within {} ms (MAILROOM_SMTP_TIMEOUT_MS); connection abandoned",
-                self.config.settings.endpoint(),
-                self.config.settings.timeout.as_millis()
-            ),
-            true,
-        )
+    /// After a body's reply: done, or a further transaction for the
+    /// recipients the relay's limit left out (ready for its body, or done).
+    fn after_body(
+        &mut self,
+        current: Current,
+        reply: Result<lettre::transport::smtp::response::Response, lettre::transport::smtp::Error>,
+        hooks: &Hooks<'_>,
+    ) -> Step {
+        let Current {
+            message,
+            sender,
+            mut delivered,
+            first,
+            pending,
+            transaction,
+        } = current;
+        let response = match reply {
+            Ok(response) => response,
+            Err(error) => {
+                let failure = match self.open.as_ref() {
+                    Some(open) => open.failure(error, Stage::Body),
+                    None => Failure::local(DeliveryError::transient(error.to_string(), true)),
+                };
+                return if first {
+                    Step::Done(Err(failure.error))
+                } else {
+                    Step::Done(Ok(with_failed(delivered, &pending, &failure)))
+                };
+            }
+        };
+        delivered.accepted.extend(transaction.accepted);
+        delivered.refused.extend(transaction.refused);
+        delivered.deferred.extend(transaction.deferred);
+        delivered.reply = Some(reply_of(&response));
+        if transaction.too_many.is_empty() {
+            return Step::Done(Ok(delivered));
+        }
+        // A further transaction on the same connection for the rest; what
+        // is delivered so far is known to the pool first, so that a
+        // deadline in it does not lose it.
+        let pending = transaction.too_many;
+        (hooks.progress)(&message.id, &delivered, &pending);
+        let mut current = Current {
+            message,
+            sender,
+            delivered,
+            first: false,
+            pending,
+            transaction: Transaction::default(),
+        };
+        let result = match self.open.as_mut() {
+            Some(open) if !open.broken => {
+                self.deadline.start_phase();
+                envelope(open, &current.sender, &current.pending, &self.deadline)
+            }
+            _ => Err(Failure {
+                error: DeliveryError::transient("the SMTP connection broke".into(), true),
+                stage: Stage::Mail,
+                connection_dead: true,
+            }),
+        };
+        let pending = std::mem::take(&mut current.pending);
+        current.pending = pending.clone();
+        self.after_envelope(current, &pending, result)
     }
 
-    /// Gives a connection thread up: it ends on its own.
-    fn abandon(&self, session: Session) {
-        session.deadline.abandoned.store(true, Ordering::SeqCst);
-        let lingering = self.abandoned.fetch_add(1, Ordering::SeqCst) + 1;
-        log::warn!(
-            "SMTP session with {} abandoned at its deadline ({lingering} abandoned sessions still waiting on the relay)",
-            self.config.settings.endpoint()
-        );
-        drop(session);
+    fn reset(&mut self) {
+        if let Some(open) = self.open.as_mut() {
+            open.reset(&self.deadline);
+        }
     }
 
-    fn spawn(&self) -> Result<Session, DeliveryError> {
-        let lingering = self.abandoned.load(Ordering::SeqCst);
+    fn connect(&mut self, hooks: &Hooks<'_>) -> Result<(), DeliveryError> {
+        let endpoint = || self.config.settings.endpoint();
+        if self.deadline.is_abandoned() {
+            return Err(abandoned());
+        }
+        let lingering = self.deadline.lingering();
         if lingering >= MAX_ABANDONED {
             return Err(DeliveryError::transient(
                 format!(
                     "{lingering} SMTP sessions with {} are still stuck after their deadline; not opening more",
-                    self.config.settings.endpoint()
+                    endpoint()
                 ),
                 true,
             ));
         }
-        let exchange = Arc::new(Exchange {
-            request: Mutex::new(None),
-            has_request: AtomicBool::new(false),
-            outcome: Mutex::new(None),
-            worker: Mutex::new(None),
-            closed: AtomicBool::new(false),
-            ended: AtomicBool::new(false),
-        });
-        let deadline = Arc::new(Deadline::new(self.config.settings.timeout));
-        let progress = Arc::new(Mutex::new(None));
-        let thread = Thread {
-            config: Arc::clone(&self.config),
-            exchange: Arc::clone(&exchange),
-            deadline: Arc::clone(&deadline),
-            progress: Arc::clone(&progress),
-            lingering: Arc::clone(&self.abandoned),
-        };
-        let handle = std::thread::Builder::new()
-            .name("smtp-session".into())
-            .stack_size(SESSION_STACK)
-            .spawn(move || thread.run())
-            .map_err(|error| {
-                DeliveryError::transient(
-                    format!("cannot start an SMTP connection thread: {error}"),
-                    false,
-                )
-            })?;
-        Ok(Session {
-            exchange,
-            thread: handle.thread().clone(),
-            deadline,
-            progress,
-            open_since: None,
-        })
+        self.deadline.start_phase();
+        let config = &self.config;
+        let (smtp, extensions) = smtp::connect(
+            &config.settings,
+            config.tls.as_ref(),
+            &config.hello,
+            &mut |_| {},
+        )?;
+        (hooks.connected)();
+        if self.deadline.is_abandoned() {
+            return Err(abandoned());
+        }
+        config
+            .capabilities
+            .record(capabilities_of(&smtp, extensions));
+        self.open = Some(Open::new(smtp, config.settings.timeout, extensions));
+        Ok(())
+    }
+
+    /// Closes the connection without a word (its state is unknown).
+    fn drop_connection(&mut self) {
+        self.open = None;
+        self.used_at = None;
     }
 
     /// Closes the connection when idle for `limit` or longer.
     pub(crate) fn close_if_idle(&mut self, limit: Duration) {
-        let idle = self
-            .session
-            .as_ref()
-            .and_then(|session| session.open_since)
-            .is_some_and(|since| since.elapsed() >= limit);
-        if idle {
+        if self.current.is_none() && self.used_at.is_some_and(|at| at.elapsed() >= limit) {
             self.close();
         }
     }
 
     /// Says QUIT and closes the connection, within the SMTP timeout.
     pub fn close(&mut self) {
-        let Some(mut session) = self.session.take() else {
+        let Some(mut open) = self.open.take() else {
             return;
         };
-        if session.open_since.is_none() {
-            self.session = Some(session);
-            return;
-        }
-        session.deadline.start_phase();
-        session.post(Request::Close);
-        match wait(&session) {
-            Ok(_) => {
-                session.open_since = None;
-                self.session = Some(session);
-            }
-            Err(Waited::Deadline) => self.abandon(session),
-            Err(Waited::Disconnected) => {}
+        self.used_at = None;
+        self.current = None;
+        if !open.broken && !self.deadline.is_abandoned() {
+            self.deadline.start_phase();
+            let _ = open.send(lettre::transport::smtp::commands::Quit, &self.deadline);
+            self.deadline.idle();
         }
     }
 }
 
 impl Drop for SmtpSender {
     fn drop(&mut self) {
-        self.close();
-    }
-}
-
-enum Waited {
-    Deadline,
-    Disconnected,
-}
-
-/// Waits for the thread's outcome until the deadline in force (which the
-/// thread moves forward at each new phase).
-fn wait(session: &Session) -> Result<Outcome, Waited> {
-    let exchange = &session.exchange;
-    loop {
-        if let Some(outcome) = Exchange::lock(&exchange.outcome).take() {
-            return Ok(outcome);
-        }
-        if exchange.ended.load(Ordering::SeqCst) {
-            return Err(Waited::Disconnected);
-        }
-        let now = Instant::now();
-        let deadline = session.deadline.instant();
-        if now >= deadline {
-            return Err(Waited::Deadline);
-        }
-        std::thread::park_timeout(deadline - now);
-    }
-}
-
-/// What earlier transactions delivered, the rest deferred with `error`.
-fn with_pending_deferred(
-    mut delivered: Delivered,
-    pending: Vec<String>,
-    error: &DeliveryError,
-) -> Delivered {
-    let reply = SmtpReply {
-        code: 421,
-        text: format!("4.4.2 {}", error.detail),
-    };
-    delivered
-        .deferred
-        .extend(pending.into_iter().map(|recipient| RecipientRefusal {
-            recipient,
-            reply: reply.clone(),
-        }));
-    delivered
-}
-
-/// The connection thread.
-struct Thread {
-    config: Arc<SessionConfig>,
-    exchange: Arc<Exchange>,
-    deadline: Arc<Deadline>,
-    progress: Progress,
-    lingering: Arc<AtomicUsize>,
-}
-
-impl Thread {
-    /// The worker's next request; `None` once the worker is gone. Parks
-    /// while there is none: staying awake for the next one (spinning for
-    /// a few tens of microseconds) cost more CPU than it saved in
-    /// `benches/deliver` on this 2-core machine.
-    fn next_request(&self) -> Option<Request> {
-        let exchange = &self.exchange;
-        loop {
-            if exchange.has_request.swap(false, Ordering::SeqCst) {
-                if let Some(request) = Exchange::lock(&exchange.request).take() {
-                    return Some(request);
-                }
-            }
-            if exchange.closed.load(Ordering::SeqCst) {
-                return None;
-            }
-            std::thread::park();
-        }
-    }
-
-    fn reply(&self, outcome: Outcome) {
-        *Exchange::lock(&self.exchange.outcome) = Some(outcome);
-        if let Some(worker) = Exchange::lock(&self.exchange.worker).as_ref() {
-            worker.unpark();
-        }
-    }
-
-    fn run(self) {
-        let _end = EndGuard(Arc::clone(&self.exchange));
-        let mut open: Option<Open> = None;
-        while let Some(request) = self.next_request() {
-            let outcome = match request {
-                Request::Deliver {
-                    message,
-                    recipients,
-                } => {
-                    let recipients = recipients.as_deref().unwrap_or(&message.recipients);
-                    self.deliver(&mut open, &message, recipients)
-                }
-                Request::Close => {
-                    if let Some(mut open) = open.take() {
-                        let _ = open.smtp.quit();
-                        open.smtp.abort();
-                    }
-                    Outcome {
-                        result: Ok(Delivered::default()),
-                        connections_opened: 0,
-                    }
-                }
-            };
-            if self.exchange.closed.load(Ordering::SeqCst) {
-                break;
-            }
-            self.reply(outcome);
-        }
-        if let Some(mut open) = open.take() {
-            if !self.deadline.abandoned() {
-                let _ = open.smtp.quit();
-            }
-            open.smtp.abort();
-        }
-        if self.deadline.abandoned() {
-            self.lingering.fetch_sub(1, Ordering::SeqCst);
-        }
-    }
-
-    fn connect(&self) -> Result<Open, DeliveryError> {
-        self.deadline.start_phase();
-        let config = &self.config;
-        let smtp = connect_with_report(
-            &config.settings,
-            config.tls.as_ref(),
-            &config.hello,
-            &mut |_| {},
-        )?;
-        config.capabilities.record(capabilities_of(&smtp));
-        // The transaction that follows has its own full budget.
-        self.deadline.start_phase();
-        Ok(Open::new(smtp, config.settings.timeout))
-    }
-
-    fn deliver(
-        &self,
-        slot: &mut Option<Open>,
-        message: &OutgoingMessage,
-        recipients: &[String],
-    ) -> Outcome {
-        let mut opened = 0;
-        let reused = slot.is_some();
-        let mut open = match slot.take() {
-            Some(open) => open,
-            None => match self.connect() {
-                Ok(open) => {
-                    opened += 1;
-                    open
-                }
-                Err(error) => {
-                    return Outcome {
-                        result: Err(error),
-                        connections_opened: opened,
-                    }
-                }
-            },
-        };
-        let progress = |delivered: &Delivered, pending: &[String]| {
-            *self
-                .progress
-                .lock()
-                .unwrap_or_else(|poisoned| poisoned.into_inner()) =
-                Some((delivered.clone(), pending.to_vec()));
-        };
-        let mut result = attempt(&mut open, message, recipients, &self.deadline, &progress);
-        if reused {
-            if let Err(failure) = &result {
-                if is_dead_on_reuse(failure) {
-                    // The relay closed the idle connection or said 421 on
-                    // reuse: not the message's fault, and not an attempt.
-                    log::debug!(
-                        "message {}: reused SMTP connection is dead ({}), reconnecting",
-                        message.id,
-                        failure.error
-                    );
-                    open.smtp.abort();
-                    open = match self.connect() {
-                        Ok(fresh) => {
-                            opened += 1;
-                            fresh
-                        }
-                        Err(error) => {
-                            return Outcome {
-                                result: Err(error),
-                                connections_opened: opened,
-                            }
-                        }
-                    };
-                    result = attempt(&mut open, message, recipients, &self.deadline, &progress);
-                }
-            }
-        }
-        self.progress
-            .lock()
-            .unwrap_or_else(|poisoned| poisoned.into_inner())
-            .take();
-        let result = match result {
-            Ok(delivered) => Ok(delivered),
-            Err(failure) => {
-                if failure.stage != Stage::Local {
-                    open.reset(&self.deadline);
-                }
-                Err(failure.error)
-            }
-        };
-        if open.broken {
-            open.smtp.abort();
+        if self.deadline.is_abandoned() {
+            self.drop_connection();
+            self.deadline.release();
         } else {
-            *slot = Some(open);
-        }
-        Outcome {
-            result,
-            connections_opened: opened,
+            self.close();
         }
     }
 }
 
-fn is_dead_on_reuse(failure: &Failure) -> bool {
-    failure.connection_dead && failure.stage != Stage::Body && failure.stage != Stage::Local
+/// What earlier transactions delivered, with the recipients of a further
+/// one that failed refused or deferred with its reply (or a local `421
+/// 4.4.2` naming the failure when there was no reply): those already
+/// accepted must not be sent again.
+fn with_failed(mut delivered: Delivered, recipients: &[String], failure: &Failure) -> Delivered {
+    let reply = failure.error.reply.clone().unwrap_or_else(|| SmtpReply {
+        code: 421,
+        text: format!("4.4.2 no reply from the relay: {}", failure.error.detail),
+    });
+    let refusals = recipients.iter().map(|recipient| RecipientRefusal {
+        recipient: recipient.clone(),
+        reply: reply.clone(),
+    });
+    match failure.error.kind {
+        FailureKind::Permanent => delivered.refused.extend(refusals),
+        _ => delivered.deferred.extend(refusals),
+    }
+    delivered
+}
+
+/// The outcome of an attempt given up at its deadline: what earlier
+/// transactions of it delivered (told through [`Hooks::progress`]), the
+/// rest deferred with the timeout; or the timeout itself.
+pub fn abandoned_outcome(
+    deadline: &Deadline,
+    progress: Option<(Delivered, Vec<String>)>,
+) -> Result<Delivered, DeliveryError> {
+    let error = deadline.timeout_error();
+    match progress {
+        Some((mut delivered, pending)) if !delivered.accepted.is_empty() => {
+            let reply = SmtpReply {
+                code: 421,
+                text: format!("4.4.2 {}", error.detail),
+            };
+            delivered
+                .deferred
+                .extend(pending.into_iter().map(|recipient| RecipientRefusal {
+                    recipient,
+                    reply: reply.clone(),
+                }));
+            Ok(delivered)
+        }
+        _ => Err(error),
+    }
 }
 
 /// `mailroom --check --smtp` on a thread of its own, bounded like a

@@ -1,6 +1,7 @@
 //! Peers that mailroom's tests and benchmarks talk to over real sockets,
 //! written once and shared: certificates for TLS, a small HTTP/1.1 client,
-//! the HTTP load generator of the benchmarks, a webhook receiver that checks
+//! the HTTP load generator of the benchmarks, a latency proxy that makes
+//! loopback behave like a distant link, a webhook receiver that checks
 //! signatures, a real browser (headless Chromium over WebDriver), a strict
 //! SMTP relay with fault injection, temporary directories.
 //!
@@ -9,6 +10,7 @@
 
 pub mod certs;
 pub mod http;
+pub mod latency;
 pub mod load;
 pub mod redis;
 pub mod smtp;

@@ -13,7 +13,10 @@
 //! Pipelining: replies are written out only when no more input is
 //! buffered, so a client that sends a group of commands in one write gets
 //! its replies in order, in one write; one that waits for each reply gets
-//! it at once.
+//! it at once. Without PIPELINING offered, a command that arrives with
+//! more input behind it (the client did not wait for its reply) is
+//! refused with `503 5.5.0 improper use of SMTP command pipelining` and
+//! counted ([`StrictRelay::improper_pipelining`]).
 
 use std::collections::{HashMap, VecDeque};
 use std::io::{self, Read, Write};
@@ -133,6 +136,9 @@ struct Faults {
     /// While true, the end of DATA waits (a stalled relay).
     stall_data_end: bool,
     after_message: AfterMessage,
+    /// In the next transaction, close the connection when this many
+    /// recipients were answered and another RCPT TO arrives.
+    close_after_recipients: Option<usize>,
 }
 
 struct State {
@@ -150,6 +156,7 @@ struct State {
     stalled_sessions: AtomicUsize,
     gate_open: Mutex<bool>,
     gate: Condvar,
+    improper_pipelining: AtomicUsize,
 }
 
 impl State {
@@ -199,6 +206,7 @@ impl StrictRelay {
             unstalled: Condvar::new(),
             stalled_sessions: AtomicUsize::new(0),
             gate: Condvar::new(),
+            improper_pipelining: AtomicUsize::new(0),
         });
         let accepting = Arc::clone(&state);
         std::thread::Builder::new()
@@ -287,6 +295,11 @@ impl StrictRelay {
             .insert(address.to_string(), (code, text.to_string()));
     }
 
+    /// RCPT TO for `address` is accepted again.
+    pub fn accept_recipient(&self, address: &str) {
+        self.state.faults().refused_recipients.remove(address);
+    }
+
     /// After `limit` accepted recipients, each further RCPT TO in the same
     /// transaction gets `452 4.5.3 Too many recipients`; `None` lifts it.
     pub fn limit_recipients(&self, limit: Option<usize>) {
@@ -315,6 +328,20 @@ impl StrictRelay {
     /// What happens to a connection after each accepted message.
     pub fn after_message(&self, behaviour: AfterMessage) {
         self.state.faults().after_message = behaviour;
+    }
+
+    /// In the next transaction (on any connection), once `recipients`
+    /// RCPT TOs were answered, the next RCPT TO makes the relay send the
+    /// replies it has and close the connection (a relay that dies in the
+    /// middle of a pipelined group). Happens once.
+    pub fn close_after_recipients(&self, recipients: usize) {
+        self.state.faults().close_after_recipients = Some(recipients);
+    }
+
+    /// Commands refused because they were pipelined while PIPELINING was
+    /// not offered, in all.
+    pub fn improper_pipelining(&self) -> usize {
+        self.state.improper_pipelining.load(Ordering::SeqCst)
     }
 
     /// Lets held sessions (and later ones) proceed.
@@ -426,6 +453,11 @@ impl<S: Read + Write> Connection<S> {
         }
     }
 
+    /// More input is already buffered (the client did not wait).
+    fn has_buffered(&self) -> bool {
+        self.start < self.end
+    }
+
     fn reply(&mut self, text: &str) {
         self.output.extend_from_slice(text.as_bytes());
         self.output.extend_from_slice(b"\r\n");
@@ -519,6 +551,8 @@ struct Transaction {
     recipients: Vec<String>,
     smtputf8: bool,
     eightbit: bool,
+    /// RCPT TO commands answered.
+    answered: usize,
 }
 
 fn session<S: Read + Write>(
@@ -548,6 +582,11 @@ fn session<S: Read + Write>(
         }
         if line.too_long {
             connection.reply("500 5.5.2 Line too long");
+            continue;
+        }
+        if !options.pipelining && connection.has_buffered() {
+            state.improper_pipelining.fetch_add(1, Ordering::SeqCst);
+            connection.reply("503 5.5.0 improper use of SMTP command pipelining");
             continue;
         }
         let Some(command) = line.content() else {
@@ -628,6 +667,7 @@ fn session<S: Read + Write>(
                     recipients: Vec::new(),
                     smtputf8: options.smtputf8 && has_parameter(command, b"SMTPUTF8"),
                     eightbit: options.eightbitmime && has_parameter(command, b"BODY=8BITMIME"),
+                    answered: 0,
                 };
                 connection.reply("250 2.1.0 sender ok");
             }
@@ -640,7 +680,16 @@ fn session<S: Read + Write>(
                     connection.reply("501 5.5.4 syntax: RCPT TO:<address>");
                     continue;
                 };
-                let faults = state.faults();
+                let mut faults = state.faults();
+                if let Some(limit) = faults.close_after_recipients {
+                    if transaction.answered >= limit {
+                        faults.close_after_recipients = None;
+                        drop(faults);
+                        connection.flush()?;
+                        return Ok(Ended::Closed);
+                    }
+                }
+                transaction.answered += 1;
                 if let Some((code, reply)) = faults.refused_recipients.get(&address) {
                     let reply = format!("{code} {reply}");
                     drop(faults);
@@ -981,6 +1030,31 @@ mod tests {
         let received = relay.received();
         assert_eq!(received[0].recipients, vec!["b@example.org"]);
         assert_eq!(received[0].data, b"Subject: x\r\n\r\n.dot\r\n");
+    }
+
+    #[test]
+    fn pipelining_unless_offered_is_refused_and_a_group_can_be_cut() {
+        let relay = StrictRelay::start(RelayOptions::default());
+        let mut client = Client::connect(&relay);
+        assert!(!client.command("EHLO client").contains("PIPELINING"));
+        client.send(b"MAIL FROM:<a@example.com>\r\nRCPT TO:<b@example.org>\r\n");
+        assert!(client.reply().starts_with("503 5.5.0 improper"));
+        assert!(client.reply().starts_with("503 5.5.1 need MAIL"));
+        assert_eq!(relay.improper_pipelining(), 1);
+
+        let relay = StrictRelay::start(RelayOptions {
+            pipelining: true,
+            ..RelayOptions::default()
+        });
+        relay.close_after_recipients(1);
+        let mut client = Client::connect(&relay);
+        client.command("EHLO client");
+        client.send(b"MAIL FROM:<a@example.com>\r\nRCPT TO:<b@example.org>\r\nRCPT TO:<c@example.org>\r\nDATA\r\n");
+        assert!(client.reply().starts_with("250 "));
+        assert!(client.reply().starts_with("250 "));
+        let mut rest = String::new();
+        assert_eq!(client.reader.read_line(&mut rest).unwrap(), 0, "{rest}");
+        assert_eq!(relay.improper_pipelining(), 0);
     }
 
     #[test]
