@@ -113,6 +113,10 @@ struct Inner {
     finished: VecDeque<(u64, u128)>,
     next_retirement: u64,
     keys: HashMap<String, KeyBinding>,
+    /// Threads in [`Index::wait_finished`]: a finish wakes them only when
+    /// there are some (a condvar's notify is a system call even without
+    /// waiters, and every delivery finishes a message).
+    finish_waiters: usize,
 }
 
 /// All statuses, behind one lock (each operation is a few map lookups).
@@ -251,28 +255,47 @@ impl Index {
     }
 
     /// Records a status, new or replacing the one with the same id.
-    /// Returns false for an id that is not a message id.
+    /// Returns how many events the replaced status had (0 for a new one),
+    /// or `None` for an id that is not a message id.
     pub(crate) fn put(
         &self,
         record: StatusRecord,
         dead_letter: Option<Arc<OutgoingMessage>>,
-    ) -> bool {
-        let Some(key) = id_key(&record.id) else {
-            return false;
-        };
+    ) -> Option<u64> {
+        let key = id_key(&record.id)?;
+        // Declared before the guard, so the replaced status is dropped
+        // after the lock is released: every worker's finish takes this lock.
+        let replaced: (Option<StatusRecord>, Option<Arc<OutgoingMessage>>);
         let mut inner = self.lock();
         let after = record.state();
-        let before = match inner.entries.get(&key).map(|entry| entry.record.clone()) {
-            Some(old) => {
-                inner.unlink(key, &old);
-                inner.link(key, &record);
-                if let Some(entry) = inner.entries.get_mut(&key) {
-                    entry.record = record;
-                    entry.dead_letter = dead_letter;
+        let existing = inner.entries.get(&key).map(|entry| {
+            let old = &entry.record;
+            let same_places = old.tags == record.tags && old.recipients == record.recipients;
+            (old.state(), old.events_total, same_places)
+        });
+        let (before, events_before) = match existing {
+            Some((before, events_before, same_places)) => {
+                if !same_places {
+                    let old = inner.entries.get(&key).map(|entry| entry.record.clone());
+                    if let Some(old) = old {
+                        inner.unlink(key, &old);
+                    }
+                    inner.link(key, &record);
+                } else if before != after {
+                    remove_from(&mut inner.by_state, &before, key);
+                    inner.by_state.entry(after).or_default().insert(key);
                 }
-                old.state()
+                replaced = match inner.entries.get_mut(&key) {
+                    Some(entry) => (
+                        Some(std::mem::replace(&mut entry.record, record)),
+                        std::mem::replace(&mut entry.dead_letter, dead_letter),
+                    ),
+                    None => (None, None),
+                };
+                (before, events_before)
             }
             None => {
+                replaced = (None, None);
                 inner.link(key, &record);
                 inner.entries.insert(
                     key,
@@ -283,13 +306,15 @@ impl Index {
                     },
                 );
                 // As if it had been live: a finished one joins the queue.
-                State::Queued
+                (State::Queued, 0)
             }
         };
-        if inner.retirement(key, before, after, self.retention) {
+        if inner.retirement(key, before, after, self.retention) && inner.finish_waiters > 0 {
             self.finished.notify_all();
         }
-        true
+        drop(inner);
+        drop(replaced);
+        Some(events_before)
     }
 
     /// Changes a message's status in place, when `allowed` accepts its
@@ -303,6 +328,7 @@ impl Index {
         change: impl FnOnce(&mut StatusRecord) -> R,
     ) -> Result<R, Option<State>> {
         let key = id_key(id).ok_or(None)?;
+        let now = to_millis(SystemTime::now());
         let mut inner = self.lock();
         let Some(entry) = inner.entries.get_mut(&key) else {
             return Err(None);
@@ -312,8 +338,8 @@ impl Index {
             return Err(Some(before));
         }
         let result = change(&mut entry.record);
-        entry.record.updated_at_ms = to_millis(SystemTime::now());
-        if inner.restate(key, before, self.retention) {
+        entry.record.updated_at_ms = now;
+        if inner.restate(key, before, self.retention) && inner.finish_waiters > 0 {
             self.finished.notify_all();
         }
         Ok(result)
@@ -326,18 +352,6 @@ impl Index {
             .entries
             .get(&key)
             .map(|entry| entry.record.clone())
-    }
-
-    /// How many events a message has had (0 for an unknown one).
-    pub(crate) fn events_total(&self, id: &str) -> u64 {
-        id_key(id)
-            .and_then(|key| {
-                self.lock()
-                    .entries
-                    .get(&key)
-                    .map(|entry| entry.record.events_total)
-            })
-            .unwrap_or(0)
     }
 
     /// The content kept for a failed message in memory mode.
@@ -359,11 +373,13 @@ impl Index {
             if record.state().is_finished() || left.is_zero() {
                 return Some(record);
             }
+            inner.finish_waiters += 1;
             inner = self
                 .finished
                 .wait_timeout(inner, left)
                 .unwrap_or_else(|poisoned| poisoned.into_inner())
                 .0;
+            inner.finish_waiters -= 1;
         }
     }
 

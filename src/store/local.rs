@@ -243,17 +243,19 @@ impl Core {
 
     /// Shows a recorded change: the index first, then the observers.
     fn show(&self, status: StatusRecord, dead_letter: Option<Arc<OutgoingMessage>>) {
-        let before = self.index.events_total(&status.id);
         let observers = self
             .observers
             .read()
             .unwrap_or_else(|poisoned| poisoned.into_inner());
-        if observers.is_empty() || status.events_total <= before {
+        if observers.is_empty() {
             self.index.put(status, dead_letter);
             return;
         }
         let noted = status.clone();
-        self.index.put(status, dead_letter);
+        let before = self.index.put(status, dead_letter).unwrap_or(0);
+        if noted.events_total <= before {
+            return;
+        }
         let new_events: Vec<&Event> = noted.events_since(before).collect();
         for observer in observers.iter() {
             observer.changed(&noted, &new_events);
