@@ -192,7 +192,7 @@ fn main() {
     let (idle, _) = service.memory();
     let mut later: serde_json::Value = serde_json::from_str(&one_kb_json()).expect("JSON");
     let send_at = std::time::SystemTime::now() + Duration::from_secs(7 * 24 * 3600);
-    later["send_at"] = serde_json::Value::String(rfc3339(send_at));
+    later["send_at"] = serde_json::Value::String(mailroom_testkit::time::rfc3339(send_at));
     let body = later.to_string();
     let request = post_request("/api/mail", &body);
     let started = Instant::now();
@@ -217,30 +217,6 @@ fn main() {
     );
     service.stop();
     let _ = std::fs::remove_dir_all(&directory);
-}
-
-/// RFC 3339 in UTC, to the second.
-fn rfc3339(at: std::time::SystemTime) -> String {
-    let seconds = at
-        .duration_since(std::time::UNIX_EPOCH)
-        .map_or(0, |since| since.as_secs());
-    let (days, rest) = (seconds / 86_400, seconds % 86_400);
-    // Civil date from days since 1970-01-01 (Howard Hinnant's algorithm).
-    let z = days as i64 + 719_468;
-    let era = z.div_euclid(146_097);
-    let doe = z.rem_euclid(146_097);
-    let yoe = (doe - doe / 1_460 + doe / 36_524 - doe / 146_096) / 365;
-    let doy = doe - (365 * yoe + yoe / 4 - yoe / 100);
-    let mp = (5 * doy + 2) / 153;
-    let day = doy - (153 * mp + 2) / 5 + 1;
-    let month = if mp < 10 { mp + 3 } else { mp - 9 };
-    let year = yoe + era * 400 + i64::from(month <= 2);
-    format!(
-        "{year:04}-{month:02}-{day:02}T{:02}:{:02}:{:02}Z",
-        rest / 3600,
-        rest % 3600 / 60,
-        rest % 60
-    )
 }
 
 /// A request with one attachment of `size` pseudo-random bytes.

@@ -724,6 +724,17 @@ fn parse_smtp_url(
     Ok(settings)
 }
 
+/// The default [`VARIABLES`] gives for `name` (tests check the parsed
+/// defaults against it, so `--help` cannot drift from the code).
+#[cfg(test)]
+pub(crate) fn documented_default(name: &str) -> &'static str {
+    VARIABLES
+        .iter()
+        .find(|(variable, _, _)| *variable == name)
+        .and_then(|(_, default, _)| *default)
+        .unwrap_or_else(|| panic!("{name} is not in VARIABLES"))
+}
+
 /// Variables read that are not in [`VARIABLES`] (set by systemd, or the
 /// general ones every program reads).
 const OTHER_KNOWN: &[&str] = &["STATE_DIRECTORY", "NOTIFY_SOCKET", "MAILROOM_ALLOW_NO_AUTH"];
@@ -934,14 +945,8 @@ mod tests {
 
     #[test]
     fn defaults_match_what_help_says() {
+        let default = documented_default;
         let parsed = config(&[]).unwrap();
-        let default = |name: &str| {
-            VARIABLES
-                .iter()
-                .find(|(variable, _, _)| *variable == name)
-                .and_then(|(_, default, _)| *default)
-                .unwrap_or_else(|| panic!("{name} is not in VARIABLES"))
-        };
         let ms = |duration: Duration| duration.as_millis().to_string();
         for (name, value) in [
             ("MAILROOM_WORKERS", parsed.workers.to_string()),

@@ -297,11 +297,14 @@ impl Handlers {
             Some(length),
             None,
         );
-        let content_type = ("Content-Type", reply.content_type.to_string());
-        let close = ("Connection", "close".to_string());
-        let headers = std::iter::once(&content_type)
-            .chain(&reply.headers)
-            .chain(reply.close.then_some(&close));
+        let headers = std::iter::once(("Content-Type", reply.content_type))
+            .chain(
+                reply
+                    .headers
+                    .iter()
+                    .map(|(name, value)| (*name, value.as_str())),
+            )
+            .chain(reply.close.then_some(("Connection", "close")));
         for (name, value) in headers {
             // Our names and values are constants and numbers; the fork
             // refuses anything that could break the answer.

@@ -324,12 +324,17 @@ fn read_body(exchange: &Exchange<'_>, request: &mut Request) -> Result<actions::
     }
 }
 
-fn parse_request(exchange: &Exchange<'_>, request: &mut Request) -> Result<MailRequest, Reply> {
+/// The message a request asks for, and its `Idempotency-Key` if any.
+fn parse_request(
+    exchange: &Exchange<'_>,
+    request: &mut Request,
+) -> Result<(MailRequest, Option<String>), Reply> {
     let body = read_body(exchange, request)?;
-    MailRequest::from_json(&body.bytes).map_err(|error| match error {
+    let mail = MailRequest::from_json(&body.bytes).map_err(|error| match error {
         MessageError::MalformedJson(detail) => invalid(&body.not_json(&detail)),
         error => invalid(&error.to_string()),
-    })
+    })?;
+    Ok((mail, idempotency_key(request)?))
 }
 
 fn invalid(detail: &str) -> Reply {
@@ -357,12 +362,8 @@ fn refusal(error: &SubmitError) -> Reply {
 
 fn submit(exchange: &Exchange<'_>, request: &mut Request) -> Reply {
     let engine = &exchange.handlers.engine;
-    let mail = match parse_request(exchange, request) {
-        Ok(mail) => mail,
-        Err(reply) => return reply,
-    };
-    let key = match idempotency_key(request) {
-        Ok(key) => key,
+    let (mail, key) = match parse_request(exchange, request) {
+        Ok(parsed) => parsed,
         Err(reply) => return reply,
     };
     // A repeated key waits for its first request.
@@ -396,12 +397,8 @@ fn idempotency_key(request: &Request) -> Result<Option<String>, Reply> {
 
 fn send_and_wait(exchange: &Exchange<'_>, request: &mut Request) -> Reply {
     let engine = &exchange.handlers.engine;
-    let mail = match parse_request(exchange, request) {
-        Ok(mail) => mail,
-        Err(reply) => return reply,
-    };
-    let key = match idempotency_key(request) {
-        Ok(key) => key,
+    let (mail, key) = match parse_request(exchange, request) {
+        Ok(parsed) => parsed,
         Err(reply) => return reply,
     };
     (exchange.may_block)();

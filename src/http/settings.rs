@@ -191,7 +191,7 @@ impl HttpSettings {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::config::VARIABLES;
+    use crate::config::documented_default as default;
     use std::collections::HashMap;
 
     fn settings(pairs: &[(&str, &str)]) -> Result<HttpSettings, ConfigError> {
@@ -206,13 +206,6 @@ mod tests {
     fn defaults_match_what_help_says() {
         let parsed = settings(&[]).unwrap();
         assert_eq!(parsed.listen, "127.0.0.1:8080".parse().unwrap());
-        let default = |name: &str| {
-            VARIABLES
-                .iter()
-                .find(|(variable, _, _)| *variable == name)
-                .and_then(|(_, default, _)| *default)
-                .unwrap_or_else(|| panic!("{name} is not in VARIABLES"))
-        };
         let ms = |duration: Duration| duration.as_millis().to_string();
         assert_eq!(default("MAILROOM_LISTEN"), parsed.listen.to_string());
         assert_eq!(

@@ -10,7 +10,7 @@
 
 use std::io;
 use std::sync::atomic::{AtomicBool, Ordering};
-use std::sync::{Arc, Mutex, RwLock};
+use std::sync::{Arc, Mutex};
 use std::thread::JoinHandle;
 use std::time::{Duration, Instant, SystemTime};
 
@@ -20,8 +20,8 @@ use super::index::{Index, KeyClaim};
 use super::journal::{self, Journal};
 use super::suppression::Suppressions;
 use super::{
-    ActionRefusal, Admission, Counts, ListQuery, MessageRecord, Observer, Page, StatusRecord,
-    Store, Suppression,
+    ActionRefusal, Admission, Counts, ListQuery, MessageRecord, Observer, Observers, Page,
+    StatusRecord, Store, Suppression,
 };
 use crate::config::{Config, SpoolSetting};
 use crate::dispatch::{Capacity, Dispatch, RateLimiter};
@@ -47,7 +47,7 @@ struct Core {
     journal: Option<Journal>,
     index: Index,
     suppressions: Suppressions,
-    observers: RwLock<Vec<Arc<dyn Observer>>>,
+    observers: Observers,
     /// The last write to the spool failed, and why; cleared by the next
     /// one that works.
     write_error: Mutex<Option<String>>,
@@ -124,7 +124,7 @@ impl LocalStore {
             journal,
             index,
             suppressions,
-            observers: RwLock::new(Vec::new()),
+            observers: Observers::default(),
             write_error: Mutex::new(None),
             write_failed: AtomicBool::new(false),
         });
@@ -243,37 +243,19 @@ impl Core {
 
     /// Shows a recorded change: the index first, then the observers.
     fn show(&self, status: StatusRecord, dead_letter: Option<Arc<OutgoingMessage>>) {
-        let observers = self
-            .observers
-            .read()
-            .unwrap_or_else(|poisoned| poisoned.into_inner());
-        if observers.is_empty() {
+        if self.observers.is_empty() {
             self.index.put(status, dead_letter);
             return;
         }
         let noted = status.clone();
         let before = self.index.put(status, dead_letter).unwrap_or(0);
-        if noted.events_total <= before {
-            return;
-        }
-        let new_events: Vec<&Event> = noted.events_since(before).collect();
-        for observer in observers.iter() {
-            observer.changed(&noted, &new_events);
-        }
+        self.observers.tell(&noted, before);
     }
 
     /// Tells the observers of the last `count` events of `status`.
     fn notify(&self, status: &StatusRecord, count: u64) {
-        let observers = self
-            .observers
-            .read()
-            .unwrap_or_else(|poisoned| poisoned.into_inner());
-        let new_events: Vec<&Event> = status
-            .events_since(status.events_total.saturating_sub(count))
-            .collect();
-        for observer in observers.iter() {
-            observer.changed(status, &new_events);
-        }
+        self.observers
+            .tell(status, status.events_total.saturating_sub(count));
     }
 
     /// A scheduled send is due: it becomes `queued`; `None` when it is no
@@ -393,11 +375,7 @@ impl Store for LocalStore {
     }
 
     fn subscribe(&self, observer: Arc<dyn Observer>) {
-        self.core
-            .observers
-            .write()
-            .unwrap_or_else(|poisoned| poisoned.into_inner())
-            .push(observer);
+        self.core.observers.add(observer);
     }
 
     fn work(&self) -> Receiver<Job> {

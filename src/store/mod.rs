@@ -21,7 +21,7 @@ mod webhooks;
 
 use std::collections::HashMap;
 use std::io;
-use std::sync::Arc;
+use std::sync::{Arc, RwLock};
 use std::time::{Duration, Instant};
 
 use crossbeam_channel::Receiver;
@@ -70,6 +70,43 @@ pub(crate) enum Admission {
 pub(crate) trait Observer: Send + Sync {
     /// `status` is the message's new status; `new_events` what happened.
     fn changed(&self, status: &StatusRecord, new_events: &[&Event]);
+}
+
+/// A store's observers: added at start, told of each change.
+#[derive(Default)]
+pub(super) struct Observers(RwLock<Vec<Arc<dyn Observer>>>);
+
+impl Observers {
+    fn read(&self) -> std::sync::RwLockReadGuard<'_, Vec<Arc<dyn Observer>>> {
+        self.0
+            .read()
+            .unwrap_or_else(|poisoned| poisoned.into_inner())
+    }
+
+    pub(super) fn add(&self, observer: Arc<dyn Observer>) {
+        self.0
+            .write()
+            .unwrap_or_else(|poisoned| poisoned.into_inner())
+            .push(observer);
+    }
+
+    /// True when nobody would be told anything.
+    pub(super) fn is_empty(&self) -> bool {
+        self.read().is_empty()
+    }
+
+    /// Tells every observer of `status`'s events after the first
+    /// `before` (nothing when there are none).
+    pub(super) fn tell(&self, status: &StatusRecord, before: u64) {
+        let observers = self.read();
+        if observers.is_empty() || status.events_total <= before {
+            return;
+        }
+        let new_events: Vec<&Event> = status.events_since(before).collect();
+        for observer in observers.iter() {
+            observer.changed(status, &new_events);
+        }
+    }
 }
 
 /// How many messages are where, for readiness, metrics and the dashboard.

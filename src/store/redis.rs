@@ -34,7 +34,7 @@
 use std::collections::{HashMap, HashSet};
 use std::io;
 use std::sync::atomic::{AtomicBool, Ordering};
-use std::sync::{Arc, Mutex, RwLock};
+use std::sync::{Arc, Mutex};
 use std::thread::JoinHandle;
 use std::time::{Duration, Instant, SystemTime};
 
@@ -44,13 +44,13 @@ use redis::{Connection, RedisError, Script, Value};
 use super::index::id_key;
 use super::suppression::normalize;
 use super::{
-    ActionRefusal, Admission, Counts, ListQuery, MessageRecord, Observer, Page, StatusRecord,
-    Store, Suppression,
+    ActionRefusal, Admission, Counts, ListQuery, MessageRecord, Observer, Observers, Page,
+    StatusRecord, Store, Suppression,
 };
 use crate::config::{Config, RedisSettings};
 use crate::job::Job;
 use crate::message::OutgoingMessage;
-use crate::status::{Event, State};
+use crate::status::State;
 use crate::time::to_millis;
 
 const PREFIX: &str = "mailroom:";
@@ -347,7 +347,7 @@ struct Shared {
     /// and what the feeder read of them, so a worker's changes need no
     /// read first.
     held: Mutex<HashMap<String, Held>>,
-    observers: RwLock<Vec<Arc<dyn Observer>>>,
+    observers: Observers,
     work: Sender<Job>,
     accept: Script,
     update: Script,
@@ -627,17 +627,7 @@ impl Shared {
     }
 
     fn notify(&self, status: &StatusRecord, before_events: u64) {
-        let observers = self
-            .observers
-            .read()
-            .unwrap_or_else(|poisoned| poisoned.into_inner());
-        if observers.is_empty() || status.events_total <= before_events {
-            return;
-        }
-        let new_events: Vec<&Event> = status.events_since(before_events).collect();
-        for observer in observers.iter() {
-            observer.changed(status, &new_events);
-        }
+        self.observers.tell(status, before_events);
     }
 
     /// Turns stream entries into jobs for the workers: one round trip
@@ -965,7 +955,7 @@ impl RedisStore {
                 rate_interval_ms: (config.rate_limit > 0.0).then(|| 1000.0 / config.rate_limit),
             },
             held: Mutex::new(HashMap::new()),
-            observers: RwLock::new(Vec::new()),
+            observers: Observers::default(),
             work: work_sender,
             accept: Script::new(ACCEPT),
             update: Script::new(UPDATE),
@@ -1262,11 +1252,7 @@ impl Store for RedisStore {
     }
 
     fn subscribe(&self, observer: Arc<dyn Observer>) {
-        self.shared
-            .observers
-            .write()
-            .unwrap_or_else(|poisoned| poisoned.into_inner())
-            .push(observer);
+        self.shared.observers.add(observer);
     }
 
     fn work(&self) -> Receiver<Job> {

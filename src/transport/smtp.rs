@@ -619,13 +619,12 @@ fn pipelined_envelope(
         if asked.is_empty() {
             break;
         }
-        let first = open.send(text.as_str(), deadline);
-        replies(
+        send_group(
             open,
+            &text,
+            &asked,
             &mut transaction,
             &mut mail_failure,
-            &asked,
-            first,
             deadline,
         )?;
         if last {
@@ -638,13 +637,12 @@ fn pipelined_envelope(
             if mail_failure.is_none() && !transaction.accepted.is_empty() {
                 text.push_str(&Data.to_string());
                 asked.push(Asked::Data);
-                let first = open.send(text.as_str(), deadline);
-                replies(
+                send_group(
                     open,
+                    &text,
+                    &asked,
                     &mut transaction,
                     &mut mail_failure,
-                    &asked,
-                    first,
                     deadline,
                 )?;
             }
@@ -652,6 +650,19 @@ fn pipelined_envelope(
         }
     }
     finish_envelope(open, transaction, recipients, mail_failure, deadline)
+}
+
+/// Writes one pipelined group and handles its replies (see [`replies`]).
+fn send_group(
+    open: &mut Open,
+    text: &str,
+    asked: &[Asked],
+    transaction: &mut Transaction,
+    mail_failure: &mut Option<Failure>,
+    deadline: &Deadline,
+) -> Result<(), Failure> {
+    let first = open.send(text, deadline);
+    replies(open, transaction, mail_failure, asked, first, deadline)
 }
 
 /// Handles the replies to one pipelined write, the first one given.

@@ -403,27 +403,5 @@ pub fn webhook_variables(receiver: &WebhookReceiver) -> Vec<(&'static str, Strin
 
 /// The RFC 3339 UTC time `offset` from now, as the API writes times.
 pub fn rfc3339_in(offset: Duration) -> String {
-    let at = std::time::SystemTime::now() + offset;
-    let seconds = at
-        .duration_since(std::time::SystemTime::UNIX_EPOCH)
-        .unwrap()
-        .as_millis();
-    // Civil from days (Howard Hinnant's algorithm).
-    let (days, ms_of_day) = ((seconds / 86_400_000) as i64, seconds % 86_400_000);
-    let z = days + 719_468;
-    let era = z.div_euclid(146_097);
-    let doe = z.rem_euclid(146_097);
-    let yoe = (doe - doe / 1460 + doe / 36_524 - doe / 146_096) / 365;
-    let doy = doe - (365 * yoe + yoe / 4 - yoe / 100);
-    let mp = (5 * doy + 2) / 153;
-    let day = doy - (153 * mp + 2) / 5 + 1;
-    let month = if mp < 10 { mp + 3 } else { mp - 9 };
-    let year = yoe + era * 400 + i64::from(month <= 2);
-    format!(
-        "{year:04}-{month:02}-{day:02}T{:02}:{:02}:{:02}.{:03}Z",
-        ms_of_day / 3_600_000,
-        ms_of_day / 60_000 % 60,
-        ms_of_day / 1000 % 60,
-        ms_of_day % 1000
-    )
+    mailroom_testkit::time::rfc3339(std::time::SystemTime::now() + offset)
 }

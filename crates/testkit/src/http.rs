@@ -22,10 +22,7 @@ impl HttpReply {
         String::from_utf8_lossy(&self.body).into_owned()
     }
     pub fn header(&self, name: &str) -> Option<&str> {
-        self.headers
-            .iter()
-            .find(|(key, _)| key.eq_ignore_ascii_case(name))
-            .map(|(_, value)| value.as_str())
+        crate::http::header_in(&self.headers, name)
     }
     /// The `data.id` of a 202/200 answer.
     pub fn id(&self) -> String {
@@ -112,4 +109,12 @@ pub fn read_reply(reader: &mut impl BufRead) -> HttpReply {
         headers,
         body,
     }
+}
+
+/// The value of the first header called `name` (any case) in `headers`.
+pub(crate) fn header_in<'a>(headers: &'a [(String, String)], name: &str) -> Option<&'a str> {
+    headers
+        .iter()
+        .find(|(key, _)| key.eq_ignore_ascii_case(name))
+        .map(|(_, value)| value.as_str())
 }

@@ -3,7 +3,7 @@
 //! the HTTP load generator of the benchmarks, a latency proxy that makes
 //! loopback behave like a distant link, a webhook receiver that checks
 //! signatures, a real browser (headless Chromium over WebDriver), a strict
-//! SMTP relay with fault injection, temporary directories.
+//! SMTP relay with fault injection, RFC 3339 times, temporary directories.
 //!
 //! Nothing here imports mailroom: the tests turn these peers into
 //! mailroom configuration themselves (see `tests/common`).
@@ -14,6 +14,7 @@ pub mod latency;
 pub mod load;
 pub mod redis;
 pub mod smtp;
+pub mod time;
 pub mod webdriver;
 pub mod webhooks;
 

@@ -37,10 +37,7 @@ pub struct ReceivedWebhook {
 
 impl ReceivedWebhook {
     pub fn header(&self, name: &str) -> Option<&str> {
-        self.headers
-            .iter()
-            .find(|(key, _)| key.eq_ignore_ascii_case(name))
-            .map(|(_, value)| value.as_str())
+        crate::http::header_in(&self.headers, name)
     }
     /// `webhook-id`.
     pub fn id(&self) -> String {

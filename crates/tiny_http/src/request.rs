@@ -130,6 +130,37 @@ impl From<IoError> for RequestCreationError {
     }
 }
 
+/// What a body tells its connection: that its first read began (the body
+/// deadline starts), and what it left unread.
+struct BodyProgress {
+    state: Option<Arc<ConnectionState>>,
+    started: bool,
+}
+
+impl BodyProgress {
+    fn new(state: Option<Arc<ConnectionState>>) -> BodyProgress {
+        BodyProgress {
+            state,
+            started: false,
+        }
+    }
+
+    fn start(&mut self) {
+        if !self.started {
+            self.started = true;
+            if let Some(state) = &self.state {
+                state.start_body();
+            }
+        }
+    }
+
+    fn leave_unread(&self, bytes: u64) {
+        if let Some(state) = &self.state {
+            state.leave_unread(bytes);
+        }
+    }
+}
+
 /// A request body of known length, read from the connection's stream.
 ///
 /// What the handler leaves unread is not read here: it is reported to the
@@ -139,18 +170,12 @@ struct LengthBody<R> {
     inner: Option<R>,
     remaining: u64,
     progress: Arc<AtomicU64>,
-    state: Option<Arc<ConnectionState>>,
-    started: bool,
+    connection: BodyProgress,
 }
 
 impl<R: Read> Read for LengthBody<R> {
     fn read(&mut self, buf: &mut [u8]) -> io::Result<usize> {
-        if !self.started {
-            self.started = true;
-            if let Some(state) = &self.state {
-                state.start_body();
-            }
-        }
+        self.connection.start();
         let Some(inner) = self.inner.as_mut() else {
             return Ok(0);
         };
@@ -171,9 +196,7 @@ impl<R: Read> Read for LengthBody<R> {
 impl<R> Drop for LengthBody<R> {
     fn drop(&mut self) {
         if self.remaining > 0 && self.inner.is_some() {
-            if let Some(state) = &self.state {
-                state.leave_unread(self.remaining);
-            }
+            self.connection.leave_unread(self.remaining);
         }
     }
 }
@@ -182,18 +205,12 @@ impl<R> Drop for LengthBody<R> {
 struct ChunkedBody<R: Read> {
     inner: Option<Decoder<R>>,
     progress: Arc<AtomicU64>,
-    state: Option<Arc<ConnectionState>>,
-    started: bool,
+    connection: BodyProgress,
 }
 
 impl<R: Read> Read for ChunkedBody<R> {
     fn read(&mut self, buf: &mut [u8]) -> io::Result<usize> {
-        if !self.started {
-            self.started = true;
-            if let Some(state) = &self.state {
-                state.start_body();
-            }
-        }
+        self.connection.start();
         let Some(inner) = self.inner.as_mut() else {
             return Ok(0);
         };
@@ -209,9 +226,7 @@ impl<R: Read> Read for ChunkedBody<R> {
 impl<R: Read> Drop for ChunkedBody<R> {
     fn drop(&mut self) {
         if self.inner.is_some() {
-            if let Some(state) = &self.state {
-                state.leave_unread(u64::MAX);
-            }
+            self.connection.leave_unread(u64::MAX);
         }
     }
 }
@@ -380,8 +395,7 @@ where
                 inner: Some(source_data),
                 remaining: content_length as u64,
                 progress: Arc::clone(&progress),
-                state: state.clone(),
-                started: false,
+                connection: BodyProgress::new(state.clone()),
             }) as Box<dyn Read + Send + 'static>
         }
     } else if chunked {
@@ -389,8 +403,7 @@ where
         Box::new(ChunkedBody {
             inner: Some(Decoder::new(source_data)),
             progress: Arc::clone(&progress),
-            state: state.clone(),
-            started: false,
+            connection: BodyProgress::new(state.clone()),
         }) as Box<dyn Read + Send + 'static>
     } else {
         // if we have neither a Content-Length nor a Transfer-Encoding,

@@ -135,30 +135,27 @@ impl<R: Read + Send> Read for SequentialReader<R> {
     }
 }
 
-impl<W: Write + Send> Write for SequentialWriter<W> {
-    fn write(&mut self, buf: &[u8]) -> IoResult<usize> {
-        if let Some(v) = self.trigger.as_mut() {
+impl<W: Write + Send> SequentialWriter<W> {
+    /// Waits until the answers before this one are written, then locks
+    /// the writer.
+    fn turn(&mut self) -> std::sync::MutexGuard<'_, W> {
+        if let Some(v) = self.trigger.take() {
             // An error means the answer before this one is gone: our turn.
             let _ = v.recv();
         }
-        self.trigger = None;
-
         self.writer
             .lock()
             .unwrap_or_else(|poisoned| poisoned.into_inner())
-            .write(buf)
+    }
+}
+
+impl<W: Write + Send> Write for SequentialWriter<W> {
+    fn write(&mut self, buf: &[u8]) -> IoResult<usize> {
+        self.turn().write(buf)
     }
 
     fn flush(&mut self) -> IoResult<()> {
-        if let Some(v) = self.trigger.as_mut() {
-            let _ = v.recv();
-        }
-        self.trigger = None;
-
-        self.writer
-            .lock()
-            .unwrap_or_else(|poisoned| poisoned.into_inner())
-            .flush()
+        self.turn().flush()
     }
 }
 
