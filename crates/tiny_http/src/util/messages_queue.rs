@@ -57,10 +57,16 @@ where
     }
 
     /// Tries to pop an element without blocking.
+    ///
+    /// An unblock is left in the queue: it is meant for a thread blocked
+    /// in `pop`, which would otherwise never wake.
     pub fn try_pop(&self) -> Option<T> {
         let mut queue = self.queue.lock().unwrap();
-        match queue.pop_front() {
-            Some(Control::Elem(value)) => Some(value),
+        match queue.front() {
+            Some(Control::Elem(_)) => match queue.pop_front() {
+                Some(Control::Elem(value)) => Some(value),
+                _ => None,
+            },
             Some(Control::Unblock) | None => None,
         }
     }
