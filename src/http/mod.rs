@@ -9,6 +9,9 @@
 //!
 //! - Quick requests start no thread beyond `MIN_HANDLERS`: fewer runnable
 //!   threads keep latency low under load.
+//! - A thread that takes a `POST /api/mail` also takes the ones waiting
+//!   behind it (up to `MAX_TOGETHER`) and accepts them together: one
+//!   commit to the spool, one wait for its fsync, then each its own answer.
 //! - Before anything that can wait on a client (reading a body from the
 //!   socket, waiting for a delivery or for another request with the same
 //!   idempotency key), a handler starts another receiving thread if none is
@@ -46,7 +49,7 @@ use tiny_http::{Header, Request, Response, Server};
 use crate::config::ConfigError;
 use crate::engine::Engine;
 use metrics::HttpMetrics;
-use routes::{route, Exchange};
+use routes::{is_plain_submit, route, submit_together, Exchange};
 
 /// Connections the kernel holds for the accept loop.
 const LISTEN_BACKLOG: i32 = 1024;
@@ -57,6 +60,9 @@ const MAX_HANDLERS: usize = 1024;
 /// cores busy while some wait to be scheduled. (128 clients on 2 cores: p99
 /// ~16 ms with 8 handlers against ~110 ms with one per client.)
 const MIN_HANDLERS: usize = 8;
+/// At most this many waiting `POST /api/mail` requests are answered
+/// together (one commit): more would delay the first one's answer.
+const MAX_TOGETHER: usize = 32;
 /// How often [`HttpServer::run`] checks that requests are being taken.
 const STALL_CHECK: Duration = Duration::from_millis(50);
 /// A handler thread that received nothing for this long ends, unless it is
@@ -245,7 +251,11 @@ impl Handlers {
                             Handlers::start_receiver(self);
                         }
                     };
-                    self.handle(request, &may_block);
+                    if is_plain_submit(&request) {
+                        self.submit_together(request, &may_block);
+                    } else {
+                        self.handle(request, &may_block);
+                    }
                     self.receiving.fetch_add(1, Ordering::SeqCst);
                 }
                 // A wake-up from `stop`, or the wait ran out, or the server
@@ -269,18 +279,44 @@ impl Handlers {
         }
     }
 
+    /// Answers `first` (a [`is_plain_submit`] request) together with the
+    /// plain submits waiting behind it, with one commit for all of them:
+    /// under load a handler thread then waits for one fsync per batch of
+    /// requests, not per request. A request of another kind taken meanwhile
+    /// is handled after the answers.
+    fn submit_together(&self, first: Request, may_block: &dyn Fn()) {
+        let mut requests = vec![first];
+        let mut other = None;
+        while requests.len() < MAX_TOGETHER && !self.stopping() {
+            match self.server.try_recv() {
+                Ok(Some(request)) => {
+                    self.taken.fetch_add(1, Ordering::SeqCst);
+                    if is_plain_submit(&request) {
+                        requests.push(request);
+                    } else {
+                        other = Some(request);
+                        break;
+                    }
+                }
+                Ok(None) | Err(_) => break,
+            }
+        }
+        let exchange = Exchange {
+            handlers: self,
+            may_block,
+        };
+        let replies = submit_together(&exchange, &mut requests);
+        for (request, reply) in requests.into_iter().zip(replies) {
+            self.respond(request, reply);
+        }
+        if let Some(request) = other {
+            self.handle(request, may_block);
+        }
+    }
+
     /// Routes and answers one request.
     fn handle(&self, mut request: Request, may_block: &dyn Fn()) {
-        let has = |name: &'static str| {
-            request
-                .headers()
-                .iter()
-                .any(|header| header.field.equiv(name))
-        };
-        // tiny_http has already read bodies of up to 1 KiB sent without
-        // Expect; only larger ones are read from the socket by this thread.
-        let declared = request.body_length().unwrap_or(0);
-        if declared > 1024 || has("Expect") || has("Transfer-Encoding") {
+        if reads_from_socket(&request) {
             may_block();
         }
         let exchange = Exchange {
@@ -288,6 +324,11 @@ impl Handlers {
             may_block,
         };
         let reply = route(&exchange, &mut request);
+        self.respond(request, reply);
+    }
+
+    /// Writes `reply` as the answer to `request`.
+    fn respond(&self, request: Request, reply: reply::Reply) {
         self.metrics.answered(reply.code);
         let length = reply.body.len();
         let mut response = Response::new(
@@ -316,4 +357,17 @@ impl Handlers {
             log::debug!("HTTP answer not delivered: {error}");
         }
     }
+}
+
+/// True when reading the request's body may wait on the client: tiny_http
+/// has already read bodies of up to 1 KiB sent without `Expect`; larger or
+/// chunked ones are read from the socket by the handler thread.
+fn reads_from_socket(request: &Request) -> bool {
+    let has = |name: &'static str| {
+        request
+            .headers()
+            .iter()
+            .any(|header| header.field.equiv(name))
+    };
+    request.body_length().unwrap_or(0) > 1024 || has("Expect") || has("Transfer-Encoding")
 }

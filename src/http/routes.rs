@@ -10,7 +10,7 @@ use super::auth::check_token;
 use super::reply::Reply;
 use super::Handlers;
 use crate::dashboard;
-use crate::engine::{Readiness, SendError, SubmitError};
+use crate::engine::{Accepted, BatchItem, Readiness, SendError, SubmitError};
 use crate::message::{MailRequest, MessageError};
 
 /// What a route does.
@@ -370,13 +370,67 @@ fn submit(exchange: &Exchange<'_>, request: &mut Request) -> Reply {
     if key.is_some() {
         (exchange.may_block)();
     }
-    match engine.submit(&mail, key.as_deref()) {
+    submitted(engine.submit(&mail, key.as_deref()))
+}
+
+fn submitted(result: Result<Accepted, SubmitError>) -> Reply {
+    match result {
         Ok(accepted) => Reply::json(
             202,
             json!({ "message": "ok", "data": { "id": accepted.id, "status": accepted.state.as_str() } }),
         ),
         Err(error) => refusal(&error),
     }
+}
+
+/// True for a `POST /api/mail` that [`submit_together`] may take with
+/// others: its body is in memory already (nothing to wait for from the
+/// client) and it has no `Idempotency-Key` (which may wait for another
+/// request).
+pub(crate) fn is_plain_submit(request: &Request) -> bool {
+    *request.method() == Method::Post
+        && request.url() == "/api/mail"
+        && !super::reads_from_socket(request)
+        && !request
+            .headers()
+            .iter()
+            .any(|header| header.field.equiv("Idempotency-Key"))
+}
+
+/// Answers several [`is_plain_submit`] requests as `POST /api/mail`
+/// answers each one, but with one commit to the spool for all of them.
+pub(crate) fn submit_together(exchange: &Exchange<'_>, requests: &mut [Request]) -> Vec<Reply> {
+    let handlers = exchange.handlers;
+    let mut replies: Vec<Option<Reply>> = Vec::with_capacity(requests.len());
+    let mut mails = Vec::new();
+    for request in requests.iter_mut() {
+        let parsed = match check_token(handlers.settings.api_token.as_ref(), request) {
+            Some(refused) => Err(refused),
+            None => parse_request(exchange, request),
+        };
+        match parsed {
+            Ok((mail, _)) => {
+                mails.push((replies.len(), mail));
+                replies.push(None);
+            }
+            Err(reply) => replies.push(Some(reply)),
+        }
+    }
+    let items: Vec<BatchItem<'_>> = mails
+        .iter()
+        .map(|(_, mail)| BatchItem {
+            request: mail,
+            idempotency_key: None,
+        })
+        .collect();
+    let results = handlers.engine.submit_batch(&items);
+    for ((position, _), result) in mails.iter().zip(results) {
+        replies[*position] = Some(submitted(result));
+    }
+    replies
+        .into_iter()
+        .map(|reply| reply.unwrap_or_else(|| submitted(Err(SubmitError::ShuttingDown))))
+        .collect()
 }
 
 /// The request's `Idempotency-Key`, if any.
