@@ -10,7 +10,7 @@ use std::sync::{Arc, Mutex, OnceLock};
 use std::thread::JoinHandle;
 use std::time::{Duration, Instant, SystemTime};
 
-use crossbeam_channel::{select, Receiver};
+use crossbeam_channel::{select, Receiver, TryRecvError};
 
 use crate::health::RelayHealth;
 use crate::job::{decide, describe, AttemptOutcome, Decision, Job, RetryPolicy, WaitedOutcome};
@@ -18,7 +18,7 @@ use crate::message::random_u64;
 use crate::message::OutgoingMessage;
 use crate::metrics::{AttemptResult, Metrics};
 use crate::status::{Event, EventKind, State};
-use crate::store::{MessageRecord, StatusRecord, Store};
+use crate::store::{MessageRecord, Settling, StatusRecord, Store};
 use crate::time::to_millis;
 use crate::transport::{
     abandoned_outcome, Deadline, Delivered, FailureKind, Hooks, Step, Transport,
@@ -313,29 +313,47 @@ fn run_worker(pool: &Pool, slot: &Slot, mut transport: Transport, inherited: Vec
         // The stuck worker's: same relay, same timeout.
         for mut attempt in inherited {
             let result = abandoned_outcome(deadline, attempt.progress.take());
-            conclude(context, attempt, result);
+            conclude(context, attempt, result).wait();
         }
     }
     let (work, stop) = (&pool.work, &pool.stop);
+    // This worker's last finish, while its record is being written.
+    let mut recording: Option<Settling> = None;
     loop {
-        select! {
-            recv(work) -> job => match job {
-                Ok(job) if context.control.stopping.load(Ordering::SeqCst) => {
-                    // Stopping with a spool: the message is on disk and will
-                    // be sent after the restart (a v2 caller sees its
-                    // channel close and is told the service is stopping).
-                    drop(job);
-                    break;
+        if !matches!(stop.try_recv(), Err(TryRecvError::Empty)) {
+            break;
+        }
+        let job = match work.try_recv() {
+            Ok(job) => Ok(job),
+            Err(_) => {
+                // Nothing waiting: show the last finish before sleeping.
+                if let Some(previous) = recording.take() {
+                    previous.wait();
                 }
-                Ok(job) => {
-                    if !deliver(pool, slot, &mut transport, job) {
-                        return;
+                select! {
+                    recv(work) -> job => job,
+                    recv(stop) -> _ => break,
+                    default(IDLE_CHECK) => {
+                        transport.close_if_idle();
+                        continue;
                     }
                 }
-                Err(_) => break,
-            },
-            recv(stop) -> _ => break,
-            default(IDLE_CHECK) => transport.close_if_idle(),
+            }
+        };
+        match job {
+            Ok(job) if context.control.stopping.load(Ordering::SeqCst) => {
+                // Stopping with a spool: the message is on disk and will
+                // be sent after the restart (a v2 caller sees its channel
+                // close and is told the service is stopping).
+                drop(job);
+                break;
+            }
+            Ok(job) => {
+                if !deliver(pool, slot, &mut transport, job, &mut recording) {
+                    return;
+                }
+            }
+            Err(_) => break,
         }
     }
     if !context.store.is_durable() {
@@ -346,7 +364,7 @@ fn run_worker(pool: &Pool, slot: &Slot, mut transport: Transport, inherited: Vec
             }
             match work.try_recv() {
                 Ok(job) => {
-                    if !deliver(pool, slot, &mut transport, job) {
+                    if !deliver(pool, slot, &mut transport, job, &mut recording) {
                         return;
                     }
                 }
@@ -402,7 +420,7 @@ fn hold(context: &WorkerContext, slot: &Slot, attempt: Attempt) -> Option<InFlig
                     false,
                 )),
             };
-            conclude(context, *attempt, result);
+            conclude(context, *attempt, result).wait();
             None
         }
     }
@@ -410,11 +428,22 @@ fn hold(context: &WorkerContext, slot: &Slot, attempt: Attempt) -> Option<InFlig
 
 /// Carries out what follows the attempt on message `id`, unless the
 /// supervisor took it over (false: the worker was given up and must end;
-/// the late result is discarded).
-fn settle(context: &WorkerContext, slot: &Slot, id: &str, result: AttemptOutcome) -> bool {
+/// the late result is discarded). The worker's previous finish is waited
+/// for once this one is under way: at most one finish per worker is still
+/// being recorded when this returns.
+fn settle(
+    context: &WorkerContext,
+    slot: &Slot,
+    id: &str,
+    result: AttemptOutcome,
+    recording: &mut Option<Settling>,
+) -> bool {
     match slot.take(id) {
         Some(attempt) => {
-            conclude(context, attempt, result);
+            let settling = conclude(context, attempt, result);
+            if let Some(previous) = recording.replace(settling) {
+                previous.wait();
+            }
             true
         }
         None => false,
@@ -457,7 +486,13 @@ fn next_job(pool: &Pool, slot: &Slot, transport: &Transport) -> Next {
 /// envelope in the same write as a body, those after it (about one round
 /// trip per message on a busy connection). False when the worker was
 /// given up at a deadline meanwhile: it must end.
-fn deliver(pool: &Pool, slot: &Slot, transport: &mut Transport, job: Job) -> bool {
+fn deliver(
+    pool: &Pool,
+    slot: &Slot,
+    transport: &mut Transport,
+    job: Job,
+    recording: &mut Option<Settling>,
+) -> bool {
     let context = &*pool.context;
     let wait = context.store.rate_slot();
     if !wait.is_zero() {
@@ -481,12 +516,12 @@ fn deliver(pool: &Pool, slot: &Slot, transport: &mut Transport, job: Job) -> boo
     let mut step = transport.begin(&current.message, current.recipients(), &hooks);
     loop {
         if let Step::Done(result) = step {
-            return settle(context, slot, &current.message.id, result);
+            return settle(context, slot, &current.message.id, result, recording);
         }
         match next_job(pool, slot, transport) {
             Next::None => {
                 let (result, _) = transport.finish(None, &hooks);
-                return settle(context, slot, &current.message.id, result);
+                return settle(context, slot, &current.message.id, result, recording);
             }
             Next::Now(attempt) => {
                 let Some(next) = hold(context, slot, *attempt) else {
@@ -494,7 +529,7 @@ fn deliver(pool: &Pool, slot: &Slot, transport: &mut Transport, job: Job) -> boo
                 };
                 let (result, next_step) =
                     transport.finish(Some((&next.message, next.recipients())), &hooks);
-                if !settle(context, slot, &current.message.id, result) {
+                if !settle(context, slot, &current.message.id, result, recording) {
                     return false;
                 }
                 current = next;
@@ -507,7 +542,7 @@ fn deliver(pool: &Pool, slot: &Slot, transport: &mut Transport, job: Job) -> boo
             }
             Next::Paced(job, wait) => {
                 let (result, _) = transport.finish(None, &hooks);
-                if !settle(context, slot, &current.message.id, result) {
+                if !settle(context, slot, &current.message.id, result, recording) {
                     return false;
                 }
                 // Pacing (MAILROOM_RATE_LIMIT), not synchronisation.
@@ -603,8 +638,8 @@ fn counted_result(result: &AttemptOutcome) -> AttemptResult {
 }
 
 /// After an attempt: [`decide`] what follows, and carry it out through the
-/// store.
-fn conclude(context: &WorkerContext, attempt: Attempt, result: AttemptOutcome) {
+/// store (a finish may still be being recorded: see [`Settling`]).
+fn conclude(context: &WorkerContext, attempt: Attempt, result: AttemptOutcome) -> Settling {
     let Attempt {
         mut job,
         mut status,
@@ -662,7 +697,7 @@ fn conclude(context: &WorkerContext, attempt: Attempt, result: AttemptOutcome) {
                 ),
             }
             log::debug!("message {id}: recipients {:?}", job.recipients);
-            context.store.finish(status, durable);
+            let settling = context.store.finish(status, durable);
             context.metrics.message_sent();
             answer(
                 &mut job,
@@ -672,6 +707,7 @@ fn conclude(context: &WorkerContext, attempt: Attempt, result: AttemptOutcome) {
                     smtp_code,
                 },
             );
+            settling
         }
         Decision::Retry {
             recipients,
@@ -705,6 +741,7 @@ fn conclude(context: &WorkerContext, attempt: Attempt, result: AttemptOutcome) {
             };
             job.recipients = recipients;
             context.store.retry_later(record, delay, job, durable);
+            Settling::done()
         }
         Decision::Failed {
             undelivered,
@@ -738,6 +775,7 @@ fn conclude(context: &WorkerContext, attempt: Attempt, result: AttemptOutcome) {
                     smtp_code,
                 },
             );
+            Settling::done()
         }
     }
 }
@@ -789,7 +827,7 @@ fn skip_suppressed(context: &WorkerContext, job: &mut Job, status: &mut StatusRe
     log::info!("message {id}: suppressed, every recipient is on the suppression list");
     let durable = !job.is_waited_for();
     let error = status.last_error.clone();
-    context.store.finish(status.clone(), durable);
+    context.store.finish(status.clone(), durable).wait();
     answer(
         job,
         WaitedOutcome {

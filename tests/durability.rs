@@ -684,9 +684,11 @@ fn random_kills_during_a_burst_lose_no_accepted_message() {
     }
     let counts = delivered_counts(&relay);
     let duplicates: usize = counts.values().map(|count| count - 1).sum();
-    // Only messages in a worker's hands at a kill may go twice.
+    // Only messages in flight at a kill may go twice: at most two per
+    // worker, the one it is sending and the one whose `sent` record is
+    // being written (docs/durability.md).
     assert!(
-        duplicates <= WORKERS * ROUNDS,
+        duplicates <= 2 * WORKERS * ROUNDS,
         "{duplicates} duplicates over {ROUNDS} kills with {WORKERS} workers"
     );
     assert!(counts.values().all(|count| *count <= 1 + ROUNDS));

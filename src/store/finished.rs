@@ -5,12 +5,14 @@
 //! Two files of JSON lines in the spool directory: `sent.log`, appended to,
 //! and `sent.old`; when `sent.log` holds `kept` lines it replaces
 //! `sent.old`, so between `kept` and `2 × kept` of the latest are on disk.
-//! Appends are not fsync'd one by one: each finish is also a journal record
-//! (fsync'd), and the log is synced before the journal segment holding
-//! that record is deleted (see `journal`).
+//! Appends are buffered and not fsync'd one by one: each finish is also a
+//! journal record (fsync'd), the log is flushed and synced before the
+//! journal segment holding that record is deleted (see `journal`), and a
+//! start copies into the log what the journal's finish records hold and
+//! the log lacks (lines lost with a killed process's buffer).
 
 use std::fs::{self, File};
-use std::io::{self, BufRead, BufReader, Write};
+use std::io::{self, BufRead, BufReader, BufWriter, Write};
 use std::path::{Path, PathBuf};
 use std::sync::Mutex;
 
@@ -24,9 +26,12 @@ pub(super) struct FinishedLog {
 }
 
 struct Current {
-    file: File,
+    file: BufWriter<File>,
     lines: usize,
 }
+
+/// Bytes of lines kept in memory before they are written (about 64 lines).
+const BUFFER: usize = 64 * 1024;
 
 impl FinishedLog {
     /// Opens the log in `directory`, keeping at least `kept` records; returns
@@ -54,14 +59,21 @@ impl FinishedLog {
         let log = FinishedLog {
             directory: directory.to_path_buf(),
             kept,
-            current: Mutex::new(Current { file, lines }),
+            current: Mutex::new(Current {
+                file: BufWriter::with_capacity(BUFFER, file),
+                lines,
+            }),
         };
         Ok((log, all))
     }
 
     /// Appends a record; rotates the files when `sent.log` is full.
     pub(super) fn append(&self, record: &StatusRecord) -> io::Result<()> {
-        let mut line = serde_json::to_vec(record).map_err(io::Error::other)?;
+        self.append_line(serde_json::to_vec(record).map_err(io::Error::other)?)
+    }
+
+    /// Appends a record already encoded as JSON (one line, no line end).
+    pub(super) fn append_line(&self, mut line: Vec<u8>) -> io::Result<()> {
         line.push(b'\n');
         let mut current = self
             .current
@@ -70,14 +82,16 @@ impl FinishedLog {
         current.file.write_all(&line)?;
         current.lines += 1;
         if current.lines >= self.kept {
+            current.file.flush()?;
             fs::rename(
                 self.directory.join("sent.log"),
                 self.directory.join("sent.old"),
             )?;
-            current.file = File::options()
+            let file = File::options()
                 .create(true)
                 .append(true)
                 .open(self.directory.join("sent.log"))?;
+            current.file = BufWriter::with_capacity(BUFFER, file);
             current.lines = 0;
         }
         Ok(())
@@ -87,11 +101,14 @@ impl FinishedLog {
 impl FinishedLog {
     /// Makes every line appended so far durable.
     pub(super) fn sync(&self) -> io::Result<()> {
-        self.current
-            .lock()
-            .unwrap_or_else(|poisoned| poisoned.into_inner())
-            .file
-            .sync_data()?;
+        {
+            let mut current = self
+                .current
+                .lock()
+                .unwrap_or_else(|poisoned| poisoned.into_inner());
+            current.file.flush()?;
+            current.file.get_ref().sync_data()?;
+        }
         // A rotation renamed sent.log into sent.old; make that durable too.
         super::committer::sync_directory(&self.directory)
     }
@@ -165,6 +182,7 @@ mod tests {
         assert_eq!(ids, ["c", "d", "e"]);
         assert_eq!(found[2], record("e"));
         log.append(&record("g")).unwrap();
+        drop(log);
         let (_, found) = FinishedLog::open(&directory, 3).unwrap();
         let ids: Vec<&str> = found.iter().map(|record| record.id.as_str()).collect();
         assert_eq!(ids, ["d", "e", "g"]);

@@ -120,10 +120,16 @@ pub(super) fn pieces(data: &[u8]) -> impl Iterator<Item = Piece<'_>> {
 
 /// CRC-32 (IEEE, as in zlib) of `a` followed by `b`.
 fn crc32(a: &[u8], b: &[u8]) -> u32 {
-    static TABLE: std::sync::OnceLock<[u32; 256]> = std::sync::OnceLock::new();
-    let table = TABLE.get_or_init(|| {
-        let mut table = [0u32; 256];
-        for (index, entry) in table.iter_mut().enumerate() {
+    !crc32_update(crc32_update(!0, a), b)
+}
+
+/// Slicing-by-8: eight table look-ups per 8 bytes instead of one per byte
+/// (records are kilobytes, and each is checksummed on every commit).
+fn crc32_update(mut crc: u32, bytes: &[u8]) -> u32 {
+    static TABLES: std::sync::OnceLock<[[u32; 256]; 8]> = std::sync::OnceLock::new();
+    let tables = TABLES.get_or_init(|| {
+        let mut tables = [[0u32; 256]; 8];
+        for (index, entry) in tables[0].iter_mut().enumerate() {
             let mut value = index as u32;
             for _ in 0..8 {
                 value = if value & 1 == 1 {
@@ -134,13 +140,31 @@ fn crc32(a: &[u8], b: &[u8]) -> u32 {
             }
             *entry = value;
         }
-        table
+        for index in 0..256 {
+            for slice in 1..8 {
+                let previous = tables[slice - 1][index];
+                tables[slice][index] = (previous >> 8) ^ tables[0][(previous & 0xff) as usize];
+            }
+        }
+        tables
     });
-    let mut crc = !0u32;
-    for byte in a.iter().chain(b) {
-        crc = table[((crc ^ u32::from(*byte)) & 0xff) as usize] ^ (crc >> 8);
+    let mut chunks = bytes.chunks_exact(8);
+    for chunk in &mut chunks {
+        let low = crc ^ u32::from_le_bytes([chunk[0], chunk[1], chunk[2], chunk[3]]);
+        let high = u32::from_le_bytes([chunk[4], chunk[5], chunk[6], chunk[7]]);
+        crc = tables[7][(low & 0xff) as usize]
+            ^ tables[6][((low >> 8) & 0xff) as usize]
+            ^ tables[5][((low >> 16) & 0xff) as usize]
+            ^ tables[4][(low >> 24) as usize]
+            ^ tables[3][(high & 0xff) as usize]
+            ^ tables[2][((high >> 8) & 0xff) as usize]
+            ^ tables[1][((high >> 16) & 0xff) as usize]
+            ^ tables[0][(high >> 24) as usize];
     }
-    !crc
+    for byte in chunks.remainder() {
+        crc = tables[0][((crc ^ u32::from(*byte)) & 0xff) as usize] ^ (crc >> 8);
+    }
+    crc
 }
 
 #[cfg(test)]
@@ -158,6 +182,31 @@ mod tests {
     #[test]
     fn crc32_matches_the_standard_check_value() {
         assert_eq!(crc32(b"1234", b"56789"), 0xCBF4_3926);
+        assert_eq!(crc32(b"", b"123456789"), 0xCBF4_3926);
+        assert_eq!(crc32(b"", b""), 0);
+    }
+
+    #[test]
+    fn crc32_by_eight_bytes_matches_byte_by_byte() {
+        let bytes: Vec<u8> = (0..1000u32).map(|n| (n * 7 + n / 13) as u8).collect();
+        for length in [0, 1, 7, 8, 9, 15, 16, 17, 999, 1000] {
+            let mut crc = !0u32;
+            for byte in &bytes[..length] {
+                crc ^= u32::from(*byte);
+                for _ in 0..8 {
+                    crc = if crc & 1 == 1 {
+                        0xEDB8_8320 ^ (crc >> 1)
+                    } else {
+                        crc >> 1
+                    };
+                }
+            }
+            assert_eq!(crc32(&bytes[..length], b""), !crc, "length {length}");
+            assert_eq!(
+                crc32(&bytes[..length / 2], &bytes[length / 2..length]),
+                !crc
+            );
+        }
     }
 
     #[test]

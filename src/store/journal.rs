@@ -33,6 +33,7 @@ use serde::{Deserialize, Serialize};
 
 use super::committer::{
     read_frame, segment_name, segment_number, sync_directory, Change, Committer, Locations, Queue,
+    Ticket,
 };
 use super::finished::FinishedLog;
 use super::frame::{self, Piece};
@@ -60,6 +61,8 @@ pub(super) struct Recovered {
 #[serde(rename_all = "snake_case")]
 enum EntryRef<'a> {
     Store(&'a MessageRecord),
+    /// Written by [`finish_frame`] (the same bytes, from a status encoded once).
+    #[cfg(test)]
     Finish(&'a StatusRecord),
 }
 
@@ -72,6 +75,12 @@ enum Entry {
         id: String,
     },
     Finish(StatusRecord),
+}
+
+/// A finish record on its way to disk, and the sent log's line for it.
+pub(super) struct Finishing {
+    ticket: Ticket,
+    line: Vec<u8>,
 }
 
 /// The spool directory in use.
@@ -189,16 +198,31 @@ impl Journal {
 
     /// Durably records that a message is finished, with its final status.
     pub(super) fn finish(&self, status: &StatusRecord) -> io::Result<()> {
-        let frame = encode(&EntryRef::Finish(status))?;
-        self.queue
-            .commit(vec![(frame, Change::Remove(status.id.clone()))])?;
-        if let Err(error) = self.finished.append(status) {
+        let finishing = self.begin_finish(status)?;
+        self.end_finish(finishing, &status.id)
+    }
+
+    /// Adds the record that a message is finished to the next commit,
+    /// without waiting for it; [`Journal::end_finish`] waits.
+    pub(super) fn begin_finish(&self, status: &StatusRecord) -> io::Result<Finishing> {
+        // One encoding of the status serves the record (`EntryRef::Finish`,
+        // `{"finish":<status>}`) and the sent log's line.
+        let line = serde_json::to_vec(status).map_err(io::Error::other)?;
+        let frame = finish_frame(&line)?;
+        let ticket = self
+            .queue
+            .enqueue(vec![(frame, Change::Remove(status.id.clone()))])?;
+        Ok(Finishing { ticket, line })
+    }
+
+    /// Waits until the record [`Journal::begin_finish`] added is on disk,
+    /// then notes the final status in the sent log.
+    pub(super) fn end_finish(&self, finishing: Finishing, id: &str) -> io::Result<()> {
+        self.queue.wait(finishing.ticket)?;
+        if let Err(error) = self.finished.append_line(finishing.line) {
             // The journal's record still carries the status until the next
             // start copies it into the log.
-            log::warn!(
-                "message {}: its final status is not in the sent log yet ({error})",
-                status.id
-            );
+            log::warn!("message {id}: its final status is not in the sent log yet ({error})");
         }
         Ok(())
     }
@@ -223,6 +247,16 @@ impl Journal {
         self.store(&[record])?;
         remove_dead_letter(&self.directory, &record.status.id)
     }
+}
+
+/// The frame of `EntryRef::Finish` for a status encoded as `status_json`.
+fn finish_frame(status_json: &[u8]) -> io::Result<Vec<u8>> {
+    frame::encode(|buffer| {
+        buffer.extend_from_slice(b"{\"finish\":");
+        buffer.extend_from_slice(status_json);
+        buffer.push(b'}');
+        Ok(())
+    })
 }
 
 fn encode(entry: &EntryRef<'_>) -> io::Result<Vec<u8>> {
@@ -624,21 +658,30 @@ pub(super) mod tests {
         drop(spool);
         let [segment] = segments(&directory).try_into().unwrap();
         let mut data = fs::read(&segment).unwrap();
-        let ends: Vec<usize> = frame::pieces(&data)
+        // Frames as (start, end); commits may leave zeros between them.
+        let frames: Vec<(usize, usize)> = frame::pieces(&data)
             .filter_map(|piece| match piece {
-                Piece::Frame { offset, length, .. } => Some(offset + length),
+                Piece::Frame { offset, length, .. } => Some((offset, offset + length)),
                 Piece::Unused { .. } => None,
                 Piece::Garbage { .. } => panic!("the source segment is clean"),
             })
             .collect();
+        let ends: Vec<usize> = frames.iter().map(|(_, end)| *end).collect();
         assert_eq!(ends.len(), 3);
         // Without the zero-filled space after the records.
         data.truncate(ends[2]);
 
-        // Every fifth cut point, and every frame boundary and its neighbours.
-        let mut cuts: Vec<usize> = (0..=data.len()).step_by(5).collect();
-        for end in &ends {
+        // Every fifth cut point inside the frames, every frame boundary
+        // and its neighbours, and the middle of the zeros between frames.
+        let mut cuts: Vec<usize> = frames
+            .iter()
+            .flat_map(|(start, end)| (*start..*end).step_by(5))
+            .collect();
+        for (index, end) in ends.iter().enumerate() {
             cuts.extend([end - 1, *end, (end + 1).min(data.len())]);
+            if let Some((next, _)) = frames.get(index + 1) {
+                cuts.push((end + next) / 2);
+            }
         }
         for cut in cuts {
             let directory = empty_directory("torn");
@@ -655,7 +698,7 @@ pub(super) mod tests {
                 .map(|id| id.to_string())
                 .collect();
             assert_eq!(pending_ids(&recovered), expected, "cut at {cut}");
-            let torn = cut > 0 && !ends.contains(&cut);
+            let torn = frames.iter().any(|(start, end)| *start < cut && cut < *end);
             assert_eq!(recovered.corrupt, usize::from(torn), "cut at {cut}");
             drop(spool);
             // The torn bytes were set aside once; the next start is clean.
@@ -664,6 +707,16 @@ pub(super) mod tests {
             assert_eq!(again.corrupt, 0, "cut at {cut}");
             let _ = fs::remove_dir_all(&directory);
         }
+    }
+
+    #[test]
+    fn a_finish_frame_is_what_serde_writes_for_a_finish_entry() {
+        let status = finished("a", State::Sent);
+        let line = serde_json::to_vec(&status).unwrap();
+        assert_eq!(
+            finish_frame(&line).unwrap(),
+            encode(&EntryRef::Finish(&status)).unwrap()
+        );
     }
 
     #[test]

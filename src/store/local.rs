@@ -21,7 +21,7 @@ use super::journal::{self, Journal};
 use super::suppression::Suppressions;
 use super::{
     ActionRefusal, Admission, Counts, ListQuery, MessageRecord, Observer, Observers, Page,
-    StatusRecord, Store, Suppression,
+    Settling, StatusRecord, Store, Suppression,
 };
 use crate::config::{Config, SpoolSetting};
 use crate::dispatch::{Capacity, Dispatch, RateLimiter};
@@ -518,20 +518,38 @@ impl Store for LocalStore {
             .at(Instant::now() + delay, Waiting::Retry(job));
     }
 
-    fn finish(&self, mut status: StatusRecord, durable: bool) {
+    fn finish(&self, mut status: StatusRecord, durable: bool) -> Settling {
         let core = &self.core;
         status.revision += 1;
         status.updated_at_ms = to_millis(SystemTime::now());
-        if let (true, Some(journal)) = (durable, &core.journal) {
-            if let Err(error) = core.written(journal.finish(&status)) {
+        let begun = match (durable, &core.journal) {
+            (true, Some(journal)) => Some(core.written(journal.begin_finish(&status))),
+            _ => None,
+        };
+        let (core, capacity) = (Arc::clone(&self.core), Arc::clone(&self.capacity));
+        let rest = move || {
+            let recorded = match (begun, &core.journal) {
+                (Some(Ok(finishing)), Some(journal)) => {
+                    core.written(journal.end_finish(finishing, &status.id))
+                }
+                (Some(Err(error)), _) => Err(error),
+                _ => Ok(()),
+            };
+            if let Err(error) = recorded {
                 log::error!(
                     "message {}: finished but not recorded in the spool ({error}); it may be sent again after a restart",
                     status.id
                 );
             }
+            core.show(status, None);
+            capacity.release();
+        };
+        if durable && self.core.journal.is_some() {
+            Settling::later(rest)
+        } else {
+            rest();
+            Settling::done()
         }
-        core.show(status, None);
-        self.capacity.release();
     }
 
     fn fail(&self, mut record: MessageRecord, durable: bool) {

@@ -47,6 +47,44 @@ pub(crate) enum ActionRefusal {
     Io(io::Error),
 }
 
+/// A finish whose record is still being written. The message reads
+/// `sending` (it is still in flight) until the record is on disk; then
+/// its final status is shown. Waiting is [`Settling::wait`], or dropping
+/// it: a finish is never left unsettled.
+///
+/// Why workers get this instead of waiting at once: the next delivery
+/// overlaps the fsync, and a worker waits for its previous finish before
+/// its next one, so at most two of its messages are in flight at a time.
+#[must_use = "dropping it waits for the record at once"]
+pub(crate) struct Settling(Option<Box<dyn FnOnce() + Send>>);
+
+impl Settling {
+    /// Nothing left to wait for.
+    pub(crate) fn done() -> Settling {
+        Settling(None)
+    }
+
+    /// Runs `rest` when waited for (or dropped).
+    pub(super) fn later(rest: impl FnOnce() + Send + 'static) -> Settling {
+        Settling(Some(Box::new(rest)))
+    }
+
+    /// Waits until the finish is recorded and shown.
+    pub(crate) fn wait(mut self) {
+        if let Some(rest) = self.0.take() {
+            rest();
+        }
+    }
+}
+
+impl Drop for Settling {
+    fn drop(&mut self) {
+        if let Some(rest) = self.0.take() {
+            rest();
+        }
+    }
+}
+
 /// What became of one message handed to [`Store::accept`].
 #[derive(Debug)]
 pub(crate) enum Admission {
@@ -165,8 +203,9 @@ pub(crate) trait Store: Send + Sync {
     /// workers after `delay`. `durable`: spooled (not for `/api/mail/v2`).
     fn retry_later(&self, record: MessageRecord, delay: Duration, job: Job, durable: bool);
 
-    /// Records that a message is finished (sent, suppressed).
-    fn finish(&self, status: StatusRecord, durable: bool);
+    /// Records that a message is finished (sent, suppressed); durably
+    /// (when spooled and `durable`) once the [`Settling`] is waited for.
+    fn finish(&self, status: StatusRecord, durable: bool) -> Settling;
 
     /// Records that a message failed for good; its content is kept (a
     /// dead letter) so it can be retried by hand.

@@ -45,7 +45,7 @@ use super::index::id_key;
 use super::suppression::normalize;
 use super::{
     ActionRefusal, Admission, Counts, ListQuery, MessageRecord, Observer, Observers, Page,
-    StatusRecord, Store, Suppression,
+    Settling, StatusRecord, Store, Suppression,
 };
 use crate::config::{Config, RedisSettings};
 use crate::job::Job;
@@ -1474,10 +1474,11 @@ impl Store for RedisStore {
         self.shared.record(&status, "retry", due);
     }
 
-    fn finish(&self, mut status: StatusRecord, _durable: bool) {
+    fn finish(&self, mut status: StatusRecord, _durable: bool) -> Settling {
         status.updated_at_ms = now_ms();
         status.revision += 1;
         self.shared.record(&status, "finish", 0);
+        Settling::done()
     }
 
     fn fail(&self, record: MessageRecord, _durable: bool) {
