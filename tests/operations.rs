@@ -1580,3 +1580,72 @@ fn connections_beyond_the_limit_get_503_and_the_service_keeps_serving() {
         child.log_text()
     );
 }
+
+/// A handler thread takes the plain `POST /api/mail` requests waiting
+/// behind the one it took and accepts them in one commit: each still gets
+/// its own answer, in order, and a bad one among them (wrong token, broken
+/// JSON) refuses only itself. Pipelined on one connection so that they are
+/// all waiting at once.
+#[test]
+fn pipelined_submits_accepted_together_are_each_answered_in_order() {
+    let _turn = light();
+    let relay = TestRelay::plain();
+    let mut config = config_for(&relay);
+    config.spool = mailroom::config::SpoolSetting::Directory(temp_dir("together").join("spool"));
+    let mut http = http_settings();
+    http.api_token = Some(mailroom::config::Secret::new("together-token"));
+    let service = Service::start_with(config, http);
+    let post = |body: &str, token: &str| {
+        format!(
+            "POST /api/mail HTTP/1.1\r\nHost: t\r\nAuthorization: Bearer {token}\r\n\
+             Content-Type: application/json\r\nContent-Length: {}\r\n\r\n{body}",
+            body.len()
+        )
+    };
+    let good = |subject: &str| seed_body("a@example.org", subject);
+    let requests = [
+        post(&good("one"), "together-token"),
+        post(&good("two"), "wrong-token"),
+        post("{\"sender\": ", "together-token"),
+        post(&good("three"), "together-token"),
+        "GET /healthz HTTP/1.1\r\nHost: t\r\n\r\n".to_string(),
+        post(&good("four"), "together-token"),
+    ];
+    let mut stream = TcpStream::connect(service.address).unwrap();
+    stream.set_read_timeout(Some(PATIENCE)).unwrap();
+    stream.write_all(requests.concat().as_bytes()).unwrap();
+    let mut reader = BufReader::new(stream);
+    let replies: Vec<HttpReply> = (0..requests.len())
+        .map(|_| read_reply(&mut reader))
+        .collect();
+    let codes: Vec<u16> = replies.iter().map(|reply| reply.code).collect();
+    assert_eq!(codes, [202, 401, 400, 202, 200, 202]);
+    assert!(
+        replies[2].body_text().contains("JSON"),
+        "{}",
+        replies[2].body_text()
+    );
+    let ids: Vec<String> = [0, 3, 5].iter().map(|at| replies[*at].id()).collect();
+    let mut distinct = ids.clone();
+    distinct.sort();
+    distinct.dedup();
+    assert_eq!(distinct.len(), 3, "{ids:?}");
+
+    let mut subjects: Vec<String> = relay
+        .wait_for(3)
+        .iter()
+        .map(|received| received.parsed().subject().unwrap_or_default().to_string())
+        .collect();
+    subjects.sort();
+    assert_eq!(subjects, ["four", "one", "three"]);
+    for id in &ids {
+        let reply = request(
+            service.address,
+            "GET",
+            &format!("/api/mail/{id}"),
+            &[("Authorization", "Bearer together-token")],
+            b"",
+        );
+        assert_eq!(reply.code, 200, "{}", reply.body_text());
+    }
+}
