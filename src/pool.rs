@@ -146,6 +146,10 @@ struct Slot {
     /// Its transport's deadline (none for the outbox).
     deadline: Option<Arc<Deadline>>,
     state: Mutex<SlotState>,
+    /// The worker's last finish while its record is being written: kept
+    /// here so that the supervisor can settle it when it gives the worker
+    /// up (a stuck thread must not keep a sent message reading `sending`).
+    recording: Mutex<Option<Settling>>,
 }
 
 #[derive(Default)]
@@ -194,6 +198,29 @@ impl Slot {
     fn is_abandoned(&self) -> bool {
         self.lock().abandoned
     }
+
+    fn recording(&self) -> std::sync::MutexGuard<'_, Option<Settling>> {
+        self.recording
+            .lock()
+            .unwrap_or_else(|poisoned| poisoned.into_inner())
+    }
+
+    /// Keeps `settling` as the worker's last finish, then waits for the
+    /// one before it: at most one finish per worker is left being recorded.
+    fn record(&self, settling: Settling) {
+        let previous = self.recording().replace(settling);
+        if let Some(previous) = previous {
+            previous.wait();
+        }
+    }
+
+    /// Waits for the worker's last finish, if it is still being recorded.
+    fn settle_recording(&self) {
+        let last = self.recording().take();
+        if let Some(last) = last {
+            last.wait();
+        }
+    }
 }
 
 /// A worker as the supervisor sees it.
@@ -214,6 +241,7 @@ struct Ended<'a> {
 
 impl Drop for Ended<'_> {
     fn drop(&mut self) {
+        self.slot.settle_recording();
         self.slot.lock().ended = true;
         if let Some(supervisor) = self.pool.supervisor.get() {
             supervisor.unpark();
@@ -230,6 +258,7 @@ fn spawn_worker(
     let slot = Arc::new(Slot {
         deadline: transport.deadline(),
         state: Mutex::new(SlotState::default()),
+        recording: Mutex::new(None),
     });
     let worker_slot = Arc::clone(&slot);
     let worker_pool = Arc::clone(pool);
@@ -284,6 +313,8 @@ fn take_over(pool: &Arc<Pool>, member: &mut Member, deadline: &Deadline) {
         state.abandoned = true;
         std::mem::take(&mut state.attempts)
     };
+    // The stuck thread's last finish is shown now, not when it wakes.
+    member.slot.settle_recording();
     let lingering = deadline.abandon();
     log::warn!(
         "SMTP session with {} given up at its deadline ({} ms, MAILROOM_SMTP_TIMEOUT_MS): worker replaced, {} attempts reported as timed out ({lingering} abandoned sessions still waiting on the relay)",
@@ -317,8 +348,6 @@ fn run_worker(pool: &Pool, slot: &Slot, mut transport: Transport, inherited: Vec
         }
     }
     let (work, stop) = (&pool.work, &pool.stop);
-    // This worker's last finish, while its record is being written.
-    let mut recording: Option<Settling> = None;
     loop {
         if !matches!(stop.try_recv(), Err(TryRecvError::Empty)) {
             break;
@@ -327,9 +356,7 @@ fn run_worker(pool: &Pool, slot: &Slot, mut transport: Transport, inherited: Vec
             Ok(job) => Ok(job),
             Err(_) => {
                 // Nothing waiting: show the last finish before sleeping.
-                if let Some(previous) = recording.take() {
-                    previous.wait();
-                }
+                slot.settle_recording();
                 select! {
                     recv(work) -> job => job,
                     recv(stop) -> _ => break,
@@ -349,7 +376,7 @@ fn run_worker(pool: &Pool, slot: &Slot, mut transport: Transport, inherited: Vec
                 break;
             }
             Ok(job) => {
-                if !deliver(pool, slot, &mut transport, job, &mut recording) {
+                if !deliver(pool, slot, &mut transport, job) {
                     return;
                 }
             }
@@ -364,7 +391,7 @@ fn run_worker(pool: &Pool, slot: &Slot, mut transport: Transport, inherited: Vec
             }
             match work.try_recv() {
                 Ok(job) => {
-                    if !deliver(pool, slot, &mut transport, job, &mut recording) {
+                    if !deliver(pool, slot, &mut transport, job) {
                         return;
                     }
                 }
@@ -431,19 +458,10 @@ fn hold(context: &WorkerContext, slot: &Slot, attempt: Attempt) -> Option<InFlig
 /// the late result is discarded). The worker's previous finish is waited
 /// for once this one is under way: at most one finish per worker is still
 /// being recorded when this returns.
-fn settle(
-    context: &WorkerContext,
-    slot: &Slot,
-    id: &str,
-    result: AttemptOutcome,
-    recording: &mut Option<Settling>,
-) -> bool {
+fn settle(context: &WorkerContext, slot: &Slot, id: &str, result: AttemptOutcome) -> bool {
     match slot.take(id) {
         Some(attempt) => {
-            let settling = conclude(context, attempt, result);
-            if let Some(previous) = recording.replace(settling) {
-                previous.wait();
-            }
+            slot.record(conclude(context, attempt, result));
             true
         }
         None => false,
@@ -486,13 +504,7 @@ fn next_job(pool: &Pool, slot: &Slot, transport: &Transport) -> Next {
 /// envelope in the same write as a body, those after it (about one round
 /// trip per message on a busy connection). False when the worker was
 /// given up at a deadline meanwhile: it must end.
-fn deliver(
-    pool: &Pool,
-    slot: &Slot,
-    transport: &mut Transport,
-    job: Job,
-    recording: &mut Option<Settling>,
-) -> bool {
+fn deliver(pool: &Pool, slot: &Slot, transport: &mut Transport, job: Job) -> bool {
     let context = &*pool.context;
     let wait = context.store.rate_slot();
     if !wait.is_zero() {
@@ -516,12 +528,12 @@ fn deliver(
     let mut step = transport.begin(&current.message, current.recipients(), &hooks);
     loop {
         if let Step::Done(result) = step {
-            return settle(context, slot, &current.message.id, result, recording);
+            return settle(context, slot, &current.message.id, result);
         }
         match next_job(pool, slot, transport) {
             Next::None => {
                 let (result, _) = transport.finish(None, &hooks);
-                return settle(context, slot, &current.message.id, result, recording);
+                return settle(context, slot, &current.message.id, result);
             }
             Next::Now(attempt) => {
                 let Some(next) = hold(context, slot, *attempt) else {
@@ -529,7 +541,7 @@ fn deliver(
                 };
                 let (result, next_step) =
                     transport.finish(Some((&next.message, next.recipients())), &hooks);
-                if !settle(context, slot, &current.message.id, result, recording) {
+                if !settle(context, slot, &current.message.id, result) {
                     return false;
                 }
                 current = next;
@@ -542,7 +554,7 @@ fn deliver(
             }
             Next::Paced(job, wait) => {
                 let (result, _) = transport.finish(None, &hooks);
-                if !settle(context, slot, &current.message.id, result, recording) {
+                if !settle(context, slot, &current.message.id, result) {
                     return false;
                 }
                 // Pacing (MAILROOM_RATE_LIMIT), not synchronisation.
