@@ -1088,6 +1088,7 @@ impl Engine {
         threads.stop = None; // closes the stop channel: workers finish what they hold
         let workers = std::mem::take(&mut threads.workers);
         join_until(workers, deadline);
+        inner.store.flush();
         if let Some(webhooks) = &inner.webhooks {
             // After the workers: the webhooks of their last deliveries are queued.
             let left = webhooks.shutdown(deadline, !durable);

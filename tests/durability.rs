@@ -208,6 +208,11 @@ fn sigterm_finishes_deliveries_in_flight_and_keeps_the_rest() {
         "{}",
         service.log_text()
     );
+    // The sent log is written by a clean stop (not left to the next start).
+    let sent_log = std::fs::read_to_string(directory.join("spool").join("sent.log")).unwrap();
+    for id in &in_flight {
+        assert!(sent_log.contains(id.as_str()), "{id} not in sent.log");
+    }
 
     let restarted = ChildService::start(&directory, &env);
     // Statuses of messages sent before the stop are not kept across it.

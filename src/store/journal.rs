@@ -102,6 +102,7 @@ impl Drop for Journal {
         if let Some(committer) = self.committer.take() {
             let _ = committer.join();
         }
+        self.flush_sent_log();
     }
 }
 
@@ -194,6 +195,14 @@ impl Journal {
             };
         }
         Err(last_error)
+    }
+
+    /// Writes the sent log's buffered lines and syncs them (at a stop;
+    /// lines lost otherwise are copied from the journal at the next start).
+    pub(super) fn flush_sent_log(&self) {
+        if let Err(error) = self.finished.sync() {
+            log::warn!("spool: cannot write the sent log ({error}); the next start completes it");
+        }
     }
 
     /// Durably records that a message is finished, with its final status.

@@ -711,6 +711,12 @@ impl Store for LocalStore {
             let _ = schedule.join();
         }
     }
+
+    fn flush(&self) {
+        if let Some(journal) = &self.core.journal {
+            journal.flush_sent_log();
+        }
+    }
 }
 
 #[cfg(test)]

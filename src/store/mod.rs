@@ -260,6 +260,9 @@ pub(crate) trait Store: Send + Sync {
     /// wait for their time are handed to the workers first (memory mode
     /// drains at shutdown).
     fn stop(&self, release_retries: bool);
+
+    /// Writes out what is buffered (once the workers have ended, at a stop).
+    fn flush(&self) {}
 }
 
 /// Opens the store the configuration asks for, and queues again what it
