@@ -54,7 +54,8 @@ pub(crate) enum ActionRefusal {
 ///
 /// Why workers get this instead of waiting at once: the next delivery
 /// overlaps the fsync, and a worker waits for its previous finish before
-/// its next one, so at most two of its messages are in flight at a time.
+/// its next one (or before it sits idle; the supervisor settles it for a
+/// worker it gives up), so at most two of its messages are in flight.
 #[must_use = "dropping it waits for the record at once"]
 pub(crate) struct Settling(Option<Box<dyn FnOnce() + Send>>);
 
