@@ -70,32 +70,47 @@ impl Link {
         Engine::start(config).expect("the engine starts")
     }
 
-    fn counts(&self) -> (u64, u64) {
-        (self.proxy.flights(), self.proxy.connections())
+    /// What the sink and the proxy have counted so far.
+    fn mark(&self) -> Mark {
+        Mark {
+            messages: self.sink.messages(),
+            flights: self.proxy.flights(),
+            connections: self.proxy.connections(),
+        }
     }
+
+    /// The run since `start`, which took `elapsed`.
+    fn run_since(&self, start: &Mark, elapsed: Duration) -> Run {
+        let now = self.mark();
+        Run {
+            messages: now.messages - start.messages,
+            elapsed,
+            flights: now.flights - start.flights,
+            connections: now.connections - start.connections,
+        }
+    }
+}
+
+/// Counts at the start of a run.
+struct Mark {
+    messages: u64,
+    flights: u64,
+    connections: u64,
 }
 
 /// N messages queued while the sink holds its greeting, then released.
 fn backlog(link: &Link, workers: usize, count: u64, request: &MailRequest) -> Run {
     let sink = &link.sink;
     sink.close_gate();
-    let (flights, connections) = link.counts();
+    let start = link.mark();
     let engine = link.engine(workers, count as usize + 16);
     for _ in 0..count {
         engine.submit(request, None).expect("queued");
     }
-    let before = sink.messages();
     let started = Instant::now();
     sink.open_gate();
-    let done = sink.wait_for(before + count, RUN_LIMIT);
-    let elapsed = done.unwrap_or_else(Instant::now) - started;
-    let (flights_after, connections_after) = link.counts();
-    let run = Run {
-        messages: sink.messages() - before,
-        elapsed,
-        flights: flights_after - flights,
-        connections: connections_after - connections,
-    };
+    let done = sink.wait_for(start.messages + count, RUN_LIMIT);
+    let run = link.run_since(&start, done.unwrap_or_else(Instant::now) - started);
     engine.shutdown();
     run
 }
@@ -105,9 +120,8 @@ fn backlog(link: &Link, workers: usize, count: u64, request: &MailRequest) -> Ru
 fn closed_loop(link: &Link, workers: usize, count: u64, request: &MailRequest) -> Run {
     let sink = &link.sink;
     sink.open_gate();
-    let (flights, connections) = link.counts();
+    let start = link.mark();
     let engine = link.engine(workers, workers * 4 + 16);
-    let before = sink.messages();
     let next = Arc::new(AtomicU64::new(0));
     let started = Instant::now();
     let callers: Vec<_> = (0..workers)
@@ -123,14 +137,7 @@ fn closed_loop(link: &Link, workers: usize, count: u64, request: &MailRequest) -
     for caller in callers {
         let _ = caller.join();
     }
-    let elapsed = started.elapsed();
-    let (flights_after, connections_after) = link.counts();
-    let run = Run {
-        messages: sink.messages() - before,
-        elapsed,
-        flights: flights_after - flights,
-        connections: connections_after - connections,
-    };
+    let run = link.run_since(&start, started.elapsed());
     engine.shutdown();
     run
 }

@@ -66,6 +66,14 @@ fn outcome(status: &Value) -> Value {
 }
 
 /// The relay's view: each message's recipients, in order of arrival.
+/// Runs `case` against a relay without PIPELINING, then with it: what it
+/// returns (what a client sees of the outcome) must be the same both ways.
+fn same_with_and_without_pipelining<T: PartialEq + std::fmt::Debug>(case: impl Fn(bool) -> T) {
+    let without = case(false);
+    let with = case(true);
+    assert_eq!(without, with);
+}
+
 fn arrived(relay: &TestRelay) -> Vec<Vec<String>> {
     relay
         .received()
@@ -84,8 +92,7 @@ fn via(mut config: mailroom::Config, address: SocketAddr) -> mailroom::Config {
 
 #[test]
 fn refused_and_deferred_recipients_in_one_group_end_as_one_at_a_time() {
-    let mut outcomes = Vec::new();
-    for pipelining in [false, true] {
+    same_with_and_without_pipelining(|pipelining| {
         let relay = relay(pipelining);
         relay.refuse_recipient("gone@example.org", 550, "5.1.1 no such user");
         relay.refuse_recipient("busy@example.org", 450, "4.2.1 mailbox busy");
@@ -118,17 +125,13 @@ fn refused_and_deferred_recipients_in_one_group_end_as_one_at_a_time() {
             vec![vec!["a@example.org", "b@example.org"]]
         );
         assert_eq!(relay.improper_pipelining(), 0);
-        outcomes.push(outcome(
-            &service.get(&format!("/api/mail/{id}")).json()["data"],
-        ));
-    }
-    assert_eq!(outcomes[0], outcomes[1]);
+        outcome(&service.get(&format!("/api/mail/{id}")).json()["data"])
+    });
 }
 
 #[test]
 fn a_refused_sender_in_a_group_fails_or_retries_as_one_at_a_time() {
-    let mut outcomes = Vec::new();
-    for pipelining in [false, true] {
+    same_with_and_without_pipelining(|pipelining| {
         let relay = relay(pipelining);
         relay.reply_to_next_mail(&[(451, "4.3.0 try later"), (550, "5.7.1 sender rejected")]);
         let mut config = config_for(&relay);
@@ -154,11 +157,8 @@ fn a_refused_sender_in_a_group_fails_or_retries_as_one_at_a_time() {
         assert_eq!(arrived(&relay), vec![vec!["c@example.org"]]);
         assert_eq!(relay.connections(), 1);
         assert_eq!(relay.improper_pipelining(), 0);
-        outcomes.push(outcome(
-            &service.get(&format!("/api/mail/{id}")).json()["data"],
-        ));
-    }
-    assert_eq!(outcomes[0], outcomes[1]);
+        outcome(&service.get(&format!("/api/mail/{id}")).json()["data"])
+    });
 }
 
 #[test]
@@ -181,8 +181,7 @@ fn a_recipient_limit_splits_pipelined_groups_into_transactions() {
 
 #[test]
 fn a_relay_dropping_the_connection_mid_group() {
-    let mut outcomes = Vec::new();
-    for pipelining in [false, true] {
+    same_with_and_without_pipelining(|pipelining| {
         let relay = relay(pipelining);
         let mut config = config_for(&relay);
         config.workers = 1;
@@ -202,12 +201,11 @@ fn a_relay_dropping_the_connection_mid_group() {
         assert_eq!(arrived(&relay), vec![to.to_vec(), to.to_vec()]);
         assert_eq!(relay.connections(), 3);
         assert_eq!(relay.improper_pipelining(), 0);
-        outcomes.push((
+        (
             outcome(&service.get(&format!("/api/mail/{first}")).json()["data"]),
             outcome(&service.get(&format!("/api/mail/{second}")).json()["data"]),
-        ));
-    }
-    assert_eq!(outcomes[0], outcomes[1]);
+        )
+    });
 }
 
 #[test]
@@ -273,8 +271,7 @@ fn ten_recipients_cost_the_round_trips_of_one() {
 
 #[test]
 fn a_backlog_sends_each_envelope_with_the_body_before_it() {
-    let mut outcomes = Vec::new();
-    for pipelining in [false, true] {
+    same_with_and_without_pipelining(|pipelining| {
         let relay = relay(pipelining);
         // 5.7.1, not 5.1.1: no suppression list entry, every message asks.
         relay.refuse_recipient("gone@example.org", 550, "5.7.1 not here");
@@ -338,9 +335,8 @@ fn a_backlog_sends_each_envelope_with_the_body_before_it() {
         } else {
             assert!(flights >= 40 * 3, "{flights} flights for 40 messages");
         }
-        outcomes.push(statuses);
-    }
-    assert_eq!(outcomes[0], outcomes[1]);
+        statuses
+    });
 }
 
 #[test]

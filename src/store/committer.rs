@@ -181,6 +181,30 @@ struct Active {
     filled: u64,
 }
 
+impl Active {
+    /// Writes `records` at the write position and makes them durable;
+    /// returns the bytes taken (a direct write takes whole blocks, see
+    /// [`aligned_blocks`]).
+    fn write(&mut self, records: &[u8], aligned: &mut Vec<u8>) -> io::Result<u64> {
+        if let Some(direct) = &self.direct {
+            let blocks = aligned_blocks(aligned, records);
+            match direct.write_all_at(blocks, self.length) {
+                Ok(()) => return Ok(blocks.len() as u64),
+                // Refused after all (an alignment this file system wants
+                // and we do not give): buffered from now on.
+                Err(error) if error.raw_os_error() == Some(libc::EINVAL) => {
+                    log::warn!("spool: direct writes refused ({error}); using fdatasync instead");
+                    self.direct = None;
+                }
+                Err(error) => return Err(error),
+            }
+        }
+        self.file.write_all_at(records, self.length)?;
+        self.file.sync_data()?;
+        Ok(records.len() as u64)
+    }
+}
+
 /// Sealed segments beyond this many get their pinned records copied forward.
 const MAX_SEALED: usize = 4;
 /// Zero-fill this much ahead of the write position at a time.
@@ -286,36 +310,8 @@ impl Committer {
             placed.push((change, active.length + buffer.len() as u64, bytes.len()));
             buffer.extend_from_slice(bytes);
         }
-        let written = match &active.direct {
-            Some(direct) => {
-                let blocks = aligned_blocks(&mut self.aligned, buffer);
-                direct
-                    .write_all_at(blocks, active.length)
-                    .map(|()| blocks.len())
-            }
-            None => active
-                .file
-                .write_all_at(buffer, active.length)
-                .and_then(|()| active.file.sync_data())
-                .map(|()| buffer.len()),
-        };
-        let written = match written {
-            Ok(written) => Ok(written),
-            Err(error) if error.raw_os_error() == Some(libc::EINVAL) && active.direct.is_some() => {
-                // Direct writes refused after all (an alignment this file
-                // system wants and we do not give): buffered from now on.
-                log::warn!("spool: direct writes refused ({error}); using fdatasync instead");
-                active.direct = None;
-                active
-                    .file
-                    .write_all_at(buffer, active.length)
-                    .and_then(|()| active.file.sync_data())
-                    .map(|()| buffer.len())
-            }
-            Err(error) => Err(error),
-        };
-        let written = match written {
-            Ok(written) => written as u64,
+        let written = match active.write(buffer, &mut self.aligned) {
+            Ok(written) => written,
             Err(error) => {
                 // After a failed write or fsync the file's state is unknown:
                 // never append to it again. Its good records stay indexed.

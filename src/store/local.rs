@@ -519,22 +519,20 @@ impl Store for LocalStore {
     }
 
     fn finish(&self, mut status: StatusRecord, durable: bool) -> Settling {
-        let core = &self.core;
         status.revision += 1;
         status.updated_at_ms = to_millis(SystemTime::now());
-        let begun = match (durable, &core.journal) {
-            (true, Some(journal)) => Some(core.written(journal.begin_finish(&status))),
-            _ => None,
-        };
         let (core, capacity) = (Arc::clone(&self.core), Arc::clone(&self.capacity));
-        let rest = move || {
-            let recorded = match (begun, &core.journal) {
-                (Some(Ok(finishing)), Some(journal)) => {
-                    core.written(journal.end_finish(finishing, &status.id))
-                }
-                (Some(Err(error)), _) => Err(error),
-                _ => Ok(()),
-            };
+        let journal = self.core.journal.as_ref().filter(|_| durable);
+        let Some(begun) = journal.map(|journal| core.written(journal.begin_finish(&status))) else {
+            core.show(status, None);
+            capacity.release();
+            return Settling::done();
+        };
+        Settling::later(move || {
+            let recorded = begun.and_then(|finishing| match &core.journal {
+                Some(journal) => core.written(journal.end_finish(finishing, &status.id)),
+                None => Ok(()),
+            });
             if let Err(error) = recorded {
                 log::error!(
                     "message {}: finished but not recorded in the spool ({error}); it may be sent again after a restart",
@@ -543,13 +541,7 @@ impl Store for LocalStore {
             }
             core.show(status, None);
             capacity.release();
-        };
-        if durable && self.core.journal.is_some() {
-            Settling::later(rest)
-        } else {
-            rest();
-            Settling::done()
-        }
+        })
     }
 
     fn fail(&self, mut record: MessageRecord, durable: bool) {
