@@ -102,10 +102,7 @@ impl SmtpSender {
         let (Some(open), Some(current)) = (&self.open, &self.current) else {
             return false;
         };
-        open.extensions.pipelining
-            && !open.broken
-            && current.transaction.too_many.is_empty()
-            && current.message.content.len() <= LARGE_BODY
+        !open.broken && carries_next(open, current)
     }
 
     /// Starts an attempt: connects if needed and sends the envelope. See
@@ -157,13 +154,8 @@ impl SmtpSender {
                 open.broken = true;
                 break Err(abandoned());
             }
-            let last = current.transaction.too_many.is_empty();
             let chain = match next {
-                Some((message, recipients))
-                    if last
-                        && open.extensions.pipelining
-                        && current.message.content.len() <= LARGE_BODY =>
-                {
+                Some((message, recipients)) if carries_next(open, &current) => {
                     Sender::new(&open.smtp, message)
                         .ok()
                         .and_then(|sender| prepare(&sender, recipients).map(|p| (sender, p)))
@@ -496,6 +488,16 @@ impl Drop for SmtpSender {
 /// one that failed refused or deferred with its reply (or a local `421
 /// 4.4.2` naming the failure when there was no reply): those already
 /// accepted must not be sent again.
+/// True when the next message's envelope may go in the same write as the
+/// body of `current`: the relay offers PIPELINING, the body is not large
+/// (large ones go in pieces), and no further transaction of this message
+/// comes first.
+fn carries_next(open: &Open, current: &Current) -> bool {
+    open.extensions.pipelining
+        && current.transaction.too_many.is_empty()
+        && current.message.content.len() <= LARGE_BODY
+}
+
 fn with_failed(mut delivered: Delivered, recipients: &[String], failure: &Failure) -> Delivered {
     let reply = failure.error.reply.clone().unwrap_or_else(|| SmtpReply {
         code: 421,

@@ -518,6 +518,33 @@ enum Asked {
     Data,
 }
 
+/// Adds the RCPT TO of each recipient `rest` yields to a group (its text
+/// and what it asks) until the group asks `limit` commands; a recipient
+/// refused locally asks nothing.
+fn push_rcpts<'r>(
+    (text, asked): (&mut String, &mut Vec<Asked>),
+    transaction: &mut Transaction,
+    rest: &mut impl Iterator<Item = &'r String>,
+    limit: usize,
+) {
+    while asked.len() < limit {
+        let Some(recipient) = rest.next() else { break };
+        match rcpt_command(recipient) {
+            Ok(command) => {
+                text.push_str(&command);
+                asked.push(Asked::Rcpt(recipient.clone()));
+            }
+            Err(refusal) => transaction.refuse_locally(refusal),
+        }
+    }
+}
+
+/// Ends a group with DATA.
+fn push_data((text, asked): (&mut String, &mut Vec<Asked>)) {
+    text.push_str(&Data.to_string());
+    asked.push(Asked::Data);
+}
+
 /// A pipelined envelope prepared in advance, to go out behind another
 /// message's body (at most [`GROUP`] commands).
 pub(super) struct Prepared {
@@ -535,17 +562,13 @@ pub(super) fn prepare(sender: &Sender, recipients: &[String]) -> Option<Prepared
     let mut transaction = Transaction::default();
     let mut text = sender.mail.clone();
     let mut asked = vec![Asked::Mail];
-    for recipient in recipients {
-        match rcpt_command(recipient) {
-            Ok(command) => {
-                text.push_str(&command);
-                asked.push(Asked::Rcpt(recipient.clone()));
-            }
-            Err(refusal) => transaction.refuse_locally(refusal),
-        }
-    }
-    text.push_str(&Data.to_string());
-    asked.push(Asked::Data);
+    push_rcpts(
+        (&mut text, &mut asked),
+        &mut transaction,
+        &mut recipients.iter(),
+        GROUP,
+    );
+    push_data((&mut text, &mut asked));
     Some(Prepared {
         text,
         asked,
@@ -601,20 +624,15 @@ fn pipelined_envelope(
     let mut asked = vec![Asked::Mail];
     let mut rest = recipients.iter().peekable();
     loop {
-        while asked.len() < GROUP - 1 {
-            let Some(recipient) = rest.next() else { break };
-            match rcpt_command(recipient) {
-                Ok(command) => {
-                    text.push_str(&command);
-                    asked.push(Asked::Rcpt(recipient.clone()));
-                }
-                Err(refusal) => transaction.refuse_locally(refusal),
-            }
-        }
+        push_rcpts(
+            (&mut text, &mut asked),
+            &mut transaction,
+            &mut rest,
+            GROUP - 1,
+        );
         let last = rest.peek().is_none();
         if last {
-            text.push_str(&Data.to_string());
-            asked.push(Asked::Data);
+            push_data((&mut text, &mut asked));
         }
         if asked.is_empty() {
             break;
@@ -635,8 +653,7 @@ fn pipelined_envelope(
         if mail_failure.is_some() || transaction.limit_reply.is_some() {
             transaction.too_many.extend(rest.by_ref().cloned());
             if mail_failure.is_none() && !transaction.accepted.is_empty() {
-                text.push_str(&Data.to_string());
-                asked.push(Asked::Data);
+                push_data((&mut text, &mut asked));
                 send_group(
                     open,
                     &text,
