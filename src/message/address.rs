@@ -81,6 +81,9 @@ pub(crate) fn parse_mailbox(field: &str, value: &str) -> Result<Mailbox, Message
         });
     }
     let text = value.trim();
+    if let Some(mailbox) = plain_address(text) {
+        return Ok(mailbox);
+    }
     let parsed: lettre::message::Mailbox = text
         .parse()
         .map_err(|error: lettre::address::AddressError| invalid(error.to_string()))?;
@@ -92,6 +95,37 @@ pub(crate) fn parse_mailbox(field: &str, value: &str) -> Result<Mailbox, Message
         return Err(invalid("expected one address in <angle brackets>".into()));
     }
     from_lettre(parsed).map_err(invalid)
+}
+
+/// `text` as a mailbox when it is a bare ASCII address of the plainest
+/// form, `dot.atom@host.name` (what nearly every client sends): the same
+/// mailbox lettre's parser gives for it, in a fraction of the time (the
+/// parser was ~5% of an accepted request's CPU). `None` for anything else,
+/// which then goes through lettre.
+fn plain_address(text: &str) -> Option<Mailbox> {
+    if text.len() > MAX_ADDRESS_OCTETS {
+        return None;
+    }
+    let (local, domain) = text.split_once('@')?;
+    let is_atext = |b: u8| b.is_ascii_alphanumeric() || b"!#$%&'*+-/=?^_`{|}~".contains(&b);
+    let local_ok = local
+        .split('.')
+        .all(|atom| !atom.is_empty() && atom.bytes().all(is_atext));
+    let domain_ok = domain.split('.').all(|label| {
+        let bytes = label.as_bytes();
+        (1..=63).contains(&bytes.len())
+            && bytes
+                .iter()
+                .all(|b| b.is_ascii_alphanumeric() || *b == b'-')
+            && bytes[0] != b'-'
+            && bytes[bytes.len() - 1] != b'-'
+    });
+    (local_ok && domain_ok).then(|| Mailbox {
+        name: None,
+        local: local.to_string(),
+        domain: domain.to_string(),
+        unicode_domain: domain.to_string(),
+    })
 }
 
 /// Parses a comma-separated list of mailboxes (a custom address header).
@@ -207,6 +241,78 @@ mod tests {
         }
         let long = format!("{}@example.com", "a".repeat(250));
         assert!(parse_mailbox("to", &long).is_err());
+    }
+
+    /// The plain fast path gives exactly what lettre's parser gives, and
+    /// leaves to it everything it does not take.
+    #[test]
+    fn plain_addresses_parse_as_lettre_parses_them() {
+        use proptest::prelude::*;
+        use proptest::test_runner::{Config, TestRunner};
+        let through_lettre = |text: &str| -> Option<Mailbox> {
+            let parsed: lettre::message::Mailbox = text.parse().ok()?;
+            from_lettre(parsed).ok()
+        };
+        let examples = [
+            "a@b.c",
+            "first.last+tag@mail.example.com",
+            "x!#$%&'*+-/=?^_`{|}~@a-b.c0",
+            "a@localhost",
+            "a.@b.c",
+            ".a@b.c",
+            "a..b@b.c",
+            "a@b..c",
+            "a@-b.c",
+            "a@b-.c",
+            "a@b.c.",
+            "a@@b.c",
+            "@b.c",
+            "a@",
+            "a b@c.d",
+            "\"a\"@b.c",
+            "a@[127.0.0.1]",
+            "a@b_c.d",
+            "a@1.2.3.4",
+            "a@b.123",
+        ];
+        for text in examples {
+            if let Some(fast) = plain_address(text) {
+                assert_eq!(Some(fast), through_lettre(text), "{text:?}");
+            }
+        }
+        assert!(plain_address("first.last+tag@mail.example.com").is_some());
+        assert!(plain_address(&format!("{}@example.com", "a".repeat(250))).is_none());
+        let long_label = format!("a@{}.com", "b".repeat(64));
+        assert!(plain_address(&long_label).is_none());
+        // Addresses built from pieces that are mostly valid in a local part
+        // or a domain, with the characters that matter to either grammar.
+        let pieces = || {
+            let valid = prop::sample::select(vec!["a", "Z", "0", "9", "ab", "c9", "xn--", "."]);
+            let any = prop::sample::select(vec![
+                "-", "_", "+", "!", "~", "`", "'", "\"", " ", "(", ")", "<", ">", "[", "]", ":",
+                ",", "\\", "é", "@", "\t",
+            ]);
+            let piece = prop_oneof![6 => valid, 1 => any];
+            prop::collection::vec(piece, 1..12).prop_map(|pieces| pieces.concat())
+        };
+        let text = (pieces(), pieces()).prop_map(|(local, domain)| format!("{local}@{domain}"));
+        let fast_ones = std::cell::Cell::new(0);
+        let mut runner = TestRunner::new(Config {
+            cases: 20_000,
+            failure_persistence: None,
+            ..Config::default()
+        });
+        runner
+            .run(&text, |text| {
+                if let Some(fast) = plain_address(&text) {
+                    fast_ones.set(fast_ones.get() + 1);
+                    prop_assert_eq!(Some(fast), through_lettre(&text), "{:?}", text);
+                }
+                Ok(())
+            })
+            .unwrap();
+        // The comparison is not empty: many strings take the fast path.
+        assert!(fast_ones.get() > 200, "{} plain addresses", fast_ones.get());
     }
 
     #[test]
