@@ -1,5 +1,6 @@
 //! An answer before it is written: status, the JSON envelope, headers.
 
+use serde::Serialize;
 use serde_json::{json, Value};
 
 /// An answer before it is written.
@@ -22,6 +23,28 @@ impl Reply {
             content_type: "application/json",
             headers: Vec::new(),
             close: false,
+        }
+    }
+
+    /// The envelope around `data` of any serializable type, written
+    /// directly: on the accept path a [`Value`] tree (~1.2 µs) cost eight
+    /// times more than the writing.
+    pub fn serialized(code: u16, message: &str, data: &impl Serialize) -> Reply {
+        // Fields in the order a `Value` object prints them (sorted).
+        #[derive(Serialize)]
+        struct Envelope<'a, T> {
+            data: &'a T,
+            message: &'a str,
+        }
+        match serde_json::to_vec(&Envelope { data, message }) {
+            Ok(body) => Reply {
+                code,
+                body,
+                content_type: "application/json",
+                headers: Vec::new(),
+                close: false,
+            },
+            Err(error) => Reply::error(500, "internal error", &error.to_string()),
         }
     }
 

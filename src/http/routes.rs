@@ -375,10 +375,18 @@ fn submit(exchange: &Exchange<'_>, request: &mut Request) -> Reply {
 
 fn submitted(result: Result<Accepted, SubmitError>) -> Reply {
     match result {
-        Ok(accepted) => Reply::json(
-            202,
-            json!({ "message": "ok", "data": { "id": accepted.id, "status": accepted.state.as_str() } }),
-        ),
+        Ok(accepted) => {
+            #[derive(serde::Serialize)]
+            struct Submitted<'a> {
+                id: &'a str,
+                status: &'a str,
+            }
+            let data = Submitted {
+                id: &accepted.id,
+                status: accepted.state.as_str(),
+            };
+            Reply::serialized(202, "ok", &data)
+        }
         Err(error) => refusal(&error),
     }
 }

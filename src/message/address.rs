@@ -100,7 +100,7 @@ pub(crate) fn parse_mailbox(field: &str, value: &str) -> Result<Mailbox, Message
 /// `text` as a mailbox when it is a bare ASCII address of the plainest
 /// form, `dot.atom@host.name` (what nearly every client sends): the same
 /// mailbox lettre's parser gives for it, in a fraction of the time (the
-/// parser was ~5% of an accepted request's CPU). `None` for anything else,
+/// parser was ~3% of an accepted request's CPU). `None` for anything else,
 /// which then goes through lettre.
 fn plain_address(text: &str) -> Option<Mailbox> {
     if text.len() > MAX_ADDRESS_OCTETS {
