@@ -732,7 +732,7 @@ fn conclude(context: &WorkerContext, attempt: Attempt, result: AttemptOutcome) -
             status.set_state(State::Retrying);
             status.last_error = Some(error.clone());
             status.next_attempt_at_ms = Some(to_millis(next_attempt_at));
-            status.pending = Some(recipients.clone());
+            status.pending = pending_unless_all(&status, &recipients);
             status.push_event(Event::now(EventKind::Deferred {
                 next_attempt_at_ms: to_millis(next_attempt_at),
                 error: error.clone(),
@@ -765,7 +765,7 @@ fn conclude(context: &WorkerContext, attempt: Attempt, result: AttemptOutcome) -
             status.set_state(State::Failed);
             status.last_error = Some(error.clone());
             status.next_attempt_at_ms = None;
-            status.pending = Some(undelivered);
+            status.pending = pending_unless_all(&status, &undelivered);
             status.push_event(Event::now(EventKind::Failed {
                 error: error.clone(),
             }));
@@ -790,6 +790,12 @@ fn conclude(context: &WorkerContext, attempt: Attempt, result: AttemptOutcome) -
             Settling::done()
         }
     }
+}
+
+/// `pending` as a status keeps it: `None` when it is every recipient (the
+/// usual case, and a copy less of the list for each held message).
+fn pending_unless_all(status: &StatusRecord, pending: &[String]) -> Option<Vec<String>> {
+    (pending != status.recipients.as_slice()).then(|| pending.to_vec())
 }
 
 /// Leaves out the recipients on the suppression list; when that is every
