@@ -129,7 +129,10 @@ pub(crate) fn decide(
     may_retry: bool,
     jitter: u64,
 ) -> Decision {
-    let retry_allowed = may_retry && attempts < policy.max_attempts;
+    // The relay unreachable or refusing our login is not the message's
+    // failure: it never uses up the attempts (the queue waits for the relay).
+    let relay_down = matches!(result, Err(error) if error.before_transaction);
+    let retry_allowed = may_retry && (attempts < policy.max_attempts || relay_down);
     let delay = policy.delay(attempts, jitter);
     match result {
         Err(error) => {

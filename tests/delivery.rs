@@ -260,7 +260,8 @@ fn relay_down_then_up_delivers_without_losing_anything() {
     let (mut config, relay_address) = config_with_relay_down();
     config.retry_base = Duration::from_millis(50);
     config.retry_max = Duration::from_millis(200);
-    config.max_attempts = 1000;
+    // An unreachable relay never uses up a message's attempts.
+    config.max_attempts = 2;
     let service = Service::start(config);
 
     let ids: Vec<String> = (0..3)
@@ -292,6 +293,9 @@ fn relay_down_then_up_delivers_without_losing_anything() {
         .as_str()
         .unwrap()
         .contains("relay"));
+    for id in &ids {
+        wait_for_retrying_beyond(service.address, id, 2);
+    }
 
     let relay = TestRelay::plain_on(std::net::TcpListener::bind(relay_address).unwrap());
     let received = relay.wait_for(3);
@@ -478,12 +482,16 @@ fn wrong_credentials_keep_messages_retrying() {
     let mut settings = relay.settings();
     settings.credentials = Some(("mailer".into(), mailroom::config::Secret::new("wrong")));
     config.relay = Relay::Smtp(settings);
-    config.max_attempts = 1000;
+    // Bad credentials are the configuration's fault, not the message's:
+    // they never use up its attempts.
+    config.max_attempts = 2;
+    config.retry_base = Duration::from_millis(20);
+    config.retry_max = Duration::from_millis(100);
     let service = Service::start(config);
     let id = service
         .post("/api/mail", &seed_body("user@example.org", "auth"))
         .id();
-    let status = service.wait_for_status(&id, "retrying");
+    let status = wait_for_retrying_beyond(service.address, &id, 3);
     let error = status["last_error"].as_str().unwrap();
     assert!(error.contains("535"), "{error}");
     assert!(!error.contains("wrong"), "no password in errors: {error}");

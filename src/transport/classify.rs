@@ -96,6 +96,12 @@ pub struct DeliveryError {
     /// The relay itself is unusable (unreachable, too slow, TLS or AUTH
     /// failing), as opposed to this message being refused.
     pub relay_unusable: bool,
+    /// The relay could not be reached or logged in to (connect, TLS, EHLO,
+    /// AUTH): no transaction began, so the message itself cannot be the
+    /// cause. Such a failure is retried however many attempts it takes
+    /// (the SPEC: an unreachable relay or bad credentials never destroy
+    /// the queue).
+    pub before_transaction: bool,
     source: Option<Arc<SmtpError>>,
 }
 
@@ -105,6 +111,7 @@ impl PartialEq for DeliveryError {
             && self.reply == other.reply
             && self.detail == other.detail
             && self.relay_unusable == other.relay_unusable
+            && self.before_transaction == other.before_transaction
     }
 }
 
@@ -133,6 +140,7 @@ impl DeliveryError {
             reply: None,
             detail,
             relay_unusable,
+            before_transaction: false,
             source: None,
         }
     }
@@ -145,6 +153,7 @@ impl DeliveryError {
             reply: None,
             detail,
             relay_unusable: false,
+            before_transaction: false,
             source: None,
         }
     }
@@ -162,6 +171,7 @@ impl DeliveryError {
             reply: Some(reply),
             detail,
             relay_unusable,
+            before_transaction: false,
             source: None,
         }
     }
@@ -169,6 +179,14 @@ impl DeliveryError {
     /// Retry or not.
     pub fn kind(&self) -> FailureKind {
         self.kind
+    }
+
+    /// The same error, as one that happened before any transaction
+    /// began (see [`DeliveryError::before_transaction`]).
+    pub(crate) fn before_transaction(mut self) -> DeliveryError {
+        self.before_transaction = true;
+        self.relay_unusable = true;
+        self
     }
 
     /// The same error with `prefix: ` before its detail.
@@ -201,6 +219,7 @@ pub fn classify(error: SmtpError, while_connecting: bool) -> DeliveryError {
         reply,
         detail,
         relay_unusable: while_connecting || smtp_code.is_none(),
+        before_transaction: false,
         source: Some(Arc::new(error)),
     }
 }

@@ -411,7 +411,13 @@ impl SmtpSender {
         }
     }
 
+    /// Opens a connection; whatever fails here fails before a transaction.
     fn connect(&mut self, hooks: &Hooks<'_>) -> Result<(), DeliveryError> {
+        self.open_connection(hooks)
+            .map_err(DeliveryError::before_transaction)
+    }
+
+    fn open_connection(&mut self, hooks: &Hooks<'_>) -> Result<(), DeliveryError> {
         let endpoint = || self.config.settings.endpoint();
         if self.deadline.is_abandoned() {
             return Err(abandoned());

@@ -265,6 +265,26 @@ pub fn wait_for_status(address: SocketAddr, id: &str, status: &str) -> serde_jso
     }
 }
 
+/// Waits until message `id` has had more than `attempts` attempts and is
+/// still `retrying` then (never `failed` on the way).
+pub fn wait_for_retrying_beyond(address: SocketAddr, id: &str, attempts: u64) -> serde_json::Value {
+    let deadline = Instant::now() + PATIENCE;
+    loop {
+        let reply = request(address, "GET", &format!("/api/mail/{id}"), &[], b"");
+        let status = reply.json()["data"].clone();
+        assert_ne!(status["status"], "failed", "{status}");
+        if status["status"] == "retrying" && status["attempts"].as_u64() > Some(attempts) {
+            return status;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "message {id} never retried beyond {attempts} attempts: {status}"
+        );
+        // Polling an HTTP endpoint, as a user would; not synchronisation.
+        std::thread::sleep(Duration::from_millis(10));
+    }
+}
+
 /// The seed's request body.
 pub fn seed_body(receiver: &str, subject: &str) -> String {
     serde_json::json!({
