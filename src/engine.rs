@@ -93,6 +93,9 @@ pub enum SubmitError {
     },
     /// `send_at` is not within the next [`MAX_SCHEDULE_DAYS`] days (HTTP 400).
     SendAtTooLate,
+    /// `send_at` in the future on `/api/mail/v2`, which sends now and waits
+    /// for the outcome (HTTP 400).
+    SendAtNotNow,
     /// The request's template cannot be rendered: unknown, a variable
     /// missing from `data`, and the like (HTTP 400).
     Template(crate::templates::RenderError),
@@ -123,6 +126,9 @@ impl std::fmt::Display for SubmitError {
             SubmitError::SendAtTooLate => write!(
                 f,
                 "field `send_at` must be at most {MAX_SCHEDULE_DAYS} days ahead"
+            ),
+            SubmitError::SendAtNotNow => f.write_str(
+                "field `send_at` is in the future: /api/mail/v2 sends now and waits; schedule with /api/mail",
             ),
             SubmitError::Template(error) => error.fmt(f),
             SubmitError::TemplateMixed(detail) => f.write_str(detail),
@@ -784,6 +790,12 @@ impl Engine {
         let inner = &self.inner;
         let deadline = Instant::now() + timeout;
         Engine::check_key(idempotency_key).map_err(SendError::Rejected)?;
+        if scheduled_time(request.send_at)
+            .map_err(SendError::Rejected)?
+            .is_some()
+        {
+            return Err(SendError::Rejected(SubmitError::SendAtNotNow));
+        }
         if !inner.accepting.load(Ordering::SeqCst) {
             return Err(SendError::Rejected(SubmitError::ShuttingDown));
         }
@@ -1137,6 +1149,7 @@ fn copy_error(error: &SubmitError) -> SubmitError {
             SubmitError::IdempotencyConflict { key: key.clone() }
         }
         SubmitError::SendAtTooLate => SubmitError::SendAtTooLate,
+        SubmitError::SendAtNotNow => SubmitError::SendAtNotNow,
         SubmitError::Template(error) => SubmitError::Template(error.clone()),
         SubmitError::TemplateMixed(detail) => SubmitError::TemplateMixed(detail),
         SubmitError::Full => SubmitError::Full,

@@ -408,6 +408,7 @@ fn a_message_scheduled_two_seconds_ahead_is_sent_then_and_not_before() {
         past.to_string().as_bytes(),
     );
     assert_eq!(reply.json()["data"]["status"], "queued");
+    let past_id = reply.json()["data"]["id"].as_str().unwrap().to_string();
     let far = json!({"sender": "a@example.com", "receiver": "b@example.org", "subject": "far", "send_at": rfc3339_in(Duration::from_secs(31 * 86_400))});
     let reply = request(
         service.address,
@@ -422,6 +423,47 @@ fn a_message_scheduled_two_seconds_ahead_is_sent_then_and_not_before() {
         "{}",
         reply.body_text()
     );
+
+    // /api/mail/v2 sends now: a time ahead is refused (naming the field),
+    // not sent at once; a time in the past is now.
+    wait_for_status(service.address, &past_id, "sent");
+    let before = relay.received().len();
+    for ahead in [
+        Duration::from_secs(3 * 3600),
+        Duration::from_secs(31 * 86_400),
+    ] {
+        let later = json!({"sender": "a@example.com", "receiver": "b@example.org", "subject": "v2 later", "send_at": rfc3339_in(ahead)});
+        let reply = request(
+            service.address,
+            "POST",
+            "/api/mail/v2",
+            &[],
+            later.to_string().as_bytes(),
+        );
+        assert_eq!(reply.code, 400, "{}", reply.body_text());
+        assert!(
+            reply.json()["data"]["error"]
+                .as_str()
+                .unwrap()
+                .contains("send_at"),
+            "{}",
+            reply.body_text()
+        );
+    }
+    let now = json!({"sender": "a@example.com", "receiver": "b@example.org", "subject": "v2 past", "send_at": "2020-01-01T00:00:00Z"});
+    let reply = request(
+        service.address,
+        "POST",
+        "/api/mail/v2",
+        &[],
+        now.to_string().as_bytes(),
+    );
+    assert_eq!(reply.code, 200, "{}", reply.body_text());
+    let subjects: Vec<String> = relay.received()[before..]
+        .iter()
+        .map(|received| received.parsed().subject().unwrap_or_default().to_string())
+        .collect();
+    assert_eq!(subjects, ["v2 past"]);
 }
 
 #[test]

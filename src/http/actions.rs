@@ -324,7 +324,7 @@ fn item_error(error: &SubmitError) -> Value {
         SubmitError::InvalidIdempotencyKey | SubmitError::IdempotencyConflict { .. } => {
             Some("idempotency_key".into())
         }
-        SubmitError::SendAtTooLate => Some("send_at".into()),
+        SubmitError::SendAtTooLate | SubmitError::SendAtNotNow => Some("send_at".into()),
         SubmitError::Template(error) => Some(error.field().into()),
         SubmitError::TemplateMixed(_) => Some("template".into()),
         _ => None,

@@ -346,6 +346,7 @@ fn refusal(error: &SubmitError) -> Reply {
         SubmitError::Invalid(_)
         | SubmitError::InvalidIdempotencyKey
         | SubmitError::SendAtTooLate
+        | SubmitError::SendAtNotNow
         | SubmitError::Template(_)
         | SubmitError::TemplateMixed(_) => invalid(&error.to_string()),
         SubmitError::IdempotencyConflict { .. } => {
