@@ -709,7 +709,7 @@ fn conclude(context: &WorkerContext, attempt: Attempt, result: AttemptOutcome) -
                 ),
             }
             log::debug!("message {id}: recipients {:?}", job.recipients);
-            let settling = context.store.finish(status, durable);
+            let settling = context.store.finish(status);
             context.metrics.message_sent();
             answer(
                 &mut job,
@@ -843,9 +843,8 @@ fn skip_suppressed(context: &WorkerContext, job: &mut Job, status: &mut StatusRe
         status.refused.join("; ")
     ));
     log::info!("message {id}: suppressed, every recipient is on the suppression list");
-    let durable = !job.is_waited_for();
     let error = status.last_error.clone();
-    context.store.finish(status.clone(), durable).wait();
+    context.store.finish(status.clone()).wait();
     answer(
         job,
         WaitedOutcome {

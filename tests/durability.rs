@@ -313,20 +313,29 @@ struct AfterRestart {
 /// its status is `state`, kills the service (-9), starts it again on the same
 /// spool and posts the same request again.
 fn finish_then_restart(relay: &TestRelay, name: &str, receiver: &str, state: &str) -> AfterRestart {
+    finish_then_restart_through(relay, "/api/mail", name, receiver, state)
+}
+
+/// As [`finish_then_restart`], posting (both times) to `path`.
+fn finish_then_restart_through(
+    relay: &TestRelay,
+    path: &str,
+    name: &str,
+    receiver: &str,
+    state: &str,
+) -> AfterRestart {
     let directory = temp_dir(name);
     let spool = directory.join("spool");
     let env = variables(&relay.url(), &spool, &[]);
     let body = seed_body(receiver, name);
     let headers = [("Idempotency-Key", name)];
     let mut service = ChildService::start(&directory, &env);
-    let reply = request(
-        service.address,
-        "POST",
-        "/api/mail",
-        &headers,
-        body.as_bytes(),
+    let reply = request(service.address, "POST", path, &headers, body.as_bytes());
+    assert!(
+        [200, 202, 502].contains(&reply.code),
+        "{}",
+        reply.body_text()
     );
-    assert_eq!(reply.code, 202, "{}", reply.body_text());
     let id = reply.id();
     wait_for_status(service.address, &id, state);
     let before = status(service.address, &id);
@@ -334,13 +343,7 @@ fn finish_then_restart(relay: &TestRelay, name: &str, receiver: &str, state: &st
 
     let restarted = ChildService::start(&directory, &env);
     let after = status(restarted.address, &id);
-    let repeat = request(
-        restarted.address,
-        "POST",
-        "/api/mail",
-        &headers,
-        body.as_bytes(),
-    );
+    let repeat = request(restarted.address, "POST", path, &headers, body.as_bytes());
     AfterRestart {
         id,
         before,
@@ -387,6 +390,42 @@ fn sent_statuses_and_their_idempotency_keys_survive_a_restart() {
     assert_eq!(outcome.repeat.code, 202, "{}", outcome.repeat.body_text());
     assert_eq!(outcome.repeat.id(), outcome.id);
     assert_eq!(relay.received().len(), 1);
+}
+
+#[test]
+fn v2_statuses_and_their_idempotency_keys_survive_a_restart() {
+    let relay = TestRelay::plain();
+    relay.refuse_recipient("nobody@example.org", 553, "5.1.3 Bad recipient address");
+    let sent = finish_then_restart_through(
+        &relay,
+        "/api/mail/v2",
+        "v2-sent",
+        "user@example.org",
+        "sent",
+    );
+    assert_eq!(sent.after["status"], "sent", "{}", sent.after);
+    assert_eq!(sent.after["created_at"], sent.before["created_at"]);
+    // The repeat after the restart is answered from the first send.
+    assert_eq!(sent.repeat.code, 200, "{}", sent.repeat.body_text());
+    assert_eq!(sent.repeat.id(), sent.id);
+    assert_eq!(relay.received().len(), 1);
+
+    let failed = finish_then_restart_through(
+        &relay,
+        "/api/mail/v2",
+        "v2-failed",
+        "nobody@example.org",
+        "failed",
+    );
+    assert_eq!(failed.after["status"], "failed", "{}", failed.after);
+    assert!(
+        failed.after["last_error"].as_str().unwrap().contains("553"),
+        "{}",
+        failed.after
+    );
+    assert_eq!(failed.repeat.code, 502, "{}", failed.repeat.body_text());
+    assert_eq!(failed.repeat.json()["data"]["id"], failed.id.as_str());
+    assert_eq!(relay.received().len(), 1, "nothing more was sent");
 }
 
 #[test]

@@ -518,11 +518,14 @@ impl Store for LocalStore {
             .at(Instant::now() + delay, Waiting::Retry(job));
     }
 
-    fn finish(&self, mut status: StatusRecord, durable: bool) -> Settling {
+    fn finish(&self, mut status: StatusRecord) -> Settling {
         status.revision += 1;
         status.updated_at_ms = to_millis(SystemTime::now());
         let (core, capacity) = (Arc::clone(&self.core), Arc::clone(&self.capacity));
-        let journal = self.core.journal.as_ref().filter(|_| durable);
+        // Also a message that was never spooled (`/api/mail/v2`) has its
+        // final status recorded: with its idempotency key it must outlive a
+        // restart, or a client's repeat would send it again.
+        let journal = self.core.journal.as_ref();
         let Some(begun) = journal.map(|journal| core.written(journal.begin_finish(&status))) else {
             core.show(status, None);
             capacity.release();
@@ -558,7 +561,18 @@ impl Store for LocalStore {
                 }
                 None
             }
-            _ => Some(Arc::clone(&record.message)),
+            (Some(journal), false) => {
+                // Never spooled (`/api/mail/v2`): its status is recorded as
+                // finished, as a sent one's (its content stays in memory).
+                if let Err(error) = core.written(journal.finish(&record.status)) {
+                    log::error!(
+                        "message {}: cannot record its failure in the spool: {error}",
+                        record.status.id
+                    );
+                }
+                Some(Arc::clone(&record.message))
+            }
+            (None, _) => Some(Arc::clone(&record.message)),
         };
         core.show(record.status, keep_in_memory);
         self.capacity.release();

@@ -205,8 +205,9 @@ pub(crate) trait Store: Send + Sync {
     fn retry_later(&self, record: MessageRecord, delay: Duration, job: Job, durable: bool);
 
     /// Records that a message is finished (sent, suppressed); durably
-    /// (when spooled and `durable`) once the [`Settling`] is waited for.
-    fn finish(&self, status: StatusRecord, durable: bool) -> Settling;
+    /// once the [`Settling`] is waited for, also for `/api/mail/v2` (whose
+    /// status and idempotency key outlive a restart like any other).
+    fn finish(&self, status: StatusRecord) -> Settling;
 
     /// Records that a message failed for good; its content is kept (a
     /// dead letter) so it can be retried by hand.

@@ -1474,7 +1474,7 @@ impl Store for RedisStore {
         self.shared.record(&status, "retry", due);
     }
 
-    fn finish(&self, mut status: StatusRecord, _durable: bool) -> Settling {
+    fn finish(&self, mut status: StatusRecord) -> Settling {
         status.updated_at_ms = now_ms();
         status.revision += 1;
         self.shared.record(&status, "finish", 0);
