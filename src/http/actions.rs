@@ -78,7 +78,10 @@ impl Answer {
     }
 }
 
-/// The `(name, value)` pairs of a query string, percent-decoded (`+` is a space).
+/// The `(name, value)` pairs of a query string, percent-decoded (`+` is a
+/// space). A parameter with an empty value is left out, as if not given:
+/// the SPEC writes the list as `?status=&recipient=&…&cursor=`, and a
+/// form or client that fills in the parameters it has sends it so.
 pub(crate) fn query_pairs(query: &str) -> Result<Vec<(String, String)>, String> {
     query
         .split('&')
@@ -87,6 +90,7 @@ pub(crate) fn query_pairs(query: &str) -> Result<Vec<(String, String)>, String> 
             let (name, value) = pair.split_once('=').unwrap_or((pair, ""));
             Ok((decode(name)?, decode(value)?))
         })
+        .filter(|pair| !matches!(pair, Ok((_, value)) if value.is_empty()))
         .collect()
 }
 
@@ -511,5 +515,10 @@ mod tests {
         );
         assert!(query_pairs("a=%zz").is_err());
         assert!(query_pairs("a=%ff").is_err(), "not UTF-8");
+        // Empty values are parameters not given.
+        assert_eq!(
+            query_pairs("status=&recipient=&tag=&since=&until=&limit=7&cursor").unwrap(),
+            vec![("limit".to_string(), "7".to_string())]
+        );
     }
 }
