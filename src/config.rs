@@ -570,7 +570,14 @@ fn parse_sender_rules(list: &str) -> Result<Vec<SenderRule>, ConfigError> {
         .map(str::trim)
         .filter(|entry| !entry.is_empty())
     {
-        let entry = entry.to_ascii_lowercase();
+        // Domains in IDNA form: a sender's domain is compared in that form
+        // whichever one the client writes.
+        let ascii_domain =
+            |domain: &str| idna::domain_to_ascii(domain).unwrap_or_else(|_| domain.to_lowercase());
+        let entry = match entry.rsplit_once('@') {
+            Some((local, domain)) => format!("{}@{}", local.to_lowercase(), ascii_domain(domain)),
+            None => entry.to_lowercase(),
+        };
         let rule = match entry.strip_prefix('@') {
             Some(domain) if !domain.is_empty() && !domain.contains('@') => {
                 SenderRule::Domain(domain.to_string())
@@ -1079,12 +1086,25 @@ mod tests {
 
     #[test]
     fn sender_rules() {
-        let config = config(&[("MAILROOM_ALLOWED_SENDERS", "ops@x.org, @Example.com")]).unwrap();
+        let ascii = config(&[("MAILROOM_ALLOWED_SENDERS", "ops@x.org, @Example.com")]).unwrap();
         assert_eq!(
-            config.allowed_senders.unwrap(),
+            ascii.allowed_senders.unwrap(),
             vec![
                 SenderRule::Address("ops@x.org".into()),
                 SenderRule::Domain("example.com".into())
+            ]
+        );
+        // Domains in IDNA form, as senders' domains are compared.
+        let unicode = config(&[(
+            "MAILROOM_ALLOWED_SENDERS",
+            "Ops@Bücher.example, @BÜCHER.org",
+        )])
+        .unwrap();
+        assert_eq!(
+            unicode.allowed_senders.unwrap(),
+            vec![
+                SenderRule::Address("ops@xn--bcher-kva.example".into()),
+                SenderRule::Domain("xn--bcher-kva.org".into())
             ]
         );
     }

@@ -7,6 +7,7 @@ use std::collections::HashSet;
 use std::time::{Duration, Instant};
 
 use common::*;
+use mailroom::config::SenderRule;
 use serde_json::{json, Value};
 
 fn get(service: &Service, path: &str) -> Value {
@@ -494,6 +495,66 @@ fn an_unknown_recipient_is_suppressed_and_the_next_message_to_it_never_reaches_t
     let third = service.post("/api/mail", &exact.to_string()).id();
     // Refused again by the relay (5.1.1), so failed, not suppressed.
     service.wait_for_status(&third, "failed");
+}
+
+#[test]
+fn a_domain_is_the_same_in_unicode_and_in_punycode() {
+    let relay = TestRelay::plain();
+    let mut config = config_for(&relay);
+    // Senders are allowed by domain whichever form the client writes.
+    config.allowed_senders = Some(vec![SenderRule::Domain("xn--bcher-kva.example".into())]);
+    let service = Service::start(config);
+    for sender in ["app@bücher.example", "app@xn--bcher-kva.example"] {
+        let body = json!({"sender": sender, "receiver": "a@example.org", "subject": "from"});
+        let id = service.post("/api/mail", &body.to_string()).id();
+        service.wait_for_status(&id, "sent");
+    }
+    let stranger =
+        json!({"sender": "app@example.com", "receiver": "a@example.org", "subject": "no"});
+    assert_eq!(
+        send(&service, "POST", "/api/mail", &stranger.to_string()).code,
+        400
+    );
+    let sent = relay.received().len();
+    // Suppressed in one form, a message to the other is suppressed too.
+    let reply = send(
+        &service,
+        "PUT",
+        "/api/suppressions/x%40b%C3%BCcher.example",
+        "",
+    );
+    assert_eq!(reply.code, 200, "{}", reply.body_text());
+    for receiver in [
+        "x@bücher.example",
+        "x@xn--bcher-kva.example",
+        "x@BÜCHER.example",
+    ] {
+        let body = json!({"sender": "app@bücher.example", "receiver": receiver, "subject": "idna"});
+        let id = service.post("/api/mail", &body.to_string()).id();
+        service.wait_for_status(&id, "suppressed");
+    }
+    assert_eq!(relay.received().len(), sent);
+    // The list filter finds a message by either form.
+    let body = json!({"sender": "app@bücher.example", "receiver": "c@xn--bcher-kva.example", "subject": "to c"});
+    let id = service.post("/api/mail", &body.to_string()).id();
+    for filter in ["c%40b%C3%BCcher.example", "c%40xn--bcher-kva.example"] {
+        let page = get(&service, &format!("/api/mail?recipient={filter}"));
+        let ids: Vec<&str> = page["messages"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|message| message["id"].as_str().unwrap())
+            .collect();
+        assert_eq!(ids, [id.as_str()], "{filter}: {page}");
+    }
+    // Taken off the list in the other form.
+    let reply = send(
+        &service,
+        "DELETE",
+        "/api/suppressions/x%40xn--bcher-kva.example",
+        "",
+    );
+    assert_eq!(reply.code, 200, "{}", reply.body_text());
 }
 
 #[test]

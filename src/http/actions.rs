@@ -171,7 +171,7 @@ pub(crate) fn list(engine: &Engine, query: &str) -> Answer {
                 )),
             },
             "recipient" => {
-                list.recipient = Some(value);
+                list.recipient = Some(crate::message::comparable_address(&value));
                 Ok(())
             }
             "tag" => {

@@ -34,6 +34,26 @@ impl Mailbox {
     }
 }
 
+/// `local@domain` as addresses are compared (suppression list, list
+/// filter): the domain in IDNA form and lower case, so `x@Bücher.example`
+/// and `x@xn--bcher-kva.example` are the same address; the local part as
+/// given (its case may matter, RFC 5321 §2.4). A domain without an IDNA
+/// form is only lower-cased.
+pub(crate) fn comparable_address(address: &str) -> String {
+    let address = address.trim();
+    match address.rsplit_once('@') {
+        Some((local, domain)) => {
+            let domain = if domain.is_ascii() {
+                domain.to_ascii_lowercase()
+            } else {
+                idna::domain_to_ascii(domain).unwrap_or_else(|_| domain.to_lowercase())
+            };
+            format!("{local}@{domain}")
+        }
+        None => address.to_string(),
+    }
+}
+
 /// Header fields whose values are lists of mailboxes, other than those the
 /// service sets itself; given in `headers`, they are parsed and written
 /// like the service's own address headers.
@@ -225,6 +245,23 @@ mod tests {
             parse_mailbox("to", "a@Example.COM").unwrap().address(),
             "a@Example.COM"
         );
+    }
+
+    #[test]
+    fn addresses_compare_by_the_idna_form_of_their_domain() {
+        for same in [
+            "x@Bücher.example",
+            " x@xn--bcher-kva.EXAMPLE",
+            "x@BÜCHER.example",
+        ] {
+            assert_eq!(
+                comparable_address(same),
+                "x@xn--bcher-kva.example",
+                "{same:?}"
+            );
+        }
+        assert_eq!(comparable_address("Ops@Example.COM"), "Ops@example.com");
+        assert_eq!(comparable_address("no-at-sign"), "no-at-sign");
     }
 
     #[test]

@@ -17,6 +17,8 @@ mod build;
 mod encode;
 mod json;
 
+pub(crate) use address::comparable_address;
+
 use std::collections::hash_map::RandomState;
 use std::collections::BTreeMap;
 use std::fmt;

@@ -15,6 +15,7 @@ use std::time::SystemTime;
 
 use serde::{Deserialize, Serialize};
 
+use crate::message::comparable_address;
 use crate::time::to_millis;
 
 /// One suppressed address.
@@ -47,12 +48,10 @@ enum Change {
     Delete { address: String },
 }
 
-/// The key an address is compared by: the domain lower-cased.
+/// The key an address is compared by: the domain in IDNA form, lower-cased
+/// (see [`comparable_address`]).
 pub(crate) fn normalize(address: &str) -> String {
-    match address.trim().rsplit_once('@') {
-        Some((local, domain)) => format!("{local}@{}", domain.to_lowercase()),
-        None => address.trim().to_string(),
-    }
+    comparable_address(address)
 }
 
 struct Inner {
