@@ -221,6 +221,14 @@ impl fmt::Debug for RedisSettings {
 fn parse_store(
     get: &impl Fn(&str) -> Option<String>,
 ) -> Result<Option<RedisSettings>, ConfigError> {
+    // Checked with or without a store: a bad value is a mistake either way.
+    let wait_replicas = number(get, "MAILROOM_REDIS_WAIT_REPLICAS", 0, 0, 100)? as u32;
+    let claim_timeout = millis(
+        get,
+        "MAILROOM_CLAIM_TIMEOUT_MS",
+        RedisSettings::DEFAULT_CLAIM_TIMEOUT.as_millis() as u64,
+        100,
+    )?;
     let Some(value) = get("MAILROOM_STORE") else {
         return Ok(None);
     };
@@ -242,13 +250,8 @@ fn parse_store(
         return Err(invalid("the URL names no host".into()));
     }
     let mut settings = RedisSettings::new(value.clone());
-    settings.wait_replicas = number(get, "MAILROOM_REDIS_WAIT_REPLICAS", 0, 0, 100)? as u32;
-    settings.claim_timeout = millis(
-        get,
-        "MAILROOM_CLAIM_TIMEOUT_MS",
-        RedisSettings::DEFAULT_CLAIM_TIMEOUT.as_millis() as u64,
-        100,
-    )?;
+    settings.wait_replicas = wait_replicas;
+    settings.claim_timeout = claim_timeout;
     Ok(Some(settings))
 }
 
@@ -1021,6 +1024,11 @@ mod tests {
         assert!(error.to_string().contains("MAILROOM_WORKERS"), "{error}");
         let error = config(&[("MAILROOM_SMTP_URL", "http://x")]).unwrap_err();
         assert!(error.to_string().contains("MAILROOM_SMTP_URL"), "{error}");
+        // Also without a shared store, where they do nothing yet.
+        for variable in ["MAILROOM_REDIS_WAIT_REPLICAS", "MAILROOM_CLAIM_TIMEOUT_MS"] {
+            let error = config(&[(variable, "x")]).unwrap_err();
+            assert!(error.to_string().contains(variable), "{error}");
+        }
     }
 
     #[test]

@@ -49,6 +49,8 @@ pub enum StartError {
     Transport(String),
     /// The spool directory cannot be used.
     Spool(std::io::Error),
+    /// The shared store (`MAILROOM_STORE`) cannot be used.
+    SharedStore(std::io::Error),
     /// A thread could not be started.
     Thread(std::io::Error),
     /// A template is broken (the error names file and line).
@@ -62,6 +64,9 @@ impl std::fmt::Display for StartError {
             StartError::Spool(error) => {
                 write!(f, "MAILROOM_SPOOL_DIR: cannot use the spool: {error}")
             }
+            StartError::SharedStore(error) => {
+                write!(f, "MAILROOM_STORE: cannot use the shared store: {error}")
+            }
             StartError::Thread(error) => write!(f, "cannot start a thread: {error}"),
             StartError::Templates(error) => write!(f, "templates: {error}"),
         }
@@ -72,7 +77,9 @@ impl std::error::Error for StartError {
     fn source(&self) -> Option<&(dyn std::error::Error + 'static)> {
         match self {
             StartError::Transport(_) => None,
-            StartError::Spool(error) | StartError::Thread(error) => Some(error),
+            StartError::Spool(error)
+            | StartError::SharedStore(error)
+            | StartError::Thread(error) => Some(error),
             StartError::Templates(error) => Some(error),
         }
     }
@@ -487,7 +494,11 @@ impl Engine {
         if config.spool == SpoolSetting::Memory {
             log::warn!("MAILROOM_SPOOL_DIR=none: accepted messages live in memory only and are lost if the process stops");
         }
-        let (store, recovery) = crate::store::open(&config).map_err(StartError::Spool)?;
+        let store_error = |error| match config.store {
+            Some(_) => StartError::SharedStore(error),
+            None => StartError::Spool(error),
+        };
+        let (store, recovery) = crate::store::open(&config).map_err(store_error)?;
         if recovery.unfinished > 0 || recovery.corrupt > 0 {
             log::info!(
                 "spool: recovered {} unfinished messages ({} scheduled; {} set aside as corrupt)",
@@ -499,7 +510,7 @@ impl Engine {
         let metrics = Arc::new(Metrics::default());
         let webhooks = match &config.webhook {
             Some(settings) => {
-                let queue = store.webhook_queue().map_err(StartError::Spool)?;
+                let queue = store.webhook_queue().map_err(store_error)?;
                 let webhooks = Webhooks::start(settings.clone(), queue, Arc::clone(&metrics))
                     .map_err(StartError::Thread)?;
                 // Before any worker runs: every change from now on is seen.

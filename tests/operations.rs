@@ -1649,3 +1649,19 @@ fn pipelined_submits_accepted_together_are_each_answered_in_order() {
         assert_eq!(reply.code, 200, "{}", reply.body_text());
     }
 }
+
+#[test]
+fn a_shared_store_that_cannot_be_reached_at_start_is_named() {
+    let (_, reserved) = unused_port();
+    let address = reserved.local_addr().unwrap();
+    drop(reserved);
+    let mut config = mailroom::Config::for_outbox(temp_dir("store-down-outbox"));
+    config.store = Some(mailroom::config::RedisSettings::new(format!(
+        "redis://{address}/0"
+    )));
+    let error = match mailroom::Engine::start(config) {
+        Ok(_) => panic!("started without its store"),
+        Err(error) => error.to_string(),
+    };
+    assert!(error.starts_with("MAILROOM_STORE: "), "{error}");
+}
