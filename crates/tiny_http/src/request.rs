@@ -556,16 +556,13 @@ impl Request {
     #[inline]
     pub fn as_reader(&mut self) -> &mut dyn Read {
         if self.must_send_continue {
-            let msg = Response::new_empty(StatusCode(100));
-            msg.raw_print(
-                self.response_writer.as_mut().unwrap().by_ref(),
-                self.http_version.clone(),
-                &self.headers,
-                true,
-                None,
-            )
-            .ok();
-            self.response_writer.as_mut().unwrap().flush().ok();
+            // The status line alone: a 1xx answer carries no Content-Length
+            // (RFC 9110 §8.6) and needs no other header.
+            if let Some(writer) = self.response_writer.as_mut() {
+                let _ = writer
+                    .write_all(b"HTTP/1.1 100 Continue\r\n\r\n")
+                    .and_then(|()| writer.flush());
+            }
             self.must_send_continue = false;
         }
 
