@@ -201,6 +201,13 @@ impl ClientConnection {
                 headers
             };
 
+            // RFC 9112 §3.2: exactly one Host in HTTP/1.1, at most one
+            // before; anything else is a 400.
+            let hosts = headers.iter().filter(|h| h.field.equiv("Host")).count();
+            if hosts > 1 || (hosts == 0 && version >= HTTPVersion(1, 1)) {
+                return Err(ReadError::WrongHeader(version));
+            }
+
             (method, path, version, headers)
         };
         if self.state.closing() {

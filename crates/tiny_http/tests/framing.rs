@@ -2,7 +2,8 @@
 //! for sure gets 400 and the connection is closed, so that nothing after
 //! it is ever read as a request (0.12.0 used `Transfer-Encoding` and
 //! ignored `Content-Length`, took the first of several `Content-Length`s,
-//! read an invalid one as no body, and decoded any coding as chunked).
+//! read an invalid one as no body, and decoded any coding as chunked), and
+//! a request without its one `Host` (RFC 9112 §3.2) gets 400 as well.
 
 mod common;
 
@@ -105,4 +106,17 @@ fn a_plain_chunked_body_still_works_and_keeps_the_connection() {
     let _ = read_answer(&mut reader);
     let paths = paths.lock().unwrap().clone();
     assert_eq!(paths.first().map(String::as_str), Some("/a"));
+}
+
+#[test]
+fn host_is_required_once_in_http_1_1() {
+    // RFC 9112 §3.2: none in HTTP/1.1, or more than one in any version.
+    refused("GET /a HTTP/1.1\r\nX-Other: 1\r\n", "");
+    refused("GET /a HTTP/1.1\r\nHost: t\r\nHost: u\r\n", "");
+    refused("GET /a HTTP/1.0\r\nHost: t\r\nHost: u\r\n", "");
+    // HTTP/1.0 may leave it out.
+    let (server, paths) = recording();
+    let (answer, _) = exchange(server.address, b"GET /old HTTP/1.0\r\n\r\n");
+    assert_eq!(answer.expect("an answer").code, 200);
+    assert_eq!(*paths.lock().unwrap(), ["/old"]);
 }
