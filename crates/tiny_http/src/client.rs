@@ -261,11 +261,29 @@ impl ClientConnection {
     /// Answers a request that cannot be served with `code`, then drains the
     /// connection (for a bounded time and size, so that the client can read
     /// the answer rather than a reset) and ends it.
-    fn refuse(&mut self, code: u16, version: HTTPVersion) {
+    fn refuse(&mut self, code: u16, version: HTTPVersion, reason: &str) {
         use crate::{Header, Response, StatusCode};
         let mut writer = self.sink.new_writer();
-        let response = Response::empty(StatusCode(code))
-            .with_header(Header::from_bytes(&b"Connection"[..], &b"close"[..]).unwrap());
+        let (body, content_type) = match &self.state.limits.refusal_body {
+            Some(body) => (body.render(reason), Some(body.content_type().to_string())),
+            None => (String::new(), None),
+        };
+        let length = body.len();
+        let mut response = Response::new(
+            StatusCode(code),
+            Vec::new(),
+            std::io::Cursor::new(body.into_bytes()),
+            Some(length),
+            None,
+        );
+        if let Some(content_type) = content_type {
+            if let Ok(header) = Header::from_bytes(&b"Content-Type"[..], content_type.as_bytes()) {
+                response.add_header(header);
+            }
+        }
+        if let Ok(header) = Header::from_bytes(&b"Connection"[..], &b"close"[..]) {
+            response.add_header(header);
+        }
         let _ = response
             .raw_print(&mut writer, version, &[], false, None)
             .and_then(|()| writer.flush());
@@ -305,40 +323,47 @@ impl Iterator for ClientConnection {
                 Err(ReadError::WrongRequestLine) => {
                     // we don't know where the next request would start,
                     // so we have to close
-                    self.refuse(400, HTTPVersion(1, 1));
+                    self.refuse(400, HTTPVersion(1, 1), "malformed request line");
                     return None;
                 }
 
-                Err(ReadError::WrongHeader(ver)) | Err(ReadError::BadFraming(ver)) => {
-                    self.refuse(400, ver);
+                Err(ReadError::WrongHeader(ver)) => {
+                    self.refuse(
+                        400,
+                        ver,
+                        "malformed header line, or not exactly one Host header",
+                    );
+                    return None;
+                }
+
+                Err(ReadError::BadFraming(ver)) => {
+                    self.refuse(
+                        400,
+                        ver,
+                        "the body length is ambiguous: Content-Length with Transfer-Encoding, several or invalid Content-Length values, or a coding other than chunked",
+                    );
                     return None;
                 }
 
                 Err(ReadError::RequestLineTooLong) => {
-                    self.refuse(414, HTTPVersion(1, 1));
+                    self.refuse(414, HTTPVersion(1, 1), "request line too long");
                     return None;
                 }
 
                 Err(ReadError::HeadersTooLarge(ver)) => {
-                    self.refuse(431, ver);
+                    self.refuse(431, ver, "request head too large");
                     return None;
                 }
 
                 Err(ReadError::ReadIoError(ref err)) if err.kind() == ErrorKind::TimedOut => {
                     // request timeout
-                    self.refuse(408, HTTPVersion(1, 1));
+                    self.refuse(408, HTTPVersion(1, 1), "request not received in time");
                     return None; // closing the connection
                 }
 
                 Err(ReadError::ExpectationFailed(ver)) => {
-                    let mut writer = self.sink.new_writer();
-                    let response = Response::new_empty(StatusCode(417));
-                    let _ = response
-                        .raw_print(&mut writer, ver, &[], true, None)
-                        .and_then(|()| writer.flush());
-                    self.state.close(true);
-                    self.linger();
-                    return None; // TODO: should be recoverable, but needs handling in case of body
+                    self.refuse(417, ver, "unsupported Expect; only 100-continue is known");
+                    return None;
                 }
 
                 Err(ReadError::Idle) => {

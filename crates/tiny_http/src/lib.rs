@@ -113,7 +113,7 @@ use util::MessagesQueue;
 
 pub use common::{HTTPVersion, Header, HeaderField, HeaderValue, Method, StatusCode};
 pub use connection::{ConfigListenAddr, ListenAddr, Listener};
-pub use limits::Limits;
+pub use limits::{Limits, RefusalBody};
 pub use request::{ReadWrite, Request};
 pub use response::{Response, ResponseBox};
 pub use test::TestRequest;
@@ -166,16 +166,30 @@ impl Drop for Served {
     }
 }
 
+/// The whole answer to a connection beyond the limit.
+fn busy_answer(limits: &Limits) -> Vec<u8> {
+    let (content_type, body) = match &limits.refusal_body {
+        Some(body) => (
+            format!("Content-Type: {}\r\n", body.content_type()),
+            body.render("too many connections; retry later"),
+        ),
+        None => (String::new(), String::new()),
+    };
+    format!(
+        "HTTP/1.1 503 Service Unavailable\r\nRetry-After: 1\r\nConnection: close\r\n{content_type}Content-Length: {}\r\n\r\n{body}",
+        body.len()
+    )
+    .into_bytes()
+}
+
 /// Answers a connection beyond the limit `503` and closes it, without
 /// waiting for anything: the socket is not blocking, the answer fits its
 /// empty send buffer, and what the client already sent is read so that
 /// the close is not a reset.
-fn refuse_busy(socket: Connection) {
+fn refuse_busy(socket: Connection, answer: &[u8]) {
     use std::io::{Read, Write};
     let _ = socket.set_nonblocking(true);
-    let _ = (&socket).write_all(
-        b"HTTP/1.1 503 Service Unavailable\r\nRetry-After: 1\r\nConnection: close\r\nContent-Length: 0\r\n\r\n",
-    );
+    let _ = (&socket).write_all(answer);
     let _ = socket.shutdown(Shutdown::Write);
     let mut drain = [0u8; 4096];
     for _ in 0..16 {
@@ -353,6 +367,7 @@ impl Server {
             let tasks_pool = util::TaskPool::new();
 
             log::debug!("Running accept thread");
+            let busy = busy_answer(&limits);
             let mut backoff = ACCEPT_BACKOFF_MIN;
             let mut refused = 0usize;
             let mut refusal_logged: Option<std::time::Instant> = None;
@@ -363,7 +378,7 @@ impl Server {
                         // Each connection costs a thread: beyond the limit
                         // new ones are turned away at once.
                         if inside_active.load(SeqCst) >= limits.max_connections {
-                            refuse_busy(sock);
+                            refuse_busy(sock, &busy);
                             refused += 1;
                             if refusal_logged.is_none_or(|at| at.elapsed() >= REFUSAL_LOG_INTERVAL)
                             {

@@ -53,6 +53,45 @@ pub struct Limits {
     /// (pipelining); beyond this the connection is not read until an
     /// answer is done. Default 16.
     pub max_pipelined: usize,
+    /// The body of the answers the server gives by itself (`400` for a
+    /// request it cannot read, `408`, `414`, `417`, `431`, and `503` beyond
+    /// `max_connections`). Default `None`: no body.
+    pub refusal_body: Option<RefusalBody>,
+}
+
+/// A body for the server's own refusals (see [`Limits::refusal_body`]),
+/// so that they read like the application's other answers.
+///
+/// ```
+/// let body = tiny_http::RefusalBody::new("application/json", r#"{"error":"{reason}"}"#);
+/// assert_eq!(body.render("request line too long"), r#"{"error":"request line too long"}"#);
+/// ```
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct RefusalBody {
+    content_type: String,
+    template: String,
+}
+
+impl RefusalBody {
+    /// A body of `content_type` made from `template`, in which every
+    /// `{reason}` is replaced by what was wrong: fixed English text of
+    /// letters, digits, spaces and `,.:;()-` (safe inside a JSON string).
+    pub fn new(content_type: impl Into<String>, template: impl Into<String>) -> RefusalBody {
+        RefusalBody {
+            content_type: content_type.into(),
+            template: template.into(),
+        }
+    }
+
+    /// The `Content-Type` of the body.
+    pub fn content_type(&self) -> &str {
+        &self.content_type
+    }
+
+    /// The body for a refusal because of `reason`.
+    pub fn render(&self, reason: &str) -> String {
+        self.template.replace("{reason}", reason)
+    }
 }
 
 impl Default for Limits {
@@ -68,6 +107,7 @@ impl Default for Limits {
             discard_timeout: Duration::from_secs(2),
             max_connections: 1000,
             max_pipelined: 16,
+            refusal_body: None,
         }
     }
 }

@@ -275,3 +275,30 @@ fn pipelined_requests_are_read_ahead_only_up_to_the_limit() {
     }
     assert!(most <= 4, "{most} requests handed out at once");
 }
+
+#[test]
+fn refusals_carry_the_configured_body() {
+    let json = server_with(|limits| {
+        limits.refusal_body = Some(tiny_http::RefusalBody::new(
+            "application/json",
+            r#"{"error":"{reason}"}"#,
+        ));
+    });
+    let server = TestServer::ok(json);
+    let long = format!("GET /{} HTTP/1.1\r\nHost: t\r\n\r\n", "a".repeat(9 * 1024));
+    let (answer, _) = exchange(server.address, long.as_bytes());
+    let answer = answer.expect("an answer");
+    assert_eq!(answer.code, 414);
+    assert_eq!(answer.header("Content-Type"), Some("application/json"));
+    assert_eq!(answer.body, br#"{"error":"request line too long"}"#);
+    let (answer, _) = exchange(server.address, b"GET / HTTP/1.1\r\n\r\n");
+    let answer = answer.expect("an answer");
+    assert_eq!(answer.code, 400);
+    assert!(String::from_utf8_lossy(&answer.body).contains("Host"));
+    // By default, none.
+    let plain = TestServer::ok(default_server());
+    let (answer, _) = exchange(plain.address, long.as_bytes());
+    let answer = answer.expect("an answer");
+    assert_eq!((answer.code, answer.body.len()), (414, 0));
+    assert_eq!(answer.header("Content-Type"), None);
+}
