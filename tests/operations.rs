@@ -1467,6 +1467,44 @@ fn a_request_smuggled_behind_content_length_and_chunked_never_runs() {
 }
 
 #[test]
+fn requests_the_server_cannot_read_are_refused_in_json_too() {
+    let _turn = light();
+    let relay = TestRelay::plain();
+    let service = Service::start(config_for(&relay));
+    let long_line = format!("GET /{} HTTP/1.1\r\nHost: t\r\n\r\n", "a".repeat(9 * 1024));
+    let big_head = format!(
+        "GET / HTTP/1.1\r\nHost: t\r\n{}\r\n",
+        "X-Big: yes\r\n".repeat(7_000)
+    );
+    let cases = [
+        (400, "GET /healthz HTTP/1.1\r\n\r\n".to_string(), "Host"),
+        (
+            400,
+            "POST /api/mail HTTP/1.1\r\nHost: t\r\nContent-Length: 5\r\nTransfer-Encoding: chunked\r\n\r\n0\r\n\r\n"
+                .to_string(),
+            "Transfer-Encoding",
+        ),
+        (414, long_line, "request line too long"),
+        (431, big_head, "request head too large"),
+    ];
+    for (code, request, says) in &cases {
+        let mut stream = TcpStream::connect(service.address).unwrap();
+        stream.set_read_timeout(Some(PATIENCE)).unwrap();
+        let _ = stream.write_all(request.as_bytes());
+        let mut answer = Vec::new();
+        let _ = stream.read_to_end(&mut answer);
+        let answer = String::from_utf8_lossy(&answer).to_string();
+        let (head, body) = answer.split_once("\r\n\r\n").expect("a whole answer");
+        assert!(head.starts_with(&format!("HTTP/1.1 {code} ")), "{head}");
+        assert!(head.contains("Content-Type: application/json"), "{head}");
+        let json: Value = serde_json::from_str(body).expect("a JSON body");
+        let error = json["data"]["error"].as_str().unwrap();
+        assert!(error.contains(says), "{code}: {error}");
+        assert_eq!(json["message"], error);
+    }
+}
+
+#[test]
 fn ambiguous_or_invalid_framing_is_a_400_and_closes_the_connection() {
     let _turn = light();
     let relay = TestRelay::plain();

@@ -169,6 +169,12 @@ impl HttpSettings {
         limits.max_pipelined = self.max_pipelined;
         limits.max_discard_bytes = self.max_discard_bytes;
         limits.discard_timeout = self.discard_timeout;
+        // The server's own refusals (a request it cannot read, a slow or
+        // oversized head, too many connections) in the API's envelope too.
+        limits.refusal_body = Some(tiny_http::RefusalBody::new(
+            "application/json",
+            r#"{"message":"{reason}","data":{"error":"{reason}"}}"#,
+        ));
         limits
     }
 
