@@ -374,6 +374,17 @@ fn redis_stopped_under_load_gives_503s_loses_no_202_and_recovers_from_its_aof() 
     let ready = get(service.address, "/readyz");
     assert_eq!(ready.code, 503);
     assert!(ready.body_text().contains("Redis"), "{}", ready.body_text());
+    // A batch too is refused as a whole, not answered 200 item by item.
+    let batch = json!({ "messages": [message("batch while down")] });
+    let reply = request(
+        service.address,
+        "POST",
+        "/api/mail/batch",
+        &[],
+        batch.to_string().as_bytes(),
+    );
+    assert_eq!(reply.code, 503, "{}", reply.body_text());
+    assert!(reply.header("Retry-After").is_some());
     let before_restart = accepted.lock().unwrap().len();
     redis.restart();
     wait_until("requests are accepted again", &|| {

@@ -371,7 +371,21 @@ pub(crate) fn batch(engine: &Engine, body: &Body) -> Answer {
         .filter_map(|item| item.as_ref().ok())
         .map(|(request, key)| BatchItem::new(request, key.as_deref()))
         .collect();
-    let mut outcomes = engine.submit_batch(&requests).into_iter();
+    let outcomes = engine.submit_batch(&requests);
+    // The store unreachable (or the service stopping) and nothing taken:
+    // the whole request is refused as a single one would be, `503` at once.
+    let unavailable = outcomes.iter().find_map(|outcome| match outcome {
+        Err(error @ (SubmitError::Spool(_) | SubmitError::ShuttingDown)) => Some(error),
+        _ => None,
+    });
+    if let (Some(error), false) = (unavailable, outcomes.iter().any(Result::is_ok)) {
+        let message = match error {
+            SubmitError::ShuttingDown => "shutting down",
+            _ => "cannot store the message",
+        };
+        return Answer::unavailable(message, &error.to_string());
+    }
+    let mut outcomes = outcomes.into_iter();
     let results: Vec<Value> = parsed
         .iter()
         .map(|item| match item {
