@@ -62,6 +62,10 @@ enum ReadError {
 enum LineError {
     /// Longer than allowed.
     TooLong,
+    /// A CR or an LF alone: not a line end we take (RFC 9112 §2.2 allows
+    /// a lone LF, but a proxy in front may not, and then the two would
+    /// disagree on where a header ends).
+    Bare,
     Io(IoError),
 }
 
@@ -124,6 +128,9 @@ impl ClientConnection {
                 buf.pop(); // removing the '\r'
                 return Ok(buf);
             }
+            if byte == b'\n' || prev_byte_was_cr {
+                return Err(LineError::Bare);
+            }
 
             prev_byte_was_cr = byte == b'\r';
 
@@ -168,6 +175,7 @@ impl ClientConnection {
                 let line = match self.read_next_line(limits.max_request_line) {
                     Ok(line) => line,
                     Err(LineError::TooLong) => return Err(ReadError::RequestLineTooLong),
+                    Err(LineError::Bare) => return Err(ReadError::WrongRequestLine),
                     Err(LineError::Io(error)) => return Err(self.io_error(error)),
                 };
                 let line = String::from_utf8(line).map_err(|_| ReadError::WrongRequestLine)?;
@@ -185,6 +193,7 @@ impl ClientConnection {
                     let line = match self.read_next_line(left) {
                         Ok(line) => line,
                         Err(LineError::TooLong) => return Err(ReadError::HeadersTooLarge(version)),
+                        Err(LineError::Bare) => return Err(ReadError::WrongHeader(version)),
                         Err(LineError::Io(error)) => return Err(self.io_error(error)),
                     };
                     left = left.saturating_sub(line.len() + 2);
@@ -323,7 +332,11 @@ impl Iterator for ClientConnection {
                 Err(ReadError::WrongRequestLine) => {
                     // we don't know where the next request would start,
                     // so we have to close
-                    self.refuse(400, HTTPVersion(1, 1), "malformed request line");
+                    self.refuse(
+                        400,
+                        HTTPVersion(1, 1),
+                        "malformed request line (lines end with CR LF)",
+                    );
                     return None;
                 }
 
@@ -331,7 +344,7 @@ impl Iterator for ClientConnection {
                     self.refuse(
                         400,
                         ver,
-                        "malformed header line, or not exactly one Host header",
+                        "malformed header line (lines end with CR LF), or not exactly one Host header",
                     );
                     return None;
                 }

@@ -120,3 +120,22 @@ fn host_is_required_once_in_http_1_1() {
     assert_eq!(answer.expect("an answer").code, 200);
     assert_eq!(*paths.lock().unwrap(), ["/old"]);
 }
+
+#[test]
+fn a_lone_lf_or_cr_in_the_head_is_refused_at_once() {
+    // A 400 at once, not a 408 after waiting for a CR LF until the head's
+    // deadline (upstream read on, taking the LF as part of the line).
+    let (server, paths) = recording();
+    for head in [
+        "GET /a HTTP/1.1\nHost: t\n\n",
+        "GET /a HTTP/1.1\r\nHost: t\n\n",
+        "GET /a HTTP/1.1\r\nHost: t\r\n\n",
+        "GET /a HTTP/1.1\r\nHost: t\rX-B: 1\r\n\r\n",
+    ] {
+        let (answer, mut reader) = exchange(server.address, head.as_bytes());
+        let answer = answer.unwrap_or_else(|| panic!("no answer to {head:?}"));
+        assert_eq!(answer.code, 400, "{head:?}");
+        assert!(closed(&mut reader), "{head:?}: the connection stays open");
+    }
+    assert!(paths.lock().unwrap().is_empty(), "{paths:?}");
+}
