@@ -180,9 +180,10 @@ impl ClientConnection {
                 };
                 let line = String::from_utf8(line).map_err(|_| ReadError::WrongRequestLine)?;
 
-                parse_request_line(
+                let (method, path, version) = parse_request_line(
                     line.trim(), // TODO: remove this conversion
-                )?
+                )?;
+                (method, origin_form(path), version)
             };
 
             // getting all headers
@@ -446,6 +447,27 @@ fn parse_http_version(version: &str) -> Result<HTTPVersion, ReadError> {
     Ok(HTTPVersion(major, minor))
 }
 
+/// The request target in origin form: an absolute-form target
+/// (`http://host/path?query`, which RFC 9112 §3.2.2 says a server must
+/// accept) becomes its path and query; any other is kept as it is.
+fn origin_form(target: String) -> String {
+    let lower = target.get(..8).unwrap_or(&target).to_ascii_lowercase();
+    let Some(scheme_end) = ["http://", "https://"]
+        .iter()
+        .find(|scheme| lower.starts_with(**scheme))
+        .map(|scheme| scheme.len())
+    else {
+        return target;
+    };
+    match target[scheme_end..].find(['/', '?']) {
+        Some(start) if target[scheme_end + start..].starts_with('/') => {
+            target[scheme_end + start..].to_string()
+        }
+        Some(start) => format!("/{}", &target[scheme_end + start..]),
+        None => "/".to_string(),
+    }
+}
+
 /// Parses the request line of the request.
 /// eg. GET / HTTP/1.1
 fn parse_request_line(line: &str) -> Result<(Method, String, HTTPVersion), ReadError> {
@@ -462,6 +484,20 @@ fn parse_request_line(line: &str) -> Result<(Method, String, HTTPVersion), ReadE
 
 #[cfg(test)]
 mod test {
+    #[test]
+    fn absolute_targets_become_origin_form() {
+        for (target, origin) in [
+            ("http://x/healthz", "/healthz"),
+            ("HTTP://x:8080/a/b?c=d", "/a/b?c=d"),
+            ("https://x", "/"),
+            ("http://x?q=1", "/?q=1"),
+            ("/plain?x", "/plain?x"),
+            ("*", "*"),
+        ] {
+            assert_eq!(super::origin_form(target.to_string()), origin, "{target}");
+        }
+    }
+
     #[test]
     fn test_parse_request_line() {
         let (method, path, ver) = super::parse_request_line("GET /hello HTTP/1.1").unwrap();

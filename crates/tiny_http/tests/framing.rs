@@ -139,3 +139,15 @@ fn a_lone_lf_or_cr_in_the_head_is_refused_at_once() {
     }
     assert!(paths.lock().unwrap().is_empty(), "{paths:?}");
 }
+
+#[test]
+fn an_absolute_form_target_is_served_by_its_path() {
+    // RFC 9112 §3.2.2: a server must accept it (proxies send it).
+    let (server, paths) = recording();
+    let (answer, _) = exchange(
+        server.address,
+        b"GET http://t/abs?x=1 HTTP/1.1\r\nHost: t\r\nConnection: close\r\n\r\n",
+    );
+    assert_eq!(answer.expect("an answer").code, 200);
+    assert_eq!(*paths.lock().unwrap(), ["/abs?x=1"]);
+}
