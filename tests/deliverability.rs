@@ -191,6 +191,40 @@ fn a_non_ascii_local_part_without_smtputf8_is_refused_clearly() {
 }
 
 #[test]
+fn a_message_over_the_relays_size_limit_is_refused_clearly() {
+    let relay = TestRelay::with(RelayOptions {
+        max_size: Some(4000),
+        ..RelayOptions::default()
+    });
+    let service = Service::start(config_for(&relay));
+    let mut big = base_body();
+    big["message"] = json!("line of text\n".repeat(400));
+    // Nothing is known about the relay yet: accepted, then failed without
+    // retries, the body never sent; the relay's limit named.
+    let reply = service.post("/api/mail", &big.to_string());
+    assert_eq!(reply.code, 202, "{}", reply.body_text());
+    let status = service.wait_for_status(&reply.id(), "failed");
+    assert_eq!(status["attempts"], 1);
+    let error = status["last_error"].as_str().unwrap().to_string();
+    assert!(error.contains("SIZE") && error.contains("4000"), "{error}");
+    // A message within the limit goes (with SIZE= on MAIL FROM, which the
+    // relay checks too).
+    let (_, received) = sent_and_received(&service, &relay, &base_body());
+    assert!(received.data.len() < 4000);
+    // Now the limit is known: refused at submit time.
+    for path in ["/api/mail", "/api/mail/v2"] {
+        let reply = service.post(path, &big.to_string());
+        assert_eq!(reply.code, 400, "{path}: {}", reply.body_text());
+        let error = reply.json()["data"]["error"].as_str().unwrap().to_string();
+        assert!(
+            error.contains("SIZE limit") && error.contains("4000"),
+            "{error}"
+        );
+    }
+    assert_eq!(relay.received().len(), 1);
+}
+
+#[test]
 fn a_non_ascii_sender_domain_gives_a_valid_message_id() {
     let relay = TestRelay::plain();
     let service = Service::start(config_for(&relay));

@@ -155,6 +155,13 @@ pub enum MessageError {
     /// An address needs SMTPUTF8 (a non-ASCII local part) and the relay
     /// does not offer it.
     NeedsSmtpUtf8 { address: String },
+    /// The message as built is larger than the relay's SIZE limit.
+    TooLargeForRelay {
+        /// The message's size in octets, as it would follow DATA.
+        size: u64,
+        /// The relay's limit in octets.
+        limit: u64,
+    },
     /// The assembled message cannot be built.
     Build(String),
 }
@@ -178,6 +185,7 @@ impl MessageError {
             MessageError::InvalidAttachment { .. } => Some("attachments"),
             MessageError::SenderNotAllowed { .. } => Some("sender"),
             MessageError::NeedsSmtpUtf8 { .. } => Some("receiver"),
+            MessageError::TooLargeForRelay { .. } => None,
         }
     }
 }
@@ -229,6 +237,10 @@ impl fmt::Display for MessageError {
             MessageError::NeedsSmtpUtf8 { address } => write!(
                 f,
                 "address {address:?} has a non-ASCII local part: it needs SMTPUTF8 (RFC 6531), which the relay does not offer; use an ASCII address"
+            ),
+            MessageError::TooLargeForRelay { size, limit } => write!(
+                f,
+                "the message is {size} bytes as built, and the relay takes at most {limit} (its SIZE limit); send smaller attachments"
             ),
             MessageError::Build(detail) => write!(f, "cannot build the message: {detail}"),
         }

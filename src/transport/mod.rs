@@ -118,6 +118,9 @@ pub struct Capabilities {
     pub pipelining: bool,
     /// CHUNKING (RFC 3030), offered; not used (see docs/performance.md).
     pub chunking: bool,
+    /// SIZE (RFC 1870): the largest message the relay takes, in octets,
+    /// when it names a limit.
+    pub max_size: Option<u64>,
 }
 
 /// What the relay offers, once a connection has been made; shared by the
@@ -159,7 +162,20 @@ pub fn refuse_at_submit(
     if message.needs_smtputf8() && !known.smtputf8 {
         return Some(smtputf8_refusal(message));
     }
-    None
+    match known.max_size {
+        Some(limit) if message.content.len() as u64 > limit => {
+            Some(too_large_for_relay(message.content.len(), limit))
+        }
+        _ => None,
+    }
+}
+
+/// The refusal for a message larger than the relay's SIZE limit.
+pub(crate) fn too_large_for_relay(size: usize, limit: u64) -> MessageError {
+    MessageError::TooLargeForRelay {
+        size: size as u64,
+        limit,
+    }
 }
 
 /// The refusal for a message that needs SMTPUTF8 at a relay without it.

@@ -156,7 +156,7 @@ impl SmtpSender {
             }
             let chain = match next {
                 Some((message, recipients)) if carries_next(open, &current) => {
-                    Sender::new(&open.smtp, message)
+                    Sender::new(open, message)
                         .ok()
                         .and_then(|sender| prepare(&sender, recipients).map(|p| (sender, p)))
                 }
@@ -289,7 +289,7 @@ impl SmtpSender {
                 true,
             )));
         };
-        let sender = Sender::new(&open.smtp, message)?;
+        let sender = Sender::new(open, message)?;
         self.deadline.start_phase();
         let result = envelope(open, &sender, recipients, &self.deadline);
         Ok((sender, result))

@@ -23,7 +23,7 @@ use lettre::transport::smtp::Error as SmtpError;
 
 use super::classify::{classify, DeliveryError, SmtpReply};
 use super::deadline::Deadline;
-use super::{smtputf8_refusal, Capabilities, RecipientRefusal};
+use super::{smtputf8_refusal, too_large_for_relay, Capabilities, RecipientRefusal};
 use crate::config::{is_loopback_host, SmtpSettings, TlsMode};
 use crate::message::OutgoingMessage;
 
@@ -44,6 +44,8 @@ pub(super) struct Extensions {
     pub pipelining: bool,
     /// CHUNKING (RFC 3030).
     pub chunking: bool,
+    /// SIZE (RFC 1870) with a limit: the largest message taken, in octets.
+    pub max_size: Option<u64>,
 }
 
 /// An open connection.
@@ -219,6 +221,7 @@ pub(super) fn capabilities_of(smtp: &SmtpConnection, extensions: Extensions) -> 
         starttls: info.supports_feature(Extension::StartTls),
         pipelining: extensions.pipelining,
         chunking: extensions.chunking,
+        max_size: extensions.max_size,
     }
 }
 
@@ -317,6 +320,13 @@ fn extensions_of(ehlo: &Response) -> Extensions {
             extensions.pipelining = true;
         } else if keyword.eq_ignore_ascii_case("CHUNKING") {
             extensions.chunking = true;
+        } else if keyword.eq_ignore_ascii_case("SIZE") {
+            // `SIZE` alone or `SIZE 0`: no fixed limit (RFC 1870 §4).
+            extensions.max_size = line
+                .split_whitespace()
+                .nth(1)
+                .and_then(|limit| limit.parse().ok())
+                .filter(|limit| *limit > 0);
         }
     }
     extensions
@@ -331,9 +341,19 @@ pub(super) struct Sender {
 impl Sender {
     /// The MAIL FROM command for `message` on this connection; a local
     /// failure when the message cannot go through this relay.
-    pub fn new(smtp: &SmtpConnection, message: &OutgoingMessage) -> Result<Sender, Failure> {
-        let info = smtp.server_info();
+    pub fn new(open: &Open, message: &OutgoingMessage) -> Result<Sender, Failure> {
+        let info = open.smtp.server_info();
         let mut parameters = Vec::new();
+        if let Some(limit) = open.extensions.max_size {
+            let size = message.content.len();
+            if size as u64 > limit {
+                return Err(Failure::local(DeliveryError::permanent(
+                    too_large_for_relay(size, limit).to_string(),
+                )));
+            }
+            // RFC 1870: the relay can refuse it at MAIL, before the body.
+            parameters.push(MailParameter::Size(size));
+        }
         if message.needs_smtputf8() {
             if !info.supports_feature(Extension::SmtpUtfEight) {
                 return Err(Failure::local(DeliveryError::permanent(

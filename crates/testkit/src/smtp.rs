@@ -74,6 +74,9 @@ pub struct RelayOptions {
     pub delay: Duration,
     /// Hold new sessions before the greeting until [`StrictRelay::open_gate`].
     pub gated: bool,
+    /// Advertise `SIZE` with this limit (RFC 1870) and refuse larger
+    /// messages with `552 5.3.4`, at MAIL (its `SIZE=`) and after the data.
+    pub max_size: Option<usize>,
 }
 
 impl Default for RelayOptions {
@@ -87,6 +90,7 @@ impl Default for RelayOptions {
             record: true,
             delay: Duration::ZERO,
             gated: false,
+            max_size: None,
         }
     }
 }
@@ -622,6 +626,9 @@ fn session<S: Read + Write>(
                 if options.smtputf8 {
                     lines.push("SMTPUTF8".into());
                 }
+                if let Some(limit) = options.max_size {
+                    lines.push(format!("SIZE {limit}"));
+                }
                 if offers_tls {
                     lines.push("STARTTLS".into());
                 }
@@ -661,6 +668,13 @@ fn session<S: Read + Write>(
                 if let Some((code, reply)) = fault {
                     connection.reply(&format!("{code} {reply}"));
                     continue;
+                }
+                if let (Some(limit), Some(declared)) = (options.max_size, size_parameter(&text)) {
+                    if declared > limit {
+                        connection
+                            .reply("552 5.3.4 message size exceeds fixed maximum message size");
+                        continue;
+                    }
                 }
                 transaction = Transaction {
                     from: Some(address),
@@ -719,6 +733,9 @@ fn session<S: Read + Write>(
                 };
                 let reply = match data {
                     Err(refusal) => refusal,
+                    Ok(data) if options.max_size.is_some_and(|limit| data.len() > limit) => {
+                        "552 5.3.4 message size exceeds fixed maximum message size"
+                    }
                     Ok(data) => {
                         accept_message(state, &mut transaction, data, number);
                         "250 2.0.0 ok queued"
@@ -861,6 +878,17 @@ fn path_of(command: &str, prefix: &str) -> Option<String> {
 }
 
 /// Whether a MAIL/RCPT command carries `parameter` after its path.
+/// The `SIZE=` parameter of a MAIL command, if any.
+fn size_parameter(command: &str) -> Option<usize> {
+    let after_path = &command[command.find('>')? + 1..];
+    after_path.split(' ').find_map(|word| {
+        let (name, value) = word.split_once('=')?;
+        name.eq_ignore_ascii_case("SIZE")
+            .then(|| value.trim().parse().ok())
+            .flatten()
+    })
+}
+
 fn has_parameter(command: &[u8], parameter: &[u8]) -> bool {
     let after_path = match command.iter().position(|&byte| byte == b'>') {
         Some(end) => &command[end + 1..],
