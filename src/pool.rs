@@ -777,7 +777,7 @@ fn conclude(context: &WorkerContext, attempt: Attempt, result: AttemptOutcome) -
                 message: Arc::clone(&job.message),
                 status,
             };
-            context.store.fail(record, durable);
+            context.store.fail(record);
             context.metrics.message_failed();
             answer(
                 &mut job,

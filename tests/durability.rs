@@ -418,6 +418,12 @@ fn v2_statuses_and_their_idempotency_keys_survive_a_restart() {
         "failed",
     );
     assert_eq!(failed.after["status"], "failed", "{}", failed.after);
+    // Kept as a dead letter, as every permanently failed message.
+    assert!(failed
+        .spool
+        .join("dead")
+        .join(format!("{}.json", failed.id))
+        .is_file());
     assert!(
         failed.after["last_error"].as_str().unwrap().contains("553"),
         "{}",

@@ -547,12 +547,15 @@ impl Store for LocalStore {
         })
     }
 
-    fn fail(&self, mut record: MessageRecord, durable: bool) {
+    fn fail(&self, mut record: MessageRecord) {
         let core = &self.core;
         record.status.revision += 1;
         record.status.updated_at_ms = to_millis(SystemTime::now());
-        let keep_in_memory = match (&core.journal, durable) {
-            (Some(journal), true) => {
+        // A dead letter also for a message never spooled (`/api/mail/v2`):
+        // the SPEC keeps every permanently failed message, and its status
+        // and idempotency key must outlive a restart.
+        let keep_in_memory = match &core.journal {
+            Some(journal) => {
                 if let Err(error) = core.written(journal.dead_letter(&record)) {
                     log::error!(
                         "message {}: cannot keep it as a dead letter: {error}",
@@ -561,18 +564,7 @@ impl Store for LocalStore {
                 }
                 None
             }
-            (Some(journal), false) => {
-                // Never spooled (`/api/mail/v2`): its status is recorded as
-                // finished, as a sent one's (its content stays in memory).
-                if let Err(error) = core.written(journal.finish(&record.status)) {
-                    log::error!(
-                        "message {}: cannot record its failure in the spool: {error}",
-                        record.status.id
-                    );
-                }
-                Some(Arc::clone(&record.message))
-            }
-            (None, _) => Some(Arc::clone(&record.message)),
+            None => Some(Arc::clone(&record.message)),
         };
         core.show(record.status, keep_in_memory);
         self.capacity.release();
@@ -777,7 +769,7 @@ mod tests {
         failed.status.set_state(State::Failed);
         failed.status.attempts = 1;
         failed.status.last_error = Some("550 no".into());
-        store.fail(failed, true);
+        store.fail(failed);
     }
 
     fn state(store: &LocalStore, id: &str) -> State {

@@ -210,8 +210,8 @@ pub(crate) trait Store: Send + Sync {
     fn finish(&self, status: StatusRecord) -> Settling;
 
     /// Records that a message failed for good; its content is kept (a
-    /// dead letter) so it can be retried by hand.
-    fn fail(&self, record: MessageRecord, durable: bool);
+    /// dead letter) so it can be retried by hand, also for `/api/mail/v2`.
+    fn fail(&self, record: MessageRecord);
 
     /// Cancels a message that waits for a worker or for its time: it
     /// becomes `cancelled` and is never sent, also after a restart.

@@ -1481,7 +1481,7 @@ impl Store for RedisStore {
         Settling::done()
     }
 
-    fn fail(&self, record: MessageRecord, _durable: bool) {
+    fn fail(&self, record: MessageRecord) {
         let mut status = record.status;
         status.updated_at_ms = now_ms();
         status.revision += 1;
