@@ -592,6 +592,11 @@ fn begin_attempt(context: &WorkerContext, mut job: Job) -> Option<Attempt> {
     if skip_suppressed(context, &mut job, &mut status) {
         return None;
     }
+    // An attempt adds two events (the attempt, then its outcome): room for
+    // exactly those, once (held messages are many; a doubling would keep
+    // room for a fourth, 72 bytes each, and one growth per event costs a
+    // reallocation each).
+    status.events.reserve_exact(2);
     job.attempts = attempt;
     Some(Attempt {
         job,

@@ -122,11 +122,6 @@ impl StatusRecord {
     /// Adds an event, forgetting the oldest beyond [`MAX_EVENTS`].
     pub fn push_event(&mut self, event: Event) {
         self.events_total += 1;
-        // Most messages keep 3 events, and held messages are many: room
-        // for exactly those (a doubling would reserve a fourth, 72 bytes).
-        if self.events.len() == self.events.capacity() {
-            self.events.reserve_exact(1);
-        }
         self.events.push_back(event);
         while self.events.len() > MAX_EVENTS {
             self.events.pop_front();
