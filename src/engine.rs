@@ -1022,10 +1022,15 @@ impl Engine {
         }
         match inner.store.counts() {
             Err(error) => Readiness::StoreFailing(error.to_string()),
-            Ok(counts) if counts.full => Readiness::Full,
-            Ok(_) => match inner.health.failing() {
-                Some(detail) => Readiness::RelayFailing(detail),
-                None => Readiness::Ready,
+            // The relay first: in an outage the queue fills with messages
+            // waiting for it, and the cause is what an operator must see.
+            Ok(counts) => match (inner.health.failing(), counts.full) {
+                (Some(detail), true) => {
+                    Readiness::RelayFailing(format!("{detail}; the queue is full meanwhile"))
+                }
+                (Some(detail), false) => Readiness::RelayFailing(detail),
+                (None, true) => Readiness::Full,
+                (None, false) => Readiness::Ready,
             },
         }
     }

@@ -546,14 +546,37 @@ fn readyz_is_503_while_the_relay_is_unreachable() {
     if let Relay::Smtp(settings) = &mut config.relay {
         settings.port = port;
     }
-    config.max_attempts = 50;
+    config.max_attempts = 2;
+    config.queue_capacity = 2;
+    config.retry_base = Duration::from_millis(20);
+    config.retry_max = Duration::from_millis(100);
     let service = Service::start(config);
-    service.post("/api/mail", &seed_body("u@example.org", "nobody home"));
-    let deadline = Instant::now() + PATIENCE;
-    while service.get("/readyz").code != 503 {
-        assert!(Instant::now() < deadline, "never unready");
-        std::thread::sleep(Duration::from_millis(10));
+    for n in 0..2 {
+        let reply = service.post(
+            "/api/mail",
+            &seed_body("u@example.org", &format!("nobody home {n}")),
+        );
+        assert_eq!(reply.code, 202, "{}", reply.body_text());
     }
+    // The queue fills with messages waiting for the relay (they never fail
+    // for it); readyz names the cause, and the consequence.
+    let deadline = Instant::now() + PATIENCE;
+    let reply = loop {
+        let reply = service.get("/readyz");
+        if reply.code == 503 && reply.body_text().contains("relay") {
+            break reply;
+        }
+        assert!(Instant::now() < deadline, "never unready for the relay");
+        std::thread::sleep(Duration::from_millis(10));
+    };
+    let detail = reply.json()["data"]["error"].as_str().unwrap().to_string();
+    assert!(detail.contains("the queue is full"), "{detail}");
+    assert_eq!(
+        service
+            .post("/api/mail", &seed_body("u@example.org", "more"))
+            .code,
+        503
+    );
 }
 
 // ---------------------------------------------------------------- auth
