@@ -1500,7 +1500,11 @@ fn requests_the_server_cannot_read_are_refused_in_json_too() {
         "X-Big: yes\r\n".repeat(7_000)
     );
     let cases = [
-        (400, "GET /healthz HTTP/1.1\r\n\r\n".to_string(), "Host"),
+        (
+            400,
+            "GET /healthz HTTP/1.1\r\nHost: a\r\nHost: b\r\n\r\n".to_string(),
+            "Host",
+        ),
         (
             400,
             "POST /api/mail HTTP/1.1\r\nHost: t\r\nContent-Length: 5\r\nTransfer-Encoding: chunked\r\n\r\n0\r\n\r\n"

@@ -291,7 +291,10 @@ fn refusals_carry_the_configured_body() {
     assert_eq!(answer.code, 414);
     assert_eq!(answer.header("Content-Type"), Some("application/json"));
     assert_eq!(answer.body, br#"{"error":"request line too long"}"#);
-    let (answer, _) = exchange(server.address, b"GET / HTTP/1.1\r\n\r\n");
+    let (answer, _) = exchange(
+        server.address,
+        b"GET / HTTP/1.1\r\nHost: a\r\nHost: b\r\n\r\n",
+    );
     let answer = answer.expect("an answer");
     assert_eq!(answer.code, 400);
     assert!(String::from_utf8_lossy(&answer.body).contains("Host"));
