@@ -59,6 +59,9 @@ enum ReadError {
 }
 
 /// Why a line could not be read.
+/// Empty lines skipped before a request line, at most.
+const MAX_EMPTY_LINES: usize = 4;
+
 enum LineError {
     /// Longer than allowed.
     TooLong,
@@ -104,8 +107,15 @@ impl ClientConnection {
     /// bytes before its `CRLF`.
     ///
     /// Reads until `CRLF` is reached. The next read will start
-    ///  at the first byte of the new line.
-    fn read_next_line(&mut self, limit: usize) -> Result<Vec<u8>, LineError> {
+    ///  at the first byte of the new line. A lone CR or LF is
+    /// [`LineError::Bare`], except, with `lone_lf_is_empty`, an LF that is
+    /// the line's first byte: an empty line (one a client may leave after
+    /// a body, RFC 9112 §2.2).
+    fn read_next_line(
+        &mut self,
+        limit: usize,
+        lone_lf_is_empty: bool,
+    ) -> Result<Vec<u8>, LineError> {
         let mut buf = Vec::new();
         let mut prev_byte_was_cr = false;
 
@@ -126,6 +136,9 @@ impl ClientConnection {
 
             if byte == b'\n' && prev_byte_was_cr {
                 buf.pop(); // removing the '\r'
+                return Ok(buf);
+            }
+            if byte == b'\n' && buf.is_empty() && lone_lf_is_empty {
                 return Ok(buf);
             }
             if byte == b'\n' || prev_byte_was_cr {
@@ -172,11 +185,17 @@ impl ClientConnection {
         let (method, path, version, headers) = {
             // reading the request line
             let (method, path, version) = {
-                let line = match self.read_next_line(limits.max_request_line) {
-                    Ok(line) => line,
-                    Err(LineError::TooLong) => return Err(ReadError::RequestLineTooLong),
-                    Err(LineError::Bare) => return Err(ReadError::WrongRequestLine),
-                    Err(LineError::Io(error)) => return Err(self.io_error(error)),
+                // A few empty lines before the request line are skipped
+                // (RFC 9112 §2.2: e.g. a CRLF a client sent after a body).
+                let mut skipped = 0;
+                let line = loop {
+                    match self.read_next_line(limits.max_request_line, true) {
+                        Ok(line) if line.is_empty() && skipped < MAX_EMPTY_LINES => skipped += 1,
+                        Ok(line) => break line,
+                        Err(LineError::TooLong) => return Err(ReadError::RequestLineTooLong),
+                        Err(LineError::Bare) => return Err(ReadError::WrongRequestLine),
+                        Err(LineError::Io(error)) => return Err(self.io_error(error)),
+                    }
                 };
                 let line = String::from_utf8(line).map_err(|_| ReadError::WrongRequestLine)?;
 
@@ -191,7 +210,7 @@ impl ClientConnection {
                 let mut headers = Vec::new();
                 let mut left = limits.max_header_bytes;
                 loop {
-                    let line = match self.read_next_line(left) {
+                    let line = match self.read_next_line(left, false) {
                         Ok(line) => line,
                         Err(LineError::TooLong) => return Err(ReadError::HeadersTooLarge(version)),
                         Err(LineError::Bare) => return Err(ReadError::WrongHeader(version)),

@@ -428,6 +428,8 @@ where
         None => Box::new(writer) as Box<dyn Write + Send + 'static>,
     };
 
+    // RFC 9110 §15.2: no 1xx answer to an HTTP/1.0 client.
+    let must_send_continue = expects_continue && version >= HTTPVersion(1, 1);
     Ok(Request {
         data_reader: Some(reader),
         response_writer: Some(response_writer),
@@ -438,7 +440,7 @@ where
         http_version: version,
         headers,
         body_length: content_length,
-        must_send_continue: expects_continue,
+        must_send_continue,
         notify_when_responded: None,
         state,
         unread: progress,

@@ -39,3 +39,21 @@ fn continue_is_the_status_line_alone() {
     assert_eq!(answer.code, 200);
     assert_eq!(answer.body, b"got hello");
 }
+
+#[test]
+fn an_http_1_0_client_gets_no_interim_answer() {
+    // RFC 9110 §15.2: a 1xx answer is never sent to an HTTP/1.0 client.
+    let server = TestServer::start(default_server(), 1, |mut request| {
+        let mut body = String::new();
+        let _ = request.as_reader().read_to_string(&mut body);
+        let _ = request.respond(Response::from_string(format!("got {body}")));
+    });
+    let mut stream = connect(server.address);
+    stream
+        .write_all(b"POST /up HTTP/1.0\r\nExpect: 100-continue\r\nContent-Length: 5\r\n\r\nhello")
+        .unwrap();
+    let mut reader = BufReader::new(stream);
+    let answer = read_answer(&mut reader).expect("an answer");
+    assert_eq!(answer.code, 200);
+    assert_eq!(answer.body, b"got hello");
+}

@@ -155,3 +155,17 @@ fn an_absolute_form_target_is_served_by_its_path() {
     assert_eq!(answer.expect("an answer").code, 200);
     assert_eq!(*paths.lock().unwrap(), ["/abs?x=1"]);
 }
+
+#[test]
+fn empty_lines_before_a_request_line_are_skipped() {
+    // RFC 9112 §2.2: e.g. a CRLF (or a lone LF) a client sends after a body.
+    let (server, paths) = recording();
+    let (answer, mut reader) = exchange(
+        server.address,
+        b"POST /one HTTP/1.1\r\nHost: t\r\nContent-Length: 2\r\n\r\nab\r\n\nGET /two HTTP/1.1\r\nHost: t\r\nConnection: close\r\n\r\n",
+    );
+    assert_eq!(answer.expect("an answer").code, 200);
+    let second = read_answer(&mut reader).expect("the second answer");
+    assert_eq!(second.code, 200);
+    assert_eq!(*paths.lock().unwrap(), ["/one", "/two"]);
+}
