@@ -555,15 +555,18 @@ impl Store for LocalStore {
         // the SPEC keeps every permanently failed message, and its status
         // and idempotency key must outlive a restart.
         let keep_in_memory = match &core.journal {
-            Some(journal) => {
-                if let Err(error) = core.written(journal.dead_letter(&record)) {
+            Some(journal) => match core.written(journal.dead_letter(&record)) {
+                Ok(()) => None,
+                Err(error) => {
+                    // Kept in memory then, for a retry by hand (a spooled
+                    // message also keeps its journal record).
                     log::error!(
                         "message {}: cannot keep it as a dead letter: {error}",
                         record.status.id
                     );
+                    Some(Arc::clone(&record.message))
                 }
-                None
-            }
+            },
             None => Some(Arc::clone(&record.message)),
         };
         core.show(record.status, keep_in_memory);
