@@ -25,6 +25,10 @@ pub use crate::store::{ListQuery, Suppression};
 /// How far ahead `send_at` may be.
 pub const MAX_SCHEDULE_DAYS: u64 = 30;
 
+/// A `send_at` on `/api/mail/v2` at most this far ahead is taken as now
+/// (clocks differ); further is refused (v2 sends now and waits).
+const V2_SEND_AT_SKEW: Duration = Duration::from_secs(60);
+
 /// When a message with this `send_at` is to be sent: `None` for now (no
 /// time, or one not in the future).
 fn scheduled_time(send_at: Option<SystemTime>) -> Result<Option<SystemTime>, SubmitError> {
@@ -801,10 +805,9 @@ impl Engine {
         let inner = &self.inner;
         let deadline = Instant::now() + timeout;
         Engine::check_key(idempotency_key).map_err(SendError::Rejected)?;
-        if scheduled_time(request.send_at)
-            .map_err(SendError::Rejected)?
-            .is_some()
-        {
+        // A client's clock a little ahead of ours still means now.
+        let ahead = scheduled_time(request.send_at).map_err(SendError::Rejected)?;
+        if ahead.is_some_and(|at| at > SystemTime::now() + V2_SEND_AT_SKEW) {
             return Err(SendError::Rejected(SubmitError::SendAtNotNow));
         }
         if !inner.accepting.load(Ordering::SeqCst) {
