@@ -59,14 +59,16 @@ impl Job {
         &self.message.id
     }
 
-    /// Sent through `/api/mail/v2`: the caller waits, nothing is spooled or retried.
+    /// Sent through `/api/mail/v2`: the caller waits, it is not spooled
+    /// before it goes (its end is) and not retried.
     pub(crate) fn is_waited_for(&self) -> bool {
         self.waiter.is_some()
     }
 }
 
 /// When to try again: `base × 2^(attempts−1)`, capped at `max`, with
-/// equal jitter; at most `max_attempts` attempts.
+/// equal jitter; at most `max_attempts` attempts that reached the relay
+/// (those that could not reach it or log in are retried regardless).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub(crate) struct RetryPolicy {
     pub base: Duration,
@@ -119,21 +121,43 @@ pub(crate) enum Decision {
     },
 }
 
-/// Decides what follows an attempt at `recipients` that was attempt number
-/// `attempts`. `may_retry` is false for `/api/mail/v2` (one attempt).
+/// A message's attempts so far, the current one included.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) struct Tries {
+    /// Every attempt started: the backoff grows with these.
+    pub started: u32,
+    /// Those that reached the relay (`StatusRecord::counted_attempts`):
+    /// `max_attempts` limits these.
+    pub counted: u32,
+}
+
+impl Tries {
+    /// `attempts` attempts, each of which reached the relay.
+    #[cfg(test)]
+    pub(crate) fn reached(attempts: u32) -> Tries {
+        Tries {
+            started: attempts,
+            counted: attempts,
+        }
+    }
+}
+
+/// Decides what follows an attempt at `recipients` after `tries`.
+/// `may_retry` is false for `/api/mail/v2` (one attempt).
 pub(crate) fn decide(
     result: &AttemptOutcome,
     recipients: &[String],
-    attempts: u32,
+    tries: Tries,
     policy: &RetryPolicy,
     may_retry: bool,
     jitter: u64,
 ) -> Decision {
     // The relay unreachable or refusing our login is not the message's
-    // failure: it never uses up the attempts (the queue waits for the relay).
+    // failure: it never uses up the attempts (the queue waits for the
+    // relay), and later failures count only the attempts that reached it.
     let relay_down = matches!(result, Err(error) if error.before_transaction);
-    let retry_allowed = may_retry && (attempts < policy.max_attempts || relay_down);
-    let delay = policy.delay(attempts, jitter);
+    let retry_allowed = may_retry && (tries.counted < policy.max_attempts || relay_down);
+    let delay = policy.delay(tries.started, jitter);
     match result {
         Err(error) => {
             if error.kind == FailureKind::Transient && retry_allowed {
@@ -263,11 +287,25 @@ mod tests {
     fn all_accepted_is_sent_and_refusals_are_named() {
         let all = recipients(&["a", "b"]);
         assert_eq!(
-            decide(&delivered(&["a", "b"], &[], &[]), &all, 1, &POLICY, true, 0),
+            decide(
+                &delivered(&["a", "b"], &[], &[]),
+                &all,
+                Tries::reached(1),
+                &POLICY,
+                true,
+                0
+            ),
             Decision::Sent { refused: vec![] }
         );
         assert_eq!(
-            decide(&delivered(&["a"], &["b"], &[]), &all, 1, &POLICY, true, 0),
+            decide(
+                &delivered(&["a"], &["b"], &[]),
+                &all,
+                Tries::reached(1),
+                &POLICY,
+                true,
+                0
+            ),
             Decision::Sent {
                 refused: vec![refusal("b", 550)]
             }
@@ -277,7 +315,14 @@ mod tests {
     #[test]
     fn every_recipient_refused_fails_for_good() {
         let all = recipients(&["a", "b"]);
-        let decision = decide(&delivered(&[], &["a", "b"], &[]), &all, 1, &POLICY, true, 0);
+        let decision = decide(
+            &delivered(&[], &["a", "b"], &[]),
+            &all,
+            Tries::reached(1),
+            &POLICY,
+            true,
+            0,
+        );
         let Decision::Failed {
             permanent, error, ..
         } = decision
@@ -297,7 +342,7 @@ mod tests {
         let decision = decide(
             &delivered(&["a"], &["b"], &["c"]),
             &all,
-            1,
+            Tries::reached(1),
             &POLICY,
             true,
             0,
@@ -315,7 +360,7 @@ mod tests {
         let decision = decide(
             &delivered(&["a"], &["b"], &["c"]),
             &all,
-            3,
+            Tries::reached(3),
             &POLICY,
             true,
             0,
@@ -336,18 +381,39 @@ mod tests {
     fn transient_errors_retry_until_attempts_run_out_permanent_ones_never() {
         let all = recipients(&["a"]);
         assert!(matches!(
-            decide(&error(FailureKind::Transient), &all, 2, &POLICY, true, 0),
+            decide(
+                &error(FailureKind::Transient),
+                &all,
+                Tries::reached(2),
+                &POLICY,
+                true,
+                0
+            ),
             Decision::Retry { .. }
         ));
         assert!(matches!(
-            decide(&error(FailureKind::Transient), &all, 3, &POLICY, true, 0),
+            decide(
+                &error(FailureKind::Transient),
+                &all,
+                Tries::reached(3),
+                &POLICY,
+                true,
+                0
+            ),
             Decision::Failed {
                 permanent: false,
                 ..
             }
         ));
         assert!(matches!(
-            decide(&error(FailureKind::Permanent), &all, 1, &POLICY, true, 0),
+            decide(
+                &error(FailureKind::Permanent),
+                &all,
+                Tries::reached(1),
+                &POLICY,
+                true,
+                0
+            ),
             Decision::Failed {
                 permanent: true,
                 ..
@@ -355,7 +421,14 @@ mod tests {
         ));
         // /api/mail/v2: one attempt, the caller gets the outcome.
         assert!(matches!(
-            decide(&error(FailureKind::Transient), &all, 1, &POLICY, false, 0),
+            decide(
+                &error(FailureKind::Transient),
+                &all,
+                Tries::reached(1),
+                &POLICY,
+                false,
+                0
+            ),
             Decision::Failed { .. }
         ));
     }

@@ -13,7 +13,9 @@ use std::time::{Duration, Instant, SystemTime};
 use crossbeam_channel::{select, Receiver, TryRecvError};
 
 use crate::health::RelayHealth;
-use crate::job::{decide, describe, AttemptOutcome, Decision, Job, RetryPolicy, WaitedOutcome};
+use crate::job::{
+    decide, describe, AttemptOutcome, Decision, Job, RetryPolicy, Tries, WaitedOutcome,
+};
 use crate::message::random_u64;
 use crate::message::OutgoingMessage;
 use crate::metrics::{AttemptResult, Metrics};
@@ -249,11 +251,15 @@ impl Drop for Ended<'_> {
     }
 }
 
+/// An attempt a stuck worker held, with its outcome (computed at the
+/// take-over, from the stuck transport's deadline).
+type Inherited = (Attempt, AttemptOutcome);
+
 fn spawn_worker(
     pool: &Arc<Pool>,
     index: usize,
     transport: Transport,
-    inherited: Vec<Attempt>,
+    inherited: Vec<Inherited>,
 ) -> std::io::Result<(Arc<Slot>, JoinHandle<()>)> {
     let slot = Arc::new(Slot {
         deadline: transport.deadline(),
@@ -311,7 +317,15 @@ fn take_over(pool: &Arc<Pool>, member: &mut Member, deadline: &Deadline) {
             return;
         }
         state.abandoned = true;
+        // The outcomes now, from this deadline: it knows whether the stuck
+        // thread was still connecting (the replacement's is a fresh one).
         std::mem::take(&mut state.attempts)
+            .into_iter()
+            .map(|mut attempt| {
+                let result = abandoned_outcome(deadline, attempt.progress.take());
+                (attempt, result)
+            })
+            .collect::<Vec<Inherited>>()
     };
     // The stuck thread's last finish is shown now, not when it wakes.
     member.slot.settle_recording();
@@ -336,16 +350,12 @@ fn take_over(pool: &Arc<Pool>, member: &mut Member, deadline: &Deadline) {
     }
 }
 
-fn run_worker(pool: &Pool, slot: &Slot, mut transport: Transport, inherited: Vec<Attempt>) {
+fn run_worker(pool: &Pool, slot: &Slot, mut transport: Transport, inherited: Vec<Inherited>) {
     let _ended = Ended { pool, slot };
     let context = &*pool.context;
     lower_priority(context.niceness);
-    if let Some(deadline) = &slot.deadline {
-        // The stuck worker's: same relay, same timeout.
-        for mut attempt in inherited {
-            let result = abandoned_outcome(deadline, attempt.progress.take());
-            conclude(context, attempt, result).wait();
-        }
+    for (attempt, result) in inherited {
+        conclude(context, attempt, result).wait();
     }
     let (work, stop) = (&pool.work, &pool.stop);
     loop {
@@ -686,15 +696,28 @@ fn conclude(context: &WorkerContext, attempt: Attempt, result: AttemptOutcome) -
             recipients: job.recipients.clone(),
         },
     });
+    let unreached = matches!(&result, Err(error) if error.before_transaction);
+    if unreached {
+        status.unreached_attempts += 1;
+    }
+    let tries = Tries {
+        started: attempt,
+        counted: status.counted_attempts(),
+    };
     let decision = decide(
         &result,
         &job.recipients,
-        attempt,
+        tries,
         &context.policy,
         !job.is_waited_for(),
         random_u64(),
     );
-    let durable = !job.is_waited_for();
+    // Spooled, except the retries of an outage after its first: the record
+    // written then is enough to deliver the message after a restart, and
+    // an outage must not rewrite every held message (content and all)
+    // every few minutes.
+    let repeated_outage = unreached && status.unreached_attempts > 1;
+    let durable = !job.is_waited_for() && !repeated_outage;
     match decision {
         Decision::Sent { refused } => {
             status.refused.extend(refused.iter().map(describe_one));

@@ -297,13 +297,46 @@ fn relay_down_then_up_delivers_without_losing_anything() {
         wait_for_retrying_beyond(service.address, id, 2);
     }
 
-    let relay = TestRelay::plain_on(std::net::TcpListener::bind(relay_address).unwrap());
+    // Back, but busy at first: a 451 after the outage is the message's
+    // first counted attempt, not its last (the outage used up nothing).
+    let relay = TestRelay::with_on(
+        std::net::TcpListener::bind(relay_address).unwrap(),
+        RelayOptions {
+            gated: true,
+            ..RelayOptions::default()
+        },
+    );
+    relay.reply_to_next_mail(&[(451, "4.7.1 busy, try later")]);
+    relay.open_gate();
     let received = relay.wait_for(3);
     assert_eq!(received.len(), 3);
     for id in &ids {
         service.wait_for_status(id, "sent");
     }
     assert_eq!(service.get("/readyz").code, 200);
+}
+
+#[test]
+fn a_relay_that_never_greets_does_not_use_up_attempts() {
+    // Connections are taken by the kernel and never answered: each attempt
+    // ends at the SMTP deadline while connecting.
+    let silent = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let (mut config, _) = config_with_relay_down();
+    if let Relay::Smtp(settings) = &mut config.relay {
+        settings.port = silent.local_addr().unwrap().port();
+        settings.timeout = Duration::from_millis(200);
+    }
+    config.max_attempts = 2;
+    let service = Service::start(config);
+    let id = service
+        .post("/api/mail", &seed_body("user@example.org", "silent relay"))
+        .id();
+    let status = wait_for_retrying_beyond(service.address, &id, 3);
+    assert!(
+        status["last_error"].as_str().unwrap().contains("timed out"),
+        "{status}"
+    );
+    drop(silent);
 }
 
 #[test]

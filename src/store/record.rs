@@ -27,6 +27,11 @@ pub struct StatusRecord {
     pub recorded_state: Option<State>,
     /// Attempts started, the current one included.
     pub attempts: u32,
+    /// Of those, attempts that failed before any transaction (the relay
+    /// unreachable or refusing the login): they do not count toward
+    /// `MAILROOM_MAX_ATTEMPTS` (see [`StatusRecord::counted_attempts`]).
+    #[serde(default, skip_serializing_if = "is_zero")]
+    pub unreached_attempts: u32,
     /// Acceptance time, milliseconds since the Unix epoch.
     pub created_at_ms: u64,
     /// Last change, milliseconds since the Unix epoch.
@@ -80,6 +85,7 @@ impl StatusRecord {
             id,
             recorded_state: Some(State::Queued),
             attempts: 0,
+            unreached_attempts: 0,
             created_at_ms,
             updated_at_ms: created_at_ms,
             next_attempt_at_ms: None,
@@ -148,10 +154,17 @@ impl StatusRecord {
     pub fn requeue(&mut self) {
         self.set_state(State::Queued);
         self.attempts = 0;
+        self.unreached_attempts = 0;
         self.next_attempt_at_ms = None;
         self.last_error = None;
         self.refused.clear();
         self.push_event(Event::now(EventKind::Requeued));
+    }
+
+    /// The attempts that count toward `MAILROOM_MAX_ATTEMPTS`: those that
+    /// reached the relay (a long outage must not use up the budget).
+    pub fn counted_attempts(&self) -> u32 {
+        self.attempts.saturating_sub(self.unreached_attempts)
     }
 
     /// Recipients still to deliver to.
@@ -199,4 +212,8 @@ impl MessageRecord {
         }
         self
     }
+}
+
+fn is_zero(count: &u32) -> bool {
+    *count == 0
 }

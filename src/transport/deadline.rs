@@ -33,6 +33,9 @@ pub struct Deadline {
     at: AtomicU64,
     timeout: Duration,
     abandoned: AtomicBool,
+    /// A connection is being opened (connect, TLS, EHLO, AUTH): a timeout
+    /// now fails before any transaction.
+    connecting: AtomicBool,
     /// Abandoned transports of the same factory still alive.
     lingering: Arc<AtomicUsize>,
     /// `host:port`, for the error.
@@ -46,9 +49,16 @@ impl Deadline {
             at: AtomicU64::new(IDLE),
             timeout,
             abandoned: AtomicBool::new(false),
+            connecting: AtomicBool::new(false),
             lingering,
             endpoint,
         }
+    }
+
+    /// Notes whether a connection is being opened (see
+    /// [`Deadline::timeout_error`]).
+    pub(super) fn set_connecting(&self, connecting: bool) {
+        self.connecting.store(connecting, Ordering::SeqCst);
     }
 
     fn store(&self, at: Instant) {
@@ -127,16 +137,24 @@ impl Deadline {
         Arc::clone(&self.lingering)
     }
 
-    /// The failure of an attempt given up at this deadline.
+    /// The failure of an attempt given up at this deadline; while a
+    /// connection was being opened, one before any transaction (a relay
+    /// that does not greet or stalls in TLS or AUTH is unreachable, and
+    /// uses up no message's attempts).
     pub fn timeout_error(&self) -> DeliveryError {
-        DeliveryError::transient(
+        let error = DeliveryError::transient(
             format!(
                 "timed out: {} did not finish within {} ms (MAILROOM_SMTP_TIMEOUT_MS); connection abandoned",
                 self.endpoint,
                 self.timeout.as_millis()
             ),
             true,
-        )
+        );
+        if self.connecting.load(Ordering::SeqCst) {
+            error.before_transaction()
+        } else {
+            error
+        }
     }
 
     /// The endpoint, for logs.

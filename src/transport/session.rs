@@ -256,7 +256,10 @@ impl SmtpSender {
                     failure.error
                 );
                 self.drop_connection();
-                if let Err(error) = self.connect(hooks) {
+                // Not `connect`: this message's commands just met a dead
+                // connection, and if the relay is now down it may be the
+                // message's doing; a failure here counts as an attempt.
+                if let Err(error) = self.open_connection(hooks) {
                     return Step::Done(Err(error));
                 }
                 match self.transaction_start(message, recipients) {
@@ -411,10 +414,21 @@ impl SmtpSender {
         }
     }
 
-    /// Opens a connection; whatever fails here fails before a transaction.
+    /// Opens a connection for a message that has not reached the relay
+    /// yet: whatever fails here fails before a transaction (and does not
+    /// use up the message's attempts).
     fn connect(&mut self, hooks: &Hooks<'_>) -> Result<(), DeliveryError> {
-        self.open_connection(hooks)
-            .map_err(DeliveryError::before_transaction)
+        // Left set when it fails: no connection is open, and whoever gives
+        // the attempt up at its deadline (maybe just as lettre's own
+        // timeout ends it) must see that it never reached the relay.
+        self.deadline.set_connecting(true);
+        let opened = self
+            .open_connection(hooks)
+            .map_err(DeliveryError::before_transaction);
+        if opened.is_ok() {
+            self.deadline.set_connecting(false);
+        }
+        opened
     }
 
     fn open_connection(&mut self, hooks: &Hooks<'_>) -> Result<(), DeliveryError> {

@@ -76,6 +76,11 @@ impl TestRelay {
         })
     }
 
+    /// A relay with these options on a given listener.
+    pub fn with_on(listener: TcpListener, options: RelayOptions) -> TestRelay {
+        TestRelay::start(listener, options)
+    }
+
     /// A relay with these options on a new port.
     pub fn with(options: RelayOptions) -> TestRelay {
         TestRelay::start(TcpListener::bind("127.0.0.1:0").unwrap(), options)
