@@ -216,11 +216,14 @@ fn write_loop(pending: &Receiver<Chunk>, mut to: TcpStream, upstream: bool, answ
                 }
             }
         }
-        if to.write_all(&batch).is_err() {
-            break;
-        }
+        // Before the write: once the client has the bytes it may answer at
+        // once, and its next chunk must see that it heard from the server
+        // (set after, a preempted writer let a flight go uncounted).
         if !upstream {
             answered.store(true, Ordering::SeqCst);
+        }
+        if to.write_all(&batch).is_err() {
+            break;
         }
         if ended {
             break;
