@@ -58,10 +58,10 @@ enum ReadError {
     ReadIoError(IoError),
 }
 
-/// Why a line could not be read.
 /// Empty lines skipped before a request line, at most.
 const MAX_EMPTY_LINES: usize = 4;
 
+/// Why a line could not be read.
 enum LineError {
     /// Longer than allowed.
     TooLong,
@@ -190,7 +190,12 @@ impl ClientConnection {
                 let mut skipped = 0;
                 let line = loop {
                     match self.read_next_line(limits.max_request_line, true) {
-                        Ok(line) if line.is_empty() && skipped < MAX_EMPTY_LINES => skipped += 1,
+                        Ok(line) if line.is_empty() && skipped < MAX_EMPTY_LINES => {
+                            // Still waiting for a request: idle, not
+                            // reading a head (no 408 at the head deadline).
+                            self.state.start_idle();
+                            skipped += 1;
+                        }
                         Ok(line) => break line,
                         Err(LineError::TooLong) => return Err(ReadError::RequestLineTooLong),
                         Err(LineError::Bare) => return Err(ReadError::WrongRequestLine),
