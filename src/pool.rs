@@ -322,7 +322,7 @@ fn take_over(pool: &Arc<Pool>, member: &mut Member, deadline: &Deadline) {
         std::mem::take(&mut state.attempts)
             .into_iter()
             .map(|mut attempt| {
-                let result = abandoned_outcome(deadline, attempt.progress.take());
+                let result = abandoned_outcome(deadline, &attempt.id, attempt.progress.take());
                 (attempt, result)
             })
             .collect::<Vec<Inherited>>()
@@ -451,7 +451,7 @@ fn hold(context: &WorkerContext, slot: &Slot, attempt: Attempt) -> Option<InFlig
         }),
         Err(attempt) => {
             let result = match &slot.deadline {
-                Some(deadline) => Err(deadline.timeout_error()),
+                Some(deadline) => Err(deadline.timeout_error_for(&attempt.id)),
                 None => Err(crate::transport::DeliveryError::transient(
                     "the worker was stopped".into(),
                     false,
@@ -712,12 +712,13 @@ fn conclude(context: &WorkerContext, attempt: Attempt, result: AttemptOutcome) -
         !job.is_waited_for(),
         random_u64(),
     );
-    // Spooled, except the retries of an outage after its first: the record
-    // written then is enough to deliver the message after a restart, and
-    // an outage must not rewrite every held message (content and all)
-    // every few minutes.
-    let repeated_outage = unreached && status.unreached_attempts > 1;
-    let durable = !job.is_waited_for() && !repeated_outage;
+    // Spooled; but of the attempts that could not reach the relay, only the
+    // 1st, 2nd, 4th, 8th, ...: any record of the message delivers it after
+    // a restart (its attempts then read at worst half as many unreached),
+    // and a long outage must not rewrite every held message, content and
+    // all, every few minutes.
+    let rewrite_skipped = unreached && !status.unreached_attempts.is_power_of_two();
+    let durable = !job.is_waited_for() && !rewrite_skipped;
     match decision {
         Decision::Sent { refused } => {
             status.refused.extend(refused.iter().map(describe_one));

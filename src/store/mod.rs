@@ -201,8 +201,8 @@ pub(crate) trait Store: Send + Sync {
     fn rate_slot(&self) -> Duration;
 
     /// Records that a message waits for a retry and hands `job` back to the
-    /// workers after `delay`. `durable`: written to the spool (not for the
-    /// retries of an outage after its first, whose record is enough).
+    /// workers after `delay`. `durable`: written to the spool (not for
+    /// every retry of an outage: a record of the message is enough).
     fn retry_later(&self, record: MessageRecord, delay: Duration, job: Job, durable: bool);
 
     /// Records that a message is finished (sent, suppressed); durably

@@ -12,7 +12,7 @@
 //! timeout or the relay ends its read.
 
 use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
-use std::sync::Arc;
+use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use super::classify::DeliveryError;
@@ -33,9 +33,11 @@ pub struct Deadline {
     at: AtomicU64,
     timeout: Duration,
     abandoned: AtomicBool,
-    /// A connection is being opened (connect, TLS, EHLO, AUTH): a timeout
-    /// now fails before any transaction.
-    connecting: AtomicBool,
+    /// The message a connection is being opened for (connect, TLS, EHLO,
+    /// AUTH), until it is open: a timeout fails that message's attempt
+    /// before any transaction, and only that one's (the worker may hold
+    /// another message whose outcome is not recorded yet).
+    connecting: Mutex<Option<String>>,
     /// Abandoned transports of the same factory still alive.
     lingering: Arc<AtomicUsize>,
     /// `host:port`, for the error.
@@ -49,16 +51,19 @@ impl Deadline {
             at: AtomicU64::new(IDLE),
             timeout,
             abandoned: AtomicBool::new(false),
-            connecting: AtomicBool::new(false),
+            connecting: Mutex::new(None),
             lingering,
             endpoint,
         }
     }
 
-    /// Notes whether a connection is being opened (see
-    /// [`Deadline::timeout_error`]).
-    pub(super) fn set_connecting(&self, connecting: bool) {
-        self.connecting.store(connecting, Ordering::SeqCst);
+    /// Notes for which message a connection is being opened, `None` once
+    /// one is open (see [`Deadline::timeout_error_for`]).
+    pub(super) fn set_connecting(&self, message: Option<&str>) {
+        *self
+            .connecting
+            .lock()
+            .unwrap_or_else(|poisoned| poisoned.into_inner()) = message.map(str::to_string);
     }
 
     fn store(&self, at: Instant) {
@@ -137,20 +142,31 @@ impl Deadline {
         Arc::clone(&self.lingering)
     }
 
-    /// The failure of an attempt given up at this deadline; while a
-    /// connection was being opened, one before any transaction (a relay
-    /// that does not greet or stalls in TLS or AUTH is unreachable, and
-    /// uses up no message's attempts).
+    /// The failure of an attempt given up at this deadline.
     pub fn timeout_error(&self) -> DeliveryError {
-        let error = DeliveryError::transient(
+        DeliveryError::transient(
             format!(
                 "timed out: {} did not finish within {} ms (MAILROOM_SMTP_TIMEOUT_MS); connection abandoned",
                 self.endpoint,
                 self.timeout.as_millis()
             ),
             true,
-        );
-        if self.connecting.load(Ordering::SeqCst) {
+        )
+    }
+
+    /// The failure of message `id`'s attempt given up at this deadline:
+    /// one before any transaction when the connection was being opened for
+    /// it (a relay that does not greet or stalls in TLS or AUTH is
+    /// unreachable, and uses up no attempts).
+    pub fn timeout_error_for(&self, id: &str) -> DeliveryError {
+        let connecting = self
+            .connecting
+            .lock()
+            .unwrap_or_else(|poisoned| poisoned.into_inner())
+            .as_deref()
+            == Some(id);
+        let error = self.timeout_error();
+        if connecting {
             error.before_transaction()
         } else {
             error

@@ -236,7 +236,7 @@ impl SmtpSender {
                 let reused = self.open.as_ref().is_some_and(|open| !open.broken);
                 if !reused {
                     self.drop_connection();
-                    if let Err(error) = self.connect(hooks) {
+                    if let Err(error) = self.connect(hooks, &message.id) {
                         return Step::Done(Err(error));
                     }
                 }
@@ -256,10 +256,7 @@ impl SmtpSender {
                     failure.error
                 );
                 self.drop_connection();
-                // Not `connect`: this message's commands just met a dead
-                // connection, and if the relay is now down it may be the
-                // message's doing; a failure here counts as an attempt.
-                if let Err(error) = self.open_connection(hooks) {
+                if let Err(error) = self.connect(hooks, &message.id) {
                     return Step::Done(Err(error));
                 }
                 match self.transaction_start(message, recipients) {
@@ -417,16 +414,16 @@ impl SmtpSender {
     /// Opens a connection for a message that has not reached the relay
     /// yet: whatever fails here fails before a transaction (and does not
     /// use up the message's attempts).
-    fn connect(&mut self, hooks: &Hooks<'_>) -> Result<(), DeliveryError> {
+    fn connect(&mut self, hooks: &Hooks<'_>, id: &str) -> Result<(), DeliveryError> {
         // Left set when it fails: no connection is open, and whoever gives
-        // the attempt up at its deadline (maybe just as lettre's own
+        // this attempt up at its deadline (maybe just as lettre's own
         // timeout ends it) must see that it never reached the relay.
-        self.deadline.set_connecting(true);
+        self.deadline.set_connecting(Some(id));
         let opened = self
             .open_connection(hooks)
             .map_err(DeliveryError::before_transaction);
         if opened.is_ok() {
-            self.deadline.set_connecting(false);
+            self.deadline.set_connecting(None);
         }
         opened
     }
@@ -539,9 +536,10 @@ fn with_failed(mut delivered: Delivered, recipients: &[String], failure: &Failur
 /// rest deferred with the timeout; or the timeout itself.
 pub fn abandoned_outcome(
     deadline: &Deadline,
+    id: &str,
     progress: Option<(Delivered, Vec<String>)>,
 ) -> Result<Delivered, DeliveryError> {
-    let error = deadline.timeout_error();
+    let error = deadline.timeout_error_for(id);
     match progress {
         Some((mut delivered, pending)) if !delivered.accepted.is_empty() => {
             let reply = SmtpReply {
