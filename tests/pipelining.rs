@@ -372,3 +372,49 @@ fn a_stall_after_a_body_with_the_next_envelope_frees_the_worker() {
         assert_eq!(relay.improper_pipelining(), 0);
     }
 }
+
+#[test]
+fn a_message_delivered_before_the_next_ones_reconnect_hangs_goes_once() {
+    // The relay takes the first message and closes the connection; the
+    // second message's pipelined envelope finds it dead, and the reconnect
+    // meets a relay that does not greet: the worker is given up at its
+    // deadline holding the first message's outcome, which must count as
+    // sent (not timed out, to go again).
+    let relay = relay(true);
+    let mut config = config_for(&relay);
+    config.workers = 1;
+    if let Relay::Smtp(settings) = &mut config.relay {
+        settings.timeout = Duration::from_millis(500);
+    }
+    config.retry_base = Duration::from_millis(50);
+    config.retry_max = Duration::from_millis(100);
+    let service = Service::start(config);
+    let warm = service
+        .post("/api/mail", &seed_body("w@example.org", "warm"))
+        .id();
+    service.wait_for_status(&warm, "sent");
+    relay.after_message(AfterMessage::Close);
+    relay.close_gate();
+    let batch = json!({ "messages": [
+        json!({"sender": "app@example.com", "receiver": "x@example.org", "subject": "first"}),
+        json!({"sender": "app@example.com", "receiver": "n@example.org", "subject": "second"}),
+    ]});
+    let reply = service.post("/api/mail/batch", &batch.to_string());
+    assert_eq!(reply.code, 200, "{}", reply.body_text());
+    let ids: Vec<String> = reply.json()["data"]["results"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|result| result["id"].as_str().unwrap().to_string())
+        .collect();
+    service.wait_for_status(&ids[0], "sent");
+    relay.after_message(AfterMessage::Keep);
+    relay.open_gate();
+    service.wait_for_status(&ids[1], "sent");
+    let subjects: Vec<String> = relay
+        .received()
+        .iter()
+        .map(|received| received.parsed().subject().unwrap_or_default().to_string())
+        .collect();
+    assert_eq!(subjects, ["warm", "first", "second"]);
+}

@@ -140,6 +140,7 @@ impl SmtpSender {
             let step = next.map(|(message, recipients)| self.begin(message, recipients, hooks));
             return (result, step);
         };
+        let id = current.message.id.clone();
         let mut chained: Option<(Sender, Prepared, Instant)> = None;
         let result = loop {
             let Some(open) = self.open.as_mut() else {
@@ -177,6 +178,12 @@ impl SmtpSender {
                 Step::Done(result) => break result,
             }
         };
+        if let (Ok(delivered), Some(_)) = (&result, next) {
+            // Known to the pool before the next message's commands wait on
+            // the relay: a deadline there (a reconnect that hangs) must
+            // not report this one as timed out, to be sent again.
+            (hooks.progress)(&id, delivered, &[]);
+        }
         let step = next.map(|(message, recipients)| match chained {
             Some((sender, prepared, written_at)) => {
                 // The next transaction's time runs from when its commands went.
