@@ -10,13 +10,18 @@ use std::io::{BufRead, BufReader, Read, Write};
 use common::*;
 use tiny_http::Response;
 
-#[test]
-fn continue_is_the_status_line_alone() {
-    let server = TestServer::start(default_server(), 1, |mut request| {
+/// A server that answers `got <body>`, reading the body as a handler does.
+fn echo_body() -> TestServer {
+    TestServer::start(default_server(), 1, |mut request| {
         let mut body = String::new();
         let _ = request.as_reader().read_to_string(&mut body);
         let _ = request.respond(Response::from_string(format!("got {body}")));
-    });
+    })
+}
+
+#[test]
+fn continue_is_the_status_line_alone() {
+    let server = echo_body();
     let mut stream = connect(server.address);
     stream
         .write_all(
@@ -43,11 +48,7 @@ fn continue_is_the_status_line_alone() {
 #[test]
 fn an_http_1_0_client_gets_no_interim_answer() {
     // RFC 9110 §15.2: a 1xx answer is never sent to an HTTP/1.0 client.
-    let server = TestServer::start(default_server(), 1, |mut request| {
-        let mut body = String::new();
-        let _ = request.as_reader().read_to_string(&mut body);
-        let _ = request.respond(Response::from_string(format!("got {body}")));
-    });
+    let server = echo_body();
     let mut stream = connect(server.address);
     stream
         .write_all(b"POST /up HTTP/1.0\r\nExpect: 100-continue\r\nContent-Length: 5\r\n\r\nhello")
