@@ -126,8 +126,7 @@ pub(crate) enum Decision {
 pub(crate) struct Tries {
     /// Every attempt started: the backoff grows with these.
     pub started: u32,
-    /// Those that reached the relay (`StatusRecord::counted_attempts`):
-    /// `max_attempts` limits these.
+    /// Those that reached the relay: `max_attempts` limits these.
     pub counted: u32,
 }
 

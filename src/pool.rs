@@ -13,9 +13,7 @@ use std::time::{Duration, Instant, SystemTime};
 use crossbeam_channel::{select, Receiver, TryRecvError};
 
 use crate::health::RelayHealth;
-use crate::job::{
-    decide, describe, AttemptOutcome, Decision, Job, RetryPolicy, Tries, WaitedOutcome,
-};
+use crate::job::{decide, describe, AttemptOutcome, Decision, Job, RetryPolicy, WaitedOutcome};
 use crate::message::random_u64;
 use crate::message::OutgoingMessage;
 use crate::metrics::{AttemptResult, Metrics};
@@ -700,14 +698,10 @@ fn conclude(context: &WorkerContext, attempt: Attempt, result: AttemptOutcome) -
     if unreached {
         status.unreached_attempts += 1;
     }
-    let tries = Tries {
-        started: attempt,
-        counted: status.counted_attempts(),
-    };
     let decision = decide(
         &result,
         &job.recipients,
-        tries,
+        status.tries(),
         &context.policy,
         !job.is_waited_for(),
         random_u64(),

@@ -8,6 +8,7 @@ use std::sync::Arc;
 
 use serde::{Deserialize, Serialize};
 
+use crate::job::Tries;
 use crate::message::OutgoingMessage;
 use crate::status::{Event, EventKind, MessageStatus, State};
 use crate::time::from_millis;
@@ -29,7 +30,7 @@ pub struct StatusRecord {
     pub attempts: u32,
     /// Of those, attempts that failed before any transaction (the relay
     /// unreachable or refusing the login): they do not count toward
-    /// `MAILROOM_MAX_ATTEMPTS` (see [`StatusRecord::counted_attempts`]).
+    /// `MAILROOM_MAX_ATTEMPTS` (see [`StatusRecord::tries`]).
     #[serde(default, skip_serializing_if = "is_zero")]
     pub unreached_attempts: u32,
     /// Acceptance time, milliseconds since the Unix epoch.
@@ -161,10 +162,14 @@ impl StatusRecord {
         self.push_event(Event::now(EventKind::Requeued));
     }
 
-    /// The attempts that count toward `MAILROOM_MAX_ATTEMPTS`: those that
+    /// Its attempts for [`decide`](crate::job::decide): all started, and
+    /// those that count toward `MAILROOM_MAX_ATTEMPTS`, the ones that
     /// reached the relay (a long outage must not use up the budget).
-    pub fn counted_attempts(&self) -> u32 {
-        self.attempts.saturating_sub(self.unreached_attempts)
+    pub(crate) fn tries(&self) -> Tries {
+        Tries {
+            started: self.attempts,
+            counted: self.attempts.saturating_sub(self.unreached_attempts),
+        }
     }
 
     /// Recipients still to deliver to.

@@ -143,7 +143,7 @@ impl Deadline {
     }
 
     /// The failure of an attempt given up at this deadline.
-    pub fn timeout_error(&self) -> DeliveryError {
+    fn timeout_error(&self) -> DeliveryError {
         DeliveryError::transient(
             format!(
                 "timed out: {} did not finish within {} ms (MAILROOM_SMTP_TIMEOUT_MS); connection abandoned",

@@ -140,7 +140,7 @@ impl SmtpSender {
             let step = next.map(|(message, recipients)| self.begin(message, recipients, hooks));
             return (result, step);
         };
-        let id = current.message.id.clone();
+        let message = Arc::clone(&current.message);
         let mut chained: Option<(Sender, Prepared, Instant)> = None;
         let result = loop {
             let Some(open) = self.open.as_mut() else {
@@ -182,7 +182,7 @@ impl SmtpSender {
             // Known to the pool before the next message's commands wait on
             // the relay: a deadline there (a reconnect that hangs) must
             // not report this one as timed out, to be sent again.
-            (hooks.progress)(&id, delivered, &[]);
+            (hooks.progress)(&message.id, delivered, &[]);
         }
         let step = next.map(|(message, recipients)| match chained {
             Some((sender, prepared, written_at)) => {
