@@ -254,36 +254,41 @@ impl Drop for Service {
 }
 
 pub fn wait_for_status(address: SocketAddr, id: &str, status: &str) -> serde_json::Value {
-    let deadline = Instant::now() + PATIENCE;
-    loop {
-        let reply = request(address, "GET", &format!("/api/mail/{id}"), &[], b"");
-        if reply.code == 200 && reply.json()["data"]["status"] == status {
-            return reply.json()["data"].clone();
-        }
-        assert!(
-            Instant::now() < deadline,
-            "message {id} never reached {status}: {}",
-            reply.body_text()
-        );
-        // Polling an HTTP endpoint, as a user would; not synchronisation.
-        std::thread::sleep(Duration::from_millis(10));
-    }
+    wait_for_status_where(address, id, &format!("reached {status}"), |data| {
+        data["status"] == status
+    })
 }
 
 /// Waits until message `id` has had more than `attempts` attempts and is
 /// still `retrying` then (never `failed` on the way).
 pub fn wait_for_retrying_beyond(address: SocketAddr, id: &str, attempts: u64) -> serde_json::Value {
+    let what = format!("retried beyond {attempts} attempts");
+    wait_for_status_where(address, id, &what, |data| {
+        assert_ne!(data["status"], "failed", "{data}");
+        data["status"] == "retrying" && data["attempts"].as_u64() > Some(attempts)
+    })
+}
+
+/// Polls message `id`'s status until `done` says so; returns its `data`.
+fn wait_for_status_where(
+    address: SocketAddr,
+    id: &str,
+    what: &str,
+    done: impl Fn(&serde_json::Value) -> bool,
+) -> serde_json::Value {
     let deadline = Instant::now() + PATIENCE;
     loop {
         let reply = request(address, "GET", &format!("/api/mail/{id}"), &[], b"");
-        let status = reply.json()["data"].clone();
-        assert_ne!(status["status"], "failed", "{status}");
-        if status["status"] == "retrying" && status["attempts"].as_u64() > Some(attempts) {
-            return status;
+        if reply.code == 200 {
+            let data = reply.json()["data"].clone();
+            if done(&data) {
+                return data;
+            }
         }
         assert!(
             Instant::now() < deadline,
-            "message {id} never retried beyond {attempts} attempts: {status}"
+            "message {id} never {what}: {}",
+            reply.body_text()
         );
         // Polling an HTTP endpoint, as a user would; not synchronisation.
         std::thread::sleep(Duration::from_millis(10));
