@@ -594,7 +594,7 @@ impl Engine {
         let mut status = StatusRecord::new(
             message.id.clone(),
             id_millis(&message.id),
-            message.recipients.clone(),
+            message.recipients.as_slice(),
         );
         status.idempotency_key = key.map(str::to_string);
         status.fingerprint = key.map(|_| fingerprint(request));
@@ -898,10 +898,10 @@ impl Engine {
                     });
                 Err(SendError::Failed {
                     id,
-                    error: status
-                        .last_error
-                        .clone()
-                        .unwrap_or_else(|| format!("the message is {}", status.state())),
+                    error: status.last_error.as_deref().map_or_else(
+                        || format!("the message is {}", status.state()),
+                        str::to_string,
+                    ),
                     smtp_code,
                 })
             }

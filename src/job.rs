@@ -29,7 +29,7 @@ pub(crate) struct Job {
     /// The built message.
     pub message: Arc<OutgoingMessage>,
     /// Envelope recipients still to deliver to.
-    pub recipients: Vec<String>,
+    pub recipients: Arc<[String]>,
     /// Attempts started so far.
     pub attempts: u32,
     /// Set for `/api/mail/v2`: one attempt, the outcome to the caller, not spooled.
@@ -42,12 +42,12 @@ impl Job {
     /// A message to deliver to `recipients`, after `attempts` attempts.
     pub(crate) fn new(
         message: Arc<OutgoingMessage>,
-        recipients: Vec<String>,
+        recipients: impl Into<Arc<[String]>>,
         attempts: u32,
     ) -> Job {
         Job {
             message,
-            recipients,
+            recipients: recipients.into(),
             attempts,
             waiter: None,
             ticket: None,

@@ -423,15 +423,12 @@ fn may_take_more(context: &WorkerContext) -> bool {
 /// A held attempt as the worker's transport needs it.
 struct InFlight {
     message: Arc<OutgoingMessage>,
-    /// `None`: every recipient of the message (no copy of the list).
-    recipients: Option<Vec<String>>,
+    recipients: Arc<[String]>,
 }
 
 impl InFlight {
     fn recipients(&self) -> &[String] {
-        self.recipients
-            .as_deref()
-            .unwrap_or(&self.message.recipients)
+        &self.recipients
     }
 }
 
@@ -440,8 +437,7 @@ impl InFlight {
 /// reported as timed out here, and the worker must end.
 fn hold(context: &WorkerContext, slot: &Slot, attempt: Attempt) -> Option<InFlight> {
     let message = Arc::clone(&attempt.job.message);
-    let recipients =
-        (attempt.job.recipients != message.recipients).then(|| attempt.job.recipients.clone());
+    let recipients = Arc::clone(&attempt.job.recipients);
     match slot.hold(attempt) {
         Ok(()) => Some(InFlight {
             message,
@@ -633,22 +629,33 @@ fn lower_priority(niceness: i32) {
     }
 }
 
+/// `text` as a shared string: the attempt's reply itself when it says the
+/// same (a relay that cannot be reached gives one text for the attempt, the
+/// deferral and the status, kept once for as long as the message waits).
+fn shared_text(text: String, reply: &Option<Arc<str>>) -> Arc<str> {
+    match reply {
+        Some(reply) if **reply == *text => Arc::clone(reply),
+        _ => text.into(),
+    }
+}
+
 /// What the relay said in an attempt, for its event: the reply to the end
 /// of the data, else the first refusal, else the error.
-fn attempt_reply(result: &AttemptOutcome) -> (Option<u16>, Option<String>) {
+fn attempt_reply(result: &AttemptOutcome) -> (Option<u16>, Option<Arc<str>>) {
     match result {
         Ok(delivered) => match (
             &delivered.reply,
             delivered.refused.first(),
             delivered.deferred.first(),
         ) {
-            (Some(reply), _, _) => (Some(reply.code), Some(reply.text.clone())),
-            (None, Some(refusal), _) | (None, None, Some(refusal)) => {
-                (Some(refusal.reply.code), Some(refusal.reply.text.clone()))
-            }
+            (Some(reply), _, _) => (Some(reply.code), Some(reply.text.as_str().into())),
+            (None, Some(refusal), _) | (None, None, Some(refusal)) => (
+                Some(refusal.reply.code),
+                Some(refusal.reply.text.as_str().into()),
+            ),
             (None, None, None) => (None, None),
         },
-        Err(error) => (error.smtp_code, Some(error.detail.clone())),
+        Err(error) => (error.smtp_code, Some(error.detail.as_str().into())),
     }
 }
 
@@ -689,7 +696,7 @@ fn conclude(context: &WorkerContext, attempt: Attempt, result: AttemptOutcome) -
         kind: EventKind::Attempt {
             attempt,
             smtp_code,
-            smtp_reply,
+            smtp_reply: smtp_reply.clone(),
             duration_ms: elapsed.as_millis() as u64,
             recipients: job.recipients.clone(),
         },
@@ -720,7 +727,7 @@ fn conclude(context: &WorkerContext, attempt: Attempt, result: AttemptOutcome) -
             status.pending = None;
             status.next_attempt_at_ms = None;
             status.last_error = (!status.refused.is_empty())
-                .then(|| format!("some recipients refused: {}", status.refused.join("; ")));
+                .then(|| format!("some recipients refused: {}", status.refused.join("; ")).into());
             status.push_event(Event::now(EventKind::Sent {
                 refused: status.refused.clone(),
             }));
@@ -752,8 +759,9 @@ fn conclude(context: &WorkerContext, attempt: Attempt, result: AttemptOutcome) -
         } => {
             status.refused.extend(refused.iter().map(describe_one));
             let next_attempt_at = SystemTime::now() + delay;
+            let error = shared_text(error, &smtp_reply);
             status.set_state(State::Retrying);
-            status.last_error = Some(error.clone());
+            status.last_error = Some(Arc::clone(&error));
             status.next_attempt_at_ms = Some(to_millis(next_attempt_at));
             status.pending = pending_unless_all(&status, &recipients);
             status.push_event(Event::now(EventKind::Deferred {
@@ -774,7 +782,9 @@ fn conclude(context: &WorkerContext, attempt: Attempt, result: AttemptOutcome) -
                 message: Arc::clone(&job.message),
                 status,
             };
-            job.recipients = recipients;
+            if *job.recipients != *recipients {
+                job.recipients = recipients.into();
+            }
             context.store.retry_later(record, delay, job, durable);
             Settling::done()
         }
@@ -785,8 +795,9 @@ fn conclude(context: &WorkerContext, attempt: Attempt, result: AttemptOutcome) -
             permanent,
         } => {
             status.refused.extend(refused.iter().map(describe_one));
+            let error = shared_text(error, &smtp_reply);
             status.set_state(State::Failed);
-            status.last_error = Some(error.clone());
+            status.last_error = Some(Arc::clone(&error));
             status.next_attempt_at_ms = None;
             status.pending = pending_unless_all(&status, &undelivered);
             status.push_event(Event::now(EventKind::Failed {
@@ -806,7 +817,7 @@ fn conclude(context: &WorkerContext, attempt: Attempt, result: AttemptOutcome) -
                 &mut job,
                 WaitedOutcome {
                     state: State::Failed,
-                    error: Some(error),
+                    error: Some(error.to_string()),
                     smtp_code,
                 },
             );
@@ -818,7 +829,7 @@ fn conclude(context: &WorkerContext, attempt: Attempt, result: AttemptOutcome) -
 /// `pending` as a status keeps it: `None` when it is every recipient (the
 /// usual case, and a copy less of the list for each held message).
 fn pending_unless_all(status: &StatusRecord, pending: &[String]) -> Option<Vec<String>> {
-    (pending != status.recipients.as_slice()).then(|| pending.to_vec())
+    (pending != &*status.recipients).then(|| pending.to_vec())
 }
 
 /// Leaves out the recipients on the suppression list; when that is every
@@ -847,8 +858,12 @@ fn skip_suppressed(context: &WorkerContext, job: &mut Job, status: &mut StatusRe
             .iter()
             .map(|address| format!("{address}: on the suppression list")),
     );
-    job.recipients
-        .retain(|recipient| !suppressed.contains(recipient));
+    job.recipients = job
+        .recipients
+        .iter()
+        .filter(|recipient| !suppressed.contains(recipient))
+        .cloned()
+        .collect();
     log::debug!("message {id}: suppressed recipients {suppressed:?}");
     if !job.recipients.is_empty() {
         log::info!(
@@ -861,12 +876,15 @@ fn skip_suppressed(context: &WorkerContext, job: &mut Job, status: &mut StatusRe
     status.attempts = job.attempts;
     status.set_state(State::Suppressed);
     status.pending = None;
-    status.last_error = Some(format!(
-        "every recipient is on the suppression list: {}",
-        status.refused.join("; ")
-    ));
+    status.last_error = Some(
+        format!(
+            "every recipient is on the suppression list: {}",
+            status.refused.join("; ")
+        )
+        .into(),
+    );
     log::info!("message {id}: suppressed, every recipient is on the suppression list");
-    let error = status.last_error.clone();
+    let error = status.last_error.as_deref().map(str::to_string);
     context.store.finish(status.clone()).wait();
     answer(
         job,

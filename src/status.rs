@@ -2,6 +2,7 @@
 //! [`MessageStatus`] and the [`Event`]s of its life.
 
 use std::collections::BTreeMap;
+use std::sync::Arc;
 use std::time::SystemTime;
 
 use serde::{Deserialize, Serialize};
@@ -110,11 +111,14 @@ pub enum EventKind {
         /// The relay's reply code, when there was a reply.
         smtp_code: Option<u16>,
         /// The relay's reply text (or what went wrong when there was none).
-        smtp_reply: Option<String>,
+        /// Shared with the status's `last_error` and the deferral that
+        /// follows when they say the same: a held message keeps one copy.
+        smtp_reply: Option<Arc<str>>,
         /// How long the attempt took.
         duration_ms: u64,
-        /// The recipients it was for.
-        recipients: Vec<String>,
+        /// The recipients it was for (shared with the message's status
+        /// while they are all of them).
+        recipients: Arc<[String]>,
     },
     /// A retry was scheduled.
     Deferred {
@@ -122,7 +126,7 @@ pub enum EventKind {
         #[serde(rename = "next_attempt_at")]
         next_attempt_at_ms: u64,
         /// Why.
-        error: String,
+        error: Arc<str>,
     },
     /// Delivered (to every recipient not refused for good).
     Sent {
@@ -133,7 +137,7 @@ pub enum EventKind {
     /// Given up.
     Failed {
         /// Why.
-        error: String,
+        error: Arc<str>,
     },
     /// Cancelled by a client.
     Cancelled,

@@ -957,7 +957,7 @@ mod tests {
                 smtp_code: Some(250),
                 smtp_reply: Some("2.0.0 Ok: queued".into()),
                 duration_ms: 12,
-                recipients: vec!["a@example.org".into()],
+                recipients: vec!["a@example.org".into()].into(),
             },
         });
         let sent = Event {

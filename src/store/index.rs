@@ -139,7 +139,7 @@ impl Inner {
         for tag in &record.tags {
             self.by_tag.entry(tag.clone()).or_default().insert(key);
         }
-        for recipient in &record.recipients {
+        for recipient in record.recipients.iter() {
             self.by_recipient
                 .entry(recipient.to_lowercase())
                 .or_default()
@@ -153,7 +153,7 @@ impl Inner {
         for tag in &record.tags {
             remove_from(&mut self.by_tag, tag, key);
         }
-        for recipient in &record.recipients {
+        for recipient in record.recipients.iter() {
             remove_from(&mut self.by_recipient, &recipient.to_lowercase(), key);
         }
     }

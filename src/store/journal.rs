@@ -552,7 +552,7 @@ pub(super) mod tests {
         status.attempts = attempts;
         status.updated_at_ms = 2_000;
         status.next_attempt_at_ms = (attempts > 0).then_some(3_000);
-        status.last_error = (attempts > 0).then(|| "451 busy".to_string());
+        status.last_error = (attempts > 0).then(|| "451 busy".into());
         status.revision = u64::from(attempts);
         if attempts > 0 {
             status.set_state(State::Retrying);

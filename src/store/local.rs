@@ -172,7 +172,7 @@ impl LocalStore {
             }
             let job = Job::new(
                 record.message,
-                record.status.pending_recipients().to_vec(),
+                record.status.pending_shared(),
                 record.status.attempts,
             );
             match due {
@@ -282,10 +282,9 @@ impl Core {
             |state| !state.is_finished(),
             |status| {
                 status.set_state(State::Failed);
-                status.last_error = Some(error.to_string());
-                status.push_event(Event::now(EventKind::Failed {
-                    error: error.to_string(),
-                }));
+                let error: Arc<str> = error.into();
+                status.last_error = Some(Arc::clone(&error));
+                status.push_event(Event::now(EventKind::Failed { error }));
                 status.clone()
             },
         );
@@ -323,7 +322,7 @@ fn activation(core: Arc<Core>, capacity: Arc<Capacity>) -> Activate {
         match loaded {
             Ok(record) => Some(Job::new(
                 record.message,
-                status.pending_recipients().to_vec(),
+                status.pending_shared(),
                 status.attempts,
             )),
             Err(error) => {
@@ -649,7 +648,7 @@ impl Store for LocalStore {
             }
         }
         core.show(status.clone(), None);
-        let recipients = status.pending_recipients().to_vec();
+        let recipients = status.pending_shared();
         self.dispatch.now(Job::new(record.message, recipients, 0));
         Ok(status)
     }

@@ -42,16 +42,17 @@ pub struct StatusRecord {
     pub next_attempt_at_ms: Option<u64>,
     /// Last failure.
     #[serde(default)]
-    pub last_error: Option<String>,
+    pub last_error: Option<Arc<str>>,
     /// The client's `Idempotency-Key`.
     #[serde(default)]
     pub idempotency_key: Option<String>,
     /// Digest of the request that used the key (a repeat must match it).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub fingerprint: Option<String>,
-    /// Every envelope recipient (for the list's filter).
-    #[serde(default, skip_serializing_if = "Vec::is_empty")]
-    pub recipients: Vec<String>,
+    /// Every envelope recipient (for the list's filter); shared with the
+    /// message's job and its attempts' events while they are for all.
+    #[serde(default, skip_serializing_if = "no_recipients")]
+    pub recipients: Arc<[String]>,
     /// Recipients still to deliver to; `None`: all of them.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub pending: Option<Vec<String>>,
@@ -81,7 +82,11 @@ pub struct StatusRecord {
 
 impl StatusRecord {
     /// A new message's status: `queued`, no attempts, no events.
-    pub fn new(id: String, created_at_ms: u64, recipients: Vec<String>) -> StatusRecord {
+    pub fn new(
+        id: String,
+        created_at_ms: u64,
+        recipients: impl Into<Arc<[String]>>,
+    ) -> StatusRecord {
         StatusRecord {
             id,
             recorded_state: Some(State::Queued),
@@ -93,7 +98,7 @@ impl StatusRecord {
             last_error: None,
             idempotency_key: None,
             fingerprint: None,
-            recipients,
+            recipients: recipients.into(),
             pending: None,
             tags: Vec::new(),
             metadata: BTreeMap::new(),
@@ -177,17 +182,26 @@ impl StatusRecord {
         self.pending.as_deref().unwrap_or(&self.recipients)
     }
 
+    /// [`StatusRecord::pending_recipients`] for a job: the same allocation
+    /// as `recipients` while they are all pending.
+    pub fn pending_shared(&self) -> Arc<[String]> {
+        match &self.pending {
+            Some(pending) => pending.as_slice().into(),
+            None => Arc::clone(&self.recipients),
+        }
+    }
+
     /// The public view.
     pub fn to_status(&self) -> MessageStatus {
         MessageStatus {
             id: self.id.clone(),
             state: self.state(),
             attempts: self.attempts,
-            last_error: self.last_error.clone(),
+            last_error: self.last_error.as_deref().map(str::to_string),
             created_at: from_millis(self.created_at_ms),
             updated_at: from_millis(self.updated_at_ms),
             next_attempt_at: self.next_attempt_at_ms.map(from_millis),
-            recipients: self.recipients.clone(),
+            recipients: self.recipients.to_vec(),
             tags: self.tags.clone(),
             metadata: self.metadata.clone(),
             events: self.events.iter().cloned().collect(),
@@ -213,10 +227,14 @@ impl MessageRecord {
             self.status.id = self.message.id.clone();
         }
         if self.status.recipients.is_empty() {
-            self.status.recipients = self.message.recipients.clone();
+            self.status.recipients = self.message.recipients.as_slice().into();
         }
         self
     }
+}
+
+fn no_recipients(recipients: &Arc<[String]>) -> bool {
+    recipients.is_empty()
 }
 
 fn is_zero(count: &u32) -> bool {

@@ -702,7 +702,7 @@ impl Shared {
             .ok()
             .map(|list| list.into_iter().collect());
         for (ticket, id, message, status, rev) in jobs {
-            let pending = status.pending_recipients().to_vec();
+            let pending = status.pending_shared();
             lock(&self.held).insert(
                 id.clone(),
                 Held {
