@@ -101,7 +101,7 @@ pub(crate) fn parse_mailbox(field: &str, value: &str) -> Result<Mailbox, Message
         });
     }
     let text = value.trim();
-    if let Some(mailbox) = plain_address(text) {
+    if let Some(mailbox) = plain_address(text).or_else(|| plain_named(text)) {
         return Ok(mailbox);
     }
     let parsed: lettre::message::Mailbox = text
@@ -146,6 +146,25 @@ fn plain_address(text: &str) -> Option<Mailbox> {
         domain: domain.to_string(),
         unicode_domain: domain.to_string(),
     })
+}
+
+/// `text` as a mailbox when it is `Name <address>` with a name of plain
+/// words (ASCII letters and digits, single spaces between them) and a
+/// [`plain_address`]: what lettre's parser gives for it, without the
+/// parser (the seed's `App <app@example.com>` form). `None` for anything
+/// else.
+fn plain_named(text: &str) -> Option<Mailbox> {
+    let (name, rest) = text.split_once(" <")?;
+    let address = rest.strip_suffix('>')?;
+    let words_ok = name
+        .split(' ')
+        .all(|word| !word.is_empty() && word.bytes().all(|b| b.is_ascii_alphanumeric()));
+    if !words_ok {
+        return None;
+    }
+    let mut mailbox = plain_address(address)?;
+    mailbox.name = Some(name.to_string());
+    Some(mailbox)
 }
 
 /// Parses a comma-separated list of mailboxes (a custom address header).
@@ -317,6 +336,29 @@ mod tests {
                 assert_eq!(Some(fast), through_lettre(text), "{text:?}");
             }
         }
+        let named = [
+            "App <app@example.com>",
+            "John Doe <john.doe@example.org>",
+            "A1 b2 C3 <x@y.z>",
+            "John  Doe <a@b.c>",
+            " John <a@b.c>",
+            "John <a@b.c> ",
+            "John <a@b.c>>",
+            "John<a@b.c>",
+            "J.R. <a@b.c>",
+            "Jöhn <a@b.c>",
+            "\"John\" <a@b.c>",
+            "John <<a@b.c>",
+            "John <a@b..c>",
+            "<a@b.c>",
+        ];
+        for text in named {
+            if let Some(fast) = plain_named(text) {
+                assert_eq!(Some(fast), through_lettre(text), "{text:?}");
+            }
+        }
+        assert!(plain_named("App <app@example.com>").is_some());
+        assert!(plain_named("John  Doe <a@b.c>").is_none());
         assert!(plain_address("first.last+tag@mail.example.com").is_some());
         assert!(plain_address(&format!("{}@example.com", "a".repeat(250))).is_none());
         let long_label = format!("a@{}.com", "b".repeat(64));
@@ -332,8 +374,14 @@ mod tests {
             let piece = prop_oneof![6 => valid, 1 => any];
             prop::collection::vec(piece, 1..12).prop_map(|pieces| pieces.concat())
         };
-        let text = (pieces(), pieces()).prop_map(|(local, domain)| format!("{local}@{domain}"));
+        let address = (pieces(), pieces()).prop_map(|(local, domain)| format!("{local}@{domain}"));
+        // Half of them with a display name of the same kind of pieces.
+        let text = (address, prop::option::of(pieces())).prop_map(|(address, name)| match name {
+            Some(name) => format!("{name} <{address}>"),
+            None => address,
+        });
         let fast_ones = std::cell::Cell::new(0);
+        let named_ones = std::cell::Cell::new(0);
         let mut runner = TestRunner::new(Config {
             cases: 20_000,
             failure_persistence: None,
@@ -341,6 +389,10 @@ mod tests {
         });
         runner
             .run(&text, |text| {
+                if let Some(fast) = plain_named(&text) {
+                    named_ones.set(named_ones.get() + 1);
+                    prop_assert_eq!(Some(fast), through_lettre(&text), "{:?}", text);
+                }
                 if let Some(fast) = plain_address(&text) {
                     fast_ones.set(fast_ones.get() + 1);
                     prop_assert_eq!(Some(fast), through_lettre(&text), "{:?}", text);
@@ -350,6 +402,7 @@ mod tests {
             .unwrap();
         // The comparison is not empty: many strings take the fast path.
         assert!(fast_ones.get() > 200, "{} plain addresses", fast_ones.get());
+        assert!(named_ones.get() > 100, "{} named", named_ones.get());
     }
 
     #[test]
