@@ -142,22 +142,67 @@ pub(super) fn build(
         body: &body,
         boundary: &boundary,
     };
-    let mut counter = Counter::default();
-    parts.write(&mut counter);
-    let mut content = String::with_capacity(counter.0);
-    parts.write(&mut content);
-    debug_assert_eq!(content.len(), counter.0);
+    let mut content = match small_estimate(request) {
+        // One pass into room for it, trimmed after: counting first cost as
+        // much as writing (two thirds of building a typical message).
+        Some(estimate) => {
+            let mut content = String::with_capacity(estimate);
+            parts.write(&mut content);
+            content
+        }
+        // Large ones are counted first, so that their size is never held
+        // twice while they are written.
+        None => {
+            let mut counter = Counter::default();
+            parts.write(&mut counter);
+            let mut content = String::with_capacity(counter.0);
+            parts.write(&mut content);
+            debug_assert_eq!(content.len(), counter.0);
+            content
+        }
+    };
     // The last line's CRLF is written by the transport, before the final
     // `.` (RFC 5321 §4.1.1.4), and by the outbox at the end of the file.
     if content.ends_with("\r\n") {
         content.truncate(content.len() - 2);
     }
+    // A queued message keeps this allocation for as long as it waits.
+    content.shrink_to_fit();
     Ok(OutgoingMessage {
         id,
         envelope_from: sender.address(),
         recipients,
         content,
     })
+}
+
+/// Texts up to this size (and no attachments) are built in one pass.
+const SMALL_TEXT: usize = 64 * 1024;
+
+/// Room for a message without attachments whose texts are small: twice
+/// what the client sent (encodings expand, headers fold) and 1 KiB for the
+/// headers we add. `None` for the others.
+fn small_estimate(request: &MailRequest) -> Option<usize> {
+    if !request.attachments.is_empty() {
+        return None;
+    }
+    let addresses = [&request.receiver, &request.to, &request.cc]
+        .into_iter()
+        .flatten()
+        .chain(request.reply_to.as_ref())
+        .chain(std::iter::once(&request.sender))
+        .map(String::len);
+    let custom = request
+        .headers
+        .iter()
+        .map(|(name, value)| name.len() + value.len());
+    let texts = [request.message.as_deref(), request.html.as_deref()]
+        .into_iter()
+        .flatten()
+        .chain(std::iter::once(request.subject.as_str()))
+        .map(str::len);
+    let total: usize = addresses.chain(custom).chain(texts).sum();
+    (total <= SMALL_TEXT).then_some(2 * total + 1024)
 }
 
 /// Everything that goes into the message, checked.
@@ -210,16 +255,27 @@ impl Parts<'_> {
 /// long display names).
 fn address_header<O: Out>(out: &mut O, name: &str, mailboxes: &[Mailbox]) {
     let mut writer = HeaderWriter::new(out, name);
+    let mut address = String::new();
     for (index, mailbox) in mailboxes.iter().enumerate() {
-        match &mailbox.name {
-            Some(display) => {
-                for token in phrase_tokens(display) {
-                    writer.word(&token);
-                }
-                writer.word(&format!("<{}>", mailbox.address()));
-            }
-            None => writer.word(&mailbox.address()),
+        address.clear();
+        let named = mailbox.name.is_some();
+        if named {
+            address.push('<');
         }
+        address.push_str(&mailbox.local);
+        address.push('@');
+        address.push_str(&mailbox.domain);
+        if named {
+            address.push('>');
+        }
+        for token in mailbox
+            .name
+            .iter()
+            .flat_map(|display| phrase_tokens(display))
+        {
+            writer.word(&token);
+        }
+        writer.word(&address);
         if index + 1 < mailboxes.len() {
             writer.glue(",");
         }
