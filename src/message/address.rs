@@ -127,7 +127,30 @@ fn plain_address(text: &str) -> Option<Mailbox> {
         return None;
     }
     let (local, domain) = text.split_once('@')?;
-    let is_atext = |b: u8| b.is_ascii_alphanumeric() || b"!#$%&'*+-/=?^_`{|}~".contains(&b);
+    let is_atext = |b: u8| {
+        b.is_ascii_alphanumeric()
+            || matches!(
+                b,
+                b'!' | b'#'
+                    | b'$'
+                    | b'%'
+                    | b'&'
+                    | b'\''
+                    | b'*'
+                    | b'+'
+                    | b'-'
+                    | b'/'
+                    | b'='
+                    | b'?'
+                    | b'^'
+                    | b'_'
+                    | b'`'
+                    | b'{'
+                    | b'|'
+                    | b'}'
+                    | b'~'
+            )
+    };
     let local_ok = local
         .split('.')
         .all(|atom| !atom.is_empty() && atom.bytes().all(is_atext));

@@ -8,6 +8,7 @@
 //! that size, so building holds little more than the request and the
 //! result.
 
+use std::borrow::Cow;
 use std::time::SystemTime;
 
 use super::address::{is_address_header, parse_mailbox, parse_mailbox_list, Mailbox};
@@ -352,8 +353,14 @@ fn write_node<O: Out>(out: &mut O, node: &Node<'_>, boundary: &str, depth: usize
 /// A boundary found in no 7bit part (base64 and quoted-printable output
 /// never hold `=_`).
 fn boundary_for(body: &Node<'_>) -> String {
+    if matches!(body, Node::Leaf { .. }) {
+        // A single part has no boundary.
+        return String::new();
+    }
     loop {
-        let boundary = format!("=_mailroom_{:016x}", random_u64());
+        let mut boundary = String::with_capacity(27);
+        boundary.push_str("=_mailroom_");
+        super::push_hex(&mut boundary, random_u64(), 16);
         if !appears_in(body, boundary.as_bytes()) {
             return boundary;
         }
@@ -510,11 +517,11 @@ fn custom_header<'a>(
     Ok(CustomHeader::Text(name, value))
 }
 
-fn indexed(field: &str, index: usize, length: usize) -> String {
+fn indexed(field: &'static str, index: usize, length: usize) -> Cow<'static, str> {
     if length > 1 || field != "receiver" {
-        format!("{field}[{index}]")
+        Cow::Owned(format!("{field}[{index}]"))
     } else {
-        field.to_string()
+        Cow::Borrowed(field)
     }
 }
 

@@ -587,7 +587,19 @@ pub fn new_message_id() -> String {
         .duration_since(UNIX_EPOCH)
         .map(|elapsed| elapsed.as_millis() as u64)
         .unwrap_or(0);
-    format!("{:012x}{:016x}", millis & 0xffff_ffff_ffff, random_u64())
+    let mut id = String::with_capacity(28);
+    push_hex(&mut id, millis & 0xffff_ffff_ffff, 12);
+    push_hex(&mut id, random_u64(), 16);
+    id
+}
+
+/// Appends the low `digits` hex digits of `value`, lowercase, zero-padded
+/// (by hand: `format!` with padding cost ~10x as much, for every message).
+pub(crate) fn push_hex(out: &mut String, value: u64, digits: usize) {
+    for shift in (0..digits.min(16)).rev() {
+        let digit = (value >> (4 * shift)) & 0xf;
+        out.push(char::from(b"0123456789abcdef"[digit as usize]));
+    }
 }
 
 /// 64 random bits from the standard library's randomly keyed hasher (no
@@ -815,6 +827,20 @@ mod tests {
         let ids: std::collections::HashSet<String> =
             (0..10_000).map(|_| new_message_id()).collect();
         assert_eq!(ids.len(), 10_000);
+        // 12 hex digits of milliseconds, then 16 random ones.
+        let before = SystemTime::now();
+        let id = new_message_id();
+        let millis = u64::from_str_radix(&id[..12], 16).unwrap();
+        let now = before.duration_since(UNIX_EPOCH).unwrap().as_millis() as u64;
+        assert!(id.len() == 28 && millis.abs_diff(now) < 60_000, "{id}");
+        assert!(
+            id.bytes().all(|b| matches!(b, b'0'..=b'9' | b'a'..=b'f')),
+            "{id}"
+        );
+        let mut hex = String::new();
+        push_hex(&mut hex, 0xab, 4);
+        push_hex(&mut hex, u64::MAX, 16);
+        assert_eq!(hex, "00abffffffffffffffff");
     }
 
     #[test]
