@@ -9,7 +9,8 @@
 //! BENCH_SPOOL=0 to skip the spool-on runs, BENCH_CLOSE=0 to skip the
 //! ceiling that closes each connection after one request, BENCH_HELD=0 to
 //! skip the run where the sink holds deliveries until the load ends (the
-//! accept side alone).
+//! accept side alone), BENCH_ONLY_HELD=1 for that run alone (to profile
+//! the accept side; "of ceil" is then meaningless).
 
 mod common;
 
@@ -75,6 +76,9 @@ fn main() {
     }
     if env_number("BENCH_SPOOL", 1) == 1 {
         servers.push(Server::SpoolOn);
+    }
+    if env_number("BENCH_ONLY_HELD", 0) == 1 {
+        servers = vec![Server::SpoolNoneHeld];
     }
     let sink = Sink::start(SinkOptions::default());
     let body = seed_json();
