@@ -186,6 +186,15 @@ impl Active {
     /// returns the bytes taken (a direct write takes whole blocks, see
     /// [`aligned_blocks`]).
     fn write(&mut self, records: &[u8], aligned: &mut Vec<u8>) -> io::Result<u64> {
+        if self.direct.is_some() && records.len() > KEPT_BUFFER {
+            // Large (an attachment): buffered, so that no aligned copy of
+            // its size is made, and taking whole blocks like a direct write
+            // so that the next one stays aligned (the rest of the last
+            // block is zeros already: unwritten space ahead).
+            self.file.write_all_at(records, self.length)?;
+            self.file.sync_data()?;
+            return Ok((records.len().div_ceil(BLOCK) * BLOCK) as u64);
+        }
         if let Some(direct) = &self.direct {
             let blocks = aligned_blocks(aligned, records);
             match direct.write_all_at(blocks, self.length) {
@@ -204,6 +213,10 @@ impl Active {
         Ok(records.len() as u64)
     }
 }
+
+/// Commit buffers larger than this are freed after their commit instead of
+/// kept for the next one.
+const KEPT_BUFFER: usize = 1 << 20;
 
 /// Sealed segments beyond this many get their pinned records copied forward.
 const MAX_SEALED: usize = 4;
@@ -310,7 +323,15 @@ impl Committer {
             placed.push((change, active.length + buffer.len() as u64, bytes.len()));
             buffer.extend_from_slice(bytes);
         }
-        let written = match active.write(buffer, &mut self.aligned) {
+        let result = active.write(buffer, &mut self.aligned);
+        // A large message's commit must not leave its size (twice: the
+        // records and their aligned copy) held by this thread for good.
+        for kept in [&mut self.buffer, &mut self.aligned] {
+            if kept.capacity() > KEPT_BUFFER {
+                *kept = Vec::new();
+            }
+        }
+        let written = match result {
             Ok(written) => written,
             Err(error) => {
                 // After a failed write or fsync the file's state is unknown:
@@ -610,4 +631,59 @@ fn read_frames(path: &Path, locations: &[(String, Location)]) -> io::Result<Vec<
 /// Makes creations, renames and deletions in `directory` durable.
 pub(super) fn sync_directory(directory: &Path) -> io::Result<()> {
     File::open(directory)?.sync_all()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// After a commit of a large record the committer holds no buffer of
+    /// its size (9.8 MB attachments used to leave ~20 MB each behind).
+    #[test]
+    fn a_large_commit_leaves_no_large_buffer_behind() {
+        let directory = std::env::temp_dir().join(format!(
+            "mailroom-committer-{}-{}",
+            std::process::id(),
+            crate::message::random_u64()
+        ));
+        fs::create_dir_all(&directory).unwrap();
+        let mut committer = Committer::new(&directory, &[], 64 << 20, Box::new(|| Ok(())));
+        let encode = |payload: Vec<u8>| {
+            frame::encode(|frame| {
+                frame.extend_from_slice(&payload);
+                Ok(())
+            })
+            .unwrap()
+        };
+        let large = encode(vec![b'x'; 4 << 20]);
+        let change = Change::Store("a".into());
+        committer
+            .append(std::iter::once((large.as_slice(), &change)))
+            .unwrap();
+        assert!(committer.buffer.capacity() <= KEPT_BUFFER);
+        assert!(committer.aligned.capacity() <= KEPT_BUFFER);
+        // It took whole blocks, so direct writes (where the file system
+        // allows them) go on after it.
+        let direct = |committer: &Committer| {
+            committer
+                .active
+                .as_ref()
+                .map(|active| (active.direct.is_some(), active.length % BLOCK as u64))
+        };
+        let (was_direct, offset) = direct(&committer).unwrap();
+        assert_eq!(offset, 0);
+        let small = encode(b"small".to_vec());
+        committer
+            .append(std::iter::once((small.as_slice(), &change)))
+            .unwrap();
+        assert!(
+            committer.buffer.capacity() > 0,
+            "a small commit's buffer is kept"
+        );
+        assert_eq!(direct(&committer), Some((was_direct, 0)));
+        let location = committer.index()["a"];
+        let read = read_frame(&directory, &location).unwrap();
+        assert_eq!(frame::frame_at(&read, 0), Some(&b"small"[..]));
+        fs::remove_dir_all(&directory).unwrap();
+    }
 }
