@@ -117,6 +117,9 @@ pub(crate) fn parse_mailbox(field: &str, value: &str) -> Result<Mailbox, Message
     from_lettre(parsed).map_err(invalid)
 }
 
+/// The longest local part (RFC 5321 §4.5.3.1.1).
+const MAX_LOCAL_OCTETS: usize = 64;
+
 /// `text` as a mailbox when it is a bare ASCII address of the plainest
 /// form, `dot.atom@host.name` (what nearly every client sends): the same
 /// mailbox lettre's parser gives for it, in a fraction of the time (the
@@ -151,9 +154,11 @@ fn plain_address(text: &str) -> Option<Mailbox> {
                     | b'~'
             )
     };
-    let local_ok = local
-        .split('.')
-        .all(|atom| !atom.is_empty() && atom.bytes().all(is_atext));
+    // RFC 5321's 64 octets, which lettre enforces too.
+    let local_ok = local.len() <= MAX_LOCAL_OCTETS
+        && local
+            .split('.')
+            .all(|atom| !atom.is_empty() && atom.bytes().all(is_atext));
     let domain_ok = domain.split('.').all(|label| {
         let bytes = label.as_bytes();
         (1..=63).contains(&bytes.len())
@@ -384,6 +389,14 @@ mod tests {
         assert!(plain_address(&format!("{}@example.com", "a".repeat(250))).is_none());
         let long_label = format!("a@{}.com", "b".repeat(64));
         assert!(plain_address(&long_label).is_none());
+        for local in [64, 65] {
+            let bare = format!("{}@example.com", "a".repeat(local));
+            let named = format!("App <{bare}>");
+            assert_eq!(plain_address(&bare).is_some(), local == 64, "{bare}");
+            assert_eq!(plain_named(&named).is_some(), local == 64, "{named}");
+            assert_eq!(through_lettre(&bare).is_some(), local == 64, "{bare}");
+            assert!(parse_mailbox("receiver", &named).is_ok() == (local == 64));
+        }
         // Addresses built from pieces that are mostly valid in a local part
         // or a domain, with the characters that matter to either grammar.
         let pieces = || {
