@@ -671,7 +671,9 @@ mod tests {
                 .map(|active| (active.direct.is_some(), active.length % BLOCK as u64))
         };
         let (was_direct, offset) = direct(&committer).unwrap();
-        assert_eq!(offset, 0);
+        // (Where the file system refuses direct writes, all are buffered
+        // and need no alignment.)
+        assert!(!was_direct || offset == 0, "{offset}");
         let small = encode(b"small".to_vec());
         committer
             .append(std::iter::once((small.as_slice(), &change)))
@@ -680,7 +682,9 @@ mod tests {
             committer.buffer.capacity() > 0,
             "a small commit's buffer is kept"
         );
-        assert_eq!(direct(&committer), Some((was_direct, 0)));
+        let (still_direct, offset) = direct(&committer).unwrap();
+        assert_eq!(still_direct, was_direct);
+        assert!(!was_direct || offset == 0, "{offset}");
         let location = committer.index()["a"];
         let read = read_frame(&directory, &location).unwrap();
         assert_eq!(frame::frame_at(&read, 0), Some(&b"small"[..]));
