@@ -644,9 +644,23 @@ mod browser {
         wait_loaded(&browser);
         assert!(browser.visible_text("#login").unwrap().is_none());
         assert!(browser.visible_text("#token-error").unwrap().is_none());
-        let stats = authorized("/api/stats");
+        // The message goes from retrying to sending and back at every
+        // attempt: compare the page with the API's answers from just
+        // before and just after its refresh, once those two agree.
+        let (figures, stats) = browser.wait_until("the page and the API to agree", |browser| {
+            let before = authorized("/api/stats");
+            browser.execute("document.body.dataset.loaded = 'false';", json!([]))?;
+            browser.click("#refresh");
+            wait_loaded(browser);
+            let figures = page_figures(browser);
+            let after = authorized("/api/stats");
+            let settled = ["queue_depth", "retry_depth", "scheduled"]
+                .into_iter()
+                .all(|name| before[name] == after[name]);
+            Ok(settled.then_some((figures, after)))
+        });
         assert_eq!(stats["relay"]["status"], "failing", "{stats}");
-        assert_figures_match(&page_figures(&browser), &stats);
+        assert_figures_match(&figures, &stats);
         // Retrying is not failed: the failures table does not list it.
         let listed = browser
             .execute(
