@@ -159,27 +159,29 @@ pub fn refuse_at_submit(
     capabilities: &RelayCapabilities,
 ) -> Option<MessageError> {
     let known = capabilities.known()?;
-    if message.needs_smtputf8() && !known.smtputf8 {
+    undeliverable(message, || known.smtputf8, known.max_size)
+}
+
+/// Why `message` can never go through a relay that offers SMTPUTF8 (asked
+/// only when the message needs it) and takes at most `max_size` octets;
+/// `None` when it may. The one rule for submit time and for each attempt.
+pub(crate) fn undeliverable(
+    message: &OutgoingMessage,
+    offers_smtputf8: impl FnOnce() -> bool,
+    max_size: Option<u64>,
+) -> Option<MessageError> {
+    if message.needs_smtputf8() && !offers_smtputf8() {
         return Some(smtputf8_refusal(message));
     }
-    match known.max_size {
-        Some(limit) if message.content.len() as u64 > limit => {
-            Some(too_large_for_relay(message.content.len(), limit))
-        }
+    let size = message.content.len() as u64;
+    match max_size {
+        Some(limit) if size > limit => Some(MessageError::TooLargeForRelay { size, limit }),
         _ => None,
     }
 }
 
-/// The refusal for a message larger than the relay's SIZE limit.
-pub(crate) fn too_large_for_relay(size: usize, limit: u64) -> MessageError {
-    MessageError::TooLargeForRelay {
-        size: size as u64,
-        limit,
-    }
-}
-
 /// The refusal for a message that needs SMTPUTF8 at a relay without it.
-pub(crate) fn smtputf8_refusal(message: &OutgoingMessage) -> MessageError {
+fn smtputf8_refusal(message: &OutgoingMessage) -> MessageError {
     let address = std::iter::once(&message.envelope_from)
         .chain(&message.recipients)
         .find(|address| !address.is_ascii())

@@ -23,7 +23,7 @@ use lettre::transport::smtp::Error as SmtpError;
 
 use super::classify::{classify, DeliveryError, SmtpReply};
 use super::deadline::Deadline;
-use super::{smtputf8_refusal, too_large_for_relay, Capabilities, RecipientRefusal};
+use super::{undeliverable, Capabilities, RecipientRefusal};
 use crate::config::{is_loopback_host, SmtpSettings, TlsMode};
 use crate::message::OutgoingMessage;
 
@@ -343,23 +343,18 @@ impl Sender {
     /// failure when the message cannot go through this relay.
     pub fn new(open: &Open, message: &OutgoingMessage) -> Result<Sender, Failure> {
         let info = open.smtp.server_info();
+        let offers_smtputf8 = || info.supports_feature(Extension::SmtpUtfEight);
+        if let Some(refusal) = undeliverable(message, offers_smtputf8, open.extensions.max_size) {
+            return Err(Failure::local(DeliveryError::permanent(
+                refusal.to_string(),
+            )));
+        }
         let mut parameters = Vec::new();
-        if let Some(limit) = open.extensions.max_size {
-            let size = message.content.len();
-            if size as u64 > limit {
-                return Err(Failure::local(DeliveryError::permanent(
-                    too_large_for_relay(size, limit).to_string(),
-                )));
-            }
+        if open.extensions.max_size.is_some() {
             // RFC 1870: the relay can refuse it at MAIL, before the body.
-            parameters.push(MailParameter::Size(size));
+            parameters.push(MailParameter::Size(message.content.len()));
         }
         if message.needs_smtputf8() {
-            if !info.supports_feature(Extension::SmtpUtfEight) {
-                return Err(Failure::local(DeliveryError::permanent(
-                    smtputf8_refusal(message).to_string(),
-                )));
-            }
             parameters.push(MailParameter::SmtpUtfEight);
         }
         if !message.content.is_ascii() && info.supports_feature(Extension::EightBitMime) {
