@@ -6,6 +6,7 @@ use std::net::{IpAddr, SocketAddr, ToSocketAddrs};
 use std::path::PathBuf;
 use std::time::Duration;
 
+use crate::domain::comparable_domain;
 use crate::webhooks::{WebhookEvent, WebhookSecret, WebhookSettings, DEFAULT_RETRY_HOURS};
 
 /// Every variable the service reads, with its default (`None`: unset) and
@@ -575,10 +576,10 @@ fn parse_sender_rules(list: &str) -> Result<Vec<SenderRule>, ConfigError> {
     {
         // Domains in IDNA form: a sender's domain is compared in that form
         // whichever one the client writes.
-        let ascii_domain =
-            |domain: &str| idna::domain_to_ascii(domain).unwrap_or_else(|_| domain.to_lowercase());
         let entry = match entry.rsplit_once('@') {
-            Some((local, domain)) => format!("{}@{}", local.to_lowercase(), ascii_domain(domain)),
+            Some((local, domain)) => {
+                format!("{}@{}", local.to_lowercase(), comparable_domain(domain))
+            }
             None => entry.to_lowercase(),
         };
         let rule = match entry.strip_prefix('@') {

@@ -36,6 +36,7 @@
 pub mod config;
 mod dashboard;
 mod dispatch;
+mod domain;
 pub mod engine;
 mod health;
 pub mod http;

@@ -3,7 +3,9 @@
 //! the domain in IDNA (punycode) form, a non-ASCII local part kept as
 //! UTF-8 (it needs SMTPUTF8, RFC 6531).
 
+use super::encode::is_atext;
 use super::MessageError;
+use crate::domain::comparable_domain;
 
 /// The longest address accepted, in octets (RFC 5321 §4.5.3.1.3: a path
 /// is at most 256 octets with its angle brackets).
@@ -37,19 +39,11 @@ impl Mailbox {
 /// `local@domain` as addresses are compared (suppression list, list
 /// filter): the domain in IDNA form and lower case, so `x@Bücher.example`
 /// and `x@xn--bcher-kva.example` are the same address; the local part as
-/// given (its case may matter, RFC 5321 §2.4). A domain without an IDNA
-/// form is only lower-cased.
+/// given (its case may matter, RFC 5321 §2.4).
 pub(crate) fn comparable_address(address: &str) -> String {
     let address = address.trim();
     match address.rsplit_once('@') {
-        Some((local, domain)) => {
-            let domain = if domain.is_ascii() {
-                domain.to_ascii_lowercase()
-            } else {
-                idna::domain_to_ascii(domain).unwrap_or_else(|_| domain.to_lowercase())
-            };
-            format!("{local}@{domain}")
-        }
+        Some((local, domain)) => format!("{local}@{}", comparable_domain(domain)),
         None => address.to_string(),
     }
 }
@@ -130,30 +124,6 @@ fn plain_address(text: &str) -> Option<Mailbox> {
         return None;
     }
     let (local, domain) = text.split_once('@')?;
-    let is_atext = |b: u8| {
-        b.is_ascii_alphanumeric()
-            || matches!(
-                b,
-                b'!' | b'#'
-                    | b'$'
-                    | b'%'
-                    | b'&'
-                    | b'\''
-                    | b'*'
-                    | b'+'
-                    | b'-'
-                    | b'/'
-                    | b'='
-                    | b'?'
-                    | b'^'
-                    | b'_'
-                    | b'`'
-                    | b'{'
-                    | b'|'
-                    | b'}'
-                    | b'~'
-            )
-    };
     // RFC 5321's 64 octets, which lettre enforces too.
     let local_ok = local.len() <= MAX_LOCAL_OCTETS
         && local
