@@ -42,13 +42,13 @@ use crossbeam_channel::{Receiver, Sender};
 use redis::{Connection, RedisError, Script, Value};
 
 use super::index::id_key;
-use super::suppression::normalize;
 use super::{
     ActionRefusal, Admission, Counts, ListQuery, MessageRecord, Observer, Observers, Page,
     Settling, StatusRecord, Store, Suppression,
 };
 use crate::config::{Config, RedisSettings};
 use crate::job::Job;
+use crate::message::comparable_address;
 use crate::message::OutgoingMessage;
 use crate::status::State;
 use crate::time::to_millis;
@@ -743,7 +743,7 @@ impl Shared {
             created_at_ms: now_ms(),
         };
         let json = serde_json::to_string(&entry).map_err(io::Error::other)?;
-        let normalized = normalize(address);
+        let normalized = comparable_address(address);
         let (added, _): (bool, i64) = self.with(|connection| {
             redis::pipe()
                 .atomic()
@@ -770,7 +770,7 @@ impl Shared {
             for recipient in recipients {
                 pipe.cmd("HEXISTS")
                     .arg(key("supp"))
-                    .arg(normalize(recipient));
+                    .arg(comparable_address(recipient));
             }
             pipe.query(connection)
         })?;
@@ -1688,7 +1688,7 @@ impl Store for RedisStore {
     }
 
     fn unsuppress(&self, address: &str) -> io::Result<bool> {
-        let normalized = normalize(address);
+        let normalized = comparable_address(address);
         let (removed, _): (i64, i64) = self.shared.with(|connection| {
             redis::pipe()
                 .atomic()
@@ -1710,7 +1710,7 @@ impl Store for RedisStore {
     ) -> io::Result<(Vec<Suppression>, Option<String>)> {
         let start = cursor.map_or_else(
             || "-".to_string(),
-            |cursor| format!("({}", normalize(cursor)),
+            |cursor| format!("({}", comparable_address(cursor)),
         );
         let shared = &self.shared;
         let keys: Vec<String> = shared.with(|connection| {

@@ -48,12 +48,6 @@ enum Change {
     Delete { address: String },
 }
 
-/// The key an address is compared by: the domain in IDNA form, lower-cased
-/// (see [`comparable_address`]).
-pub(crate) fn normalize(address: &str) -> String {
-    comparable_address(address)
-}
-
 struct Inner {
     entries: BTreeMap<String, Suppression>,
     log: Option<File>,
@@ -90,10 +84,10 @@ impl Suppressions {
                     }
                     match serde_json::from_slice::<Change>(&line) {
                         Ok(Change::Put(entry)) => {
-                            entries.insert(normalize(&entry.address), entry);
+                            entries.insert(comparable_address(&entry.address), entry);
                         }
                         Ok(Change::Delete { address }) => {
-                            entries.remove(&normalize(&address));
+                            entries.remove(&comparable_address(&address));
                         }
                         // A line cut short by a crash: its change was never confirmed.
                         Err(error) => log::warn!(
@@ -155,7 +149,9 @@ impl Suppressions {
 
     /// True when mail to `address` is suppressed.
     pub(crate) fn contains(&self, address: &str) -> bool {
-        self.lock().entries.contains_key(&normalize(address))
+        self.lock()
+            .entries
+            .contains_key(&comparable_address(address))
     }
 
     /// Which of `addresses` are suppressed.
@@ -166,7 +162,7 @@ impl Suppressions {
         }
         addresses
             .iter()
-            .filter(|address| inner.entries.contains_key(&normalize(address)))
+            .filter(|address| inner.entries.contains_key(&comparable_address(address)))
             .collect()
     }
 
@@ -179,7 +175,9 @@ impl Suppressions {
         };
         let mut inner = self.lock();
         self.write(&mut inner, &Change::Put(entry.clone()))?;
-        inner.entries.insert(normalize(address), entry.clone());
+        inner
+            .entries
+            .insert(comparable_address(address), entry.clone());
         Ok(entry)
     }
 
@@ -193,7 +191,7 @@ impl Suppressions {
 
     /// Removes an entry; false when there was none.
     pub(crate) fn delete(&self, address: &str) -> io::Result<bool> {
-        let key = normalize(address);
+        let key = comparable_address(address);
         let mut inner = self.lock();
         if !inner.entries.contains_key(&key) {
             return Ok(false);
@@ -216,7 +214,7 @@ impl Suppressions {
         limit: usize,
     ) -> (Vec<Suppression>, Option<String>) {
         let inner = self.lock();
-        let start = cursor.map(normalize);
+        let start = cursor.map(comparable_address);
         let mut entries = inner.entries.iter().filter(|(key, _)| {
             start
                 .as_ref()
