@@ -143,25 +143,16 @@ pub(super) fn build(
         body: &body,
         boundary: &boundary,
     };
-    let mut content = match small_estimate(request) {
-        // One pass into room for it, trimmed after: counting first cost as
-        // much as writing (two thirds of building a typical message).
-        Some(estimate) => {
-            let mut content = String::with_capacity(estimate);
-            parts.write(&mut content);
-            content
-        }
-        // Large ones are counted first, so that their size is never held
-        // twice while they are written.
-        None => {
-            let mut counter = Counter::default();
-            parts.write(&mut counter);
-            let mut content = String::with_capacity(counter.0);
-            parts.write(&mut content);
-            debug_assert_eq!(content.len(), counter.0);
-            content
-        }
-    };
+    // Small ones are written once into room for them and trimmed after
+    // (counting first cost as much as writing); large ones are counted
+    // first, so that their size is never held twice while written.
+    let capacity = small_estimate(request).unwrap_or_else(|| {
+        let mut counter = Counter::default();
+        parts.write(&mut counter);
+        counter.0
+    });
+    let mut content = String::with_capacity(capacity);
+    parts.write(&mut content);
     // The last line's CRLF is written by the transport, before the final
     // `.` (RFC 5321 §4.1.1.4), and by the outbox at the end of the file.
     if content.ends_with("\r\n") {
