@@ -763,7 +763,7 @@ fn conclude(context: &WorkerContext, attempt: Attempt, result: AttemptOutcome) -
             status.set_state(State::Retrying);
             status.last_error = Some(Arc::clone(&error));
             status.next_attempt_at_ms = Some(to_millis(next_attempt_at));
-            status.pending = pending_unless_all(&status, &recipients);
+            status.set_pending(&recipients);
             status.push_event(Event::now(EventKind::Deferred {
                 next_attempt_at_ms: to_millis(next_attempt_at),
                 error: error.clone(),
@@ -799,7 +799,7 @@ fn conclude(context: &WorkerContext, attempt: Attempt, result: AttemptOutcome) -
             status.set_state(State::Failed);
             status.last_error = Some(Arc::clone(&error));
             status.next_attempt_at_ms = None;
-            status.pending = pending_unless_all(&status, &undelivered);
+            status.set_pending(&undelivered);
             status.push_event(Event::now(EventKind::Failed {
                 error: error.clone(),
             }));
@@ -824,12 +824,6 @@ fn conclude(context: &WorkerContext, attempt: Attempt, result: AttemptOutcome) -
             Settling::done()
         }
     }
-}
-
-/// `pending` as a status keeps it: `None` when it is every recipient (the
-/// usual case, and a copy less of the list for each held message).
-fn pending_unless_all(status: &StatusRecord, pending: &[String]) -> Option<Vec<String>> {
-    (pending != &*status.recipients).then(|| pending.to_vec())
 }
 
 /// Leaves out the recipients on the suppression list; when that is every

@@ -182,6 +182,13 @@ impl StatusRecord {
         self.pending.as_deref().unwrap_or(&self.recipients)
     }
 
+    /// Notes the recipients still to deliver to: kept as `None` when it is
+    /// every recipient (the usual case, and a copy less of the list for
+    /// each held message).
+    pub fn set_pending(&mut self, pending: &[String]) {
+        self.pending = (pending != &*self.recipients).then(|| pending.to_vec());
+    }
+
     /// [`StatusRecord::pending_recipients`] for a job: the same allocation
     /// as `recipients` while they are all pending.
     pub fn pending_shared(&self) -> Arc<[String]> {
