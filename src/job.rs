@@ -260,6 +260,19 @@ mod tests {
         })
     }
 
+    /// What follows `result` at `attempts` attempts that all reached the
+    /// relay, retries allowed, no jitter.
+    fn after(result: &AttemptOutcome, recipients: &[String], attempts: u32) -> Decision {
+        decide(
+            result,
+            recipients,
+            Tries::reached(attempts),
+            &POLICY,
+            true,
+            0,
+        )
+    }
+
     fn error(kind: FailureKind) -> AttemptOutcome {
         Err(match kind {
             FailureKind::Permanent => DeliveryError::permanent("550 no".into()),
@@ -286,25 +299,11 @@ mod tests {
     fn all_accepted_is_sent_and_refusals_are_named() {
         let all = recipients(&["a", "b"]);
         assert_eq!(
-            decide(
-                &delivered(&["a", "b"], &[], &[]),
-                &all,
-                Tries::reached(1),
-                &POLICY,
-                true,
-                0
-            ),
+            after(&delivered(&["a", "b"], &[], &[]), &all, 1),
             Decision::Sent { refused: vec![] }
         );
         assert_eq!(
-            decide(
-                &delivered(&["a"], &["b"], &[]),
-                &all,
-                Tries::reached(1),
-                &POLICY,
-                true,
-                0
-            ),
+            after(&delivered(&["a"], &["b"], &[]), &all, 1),
             Decision::Sent {
                 refused: vec![refusal("b", 550)]
             }
@@ -314,14 +313,7 @@ mod tests {
     #[test]
     fn every_recipient_refused_fails_for_good() {
         let all = recipients(&["a", "b"]);
-        let decision = decide(
-            &delivered(&[], &["a", "b"], &[]),
-            &all,
-            Tries::reached(1),
-            &POLICY,
-            true,
-            0,
-        );
+        let decision = after(&delivered(&[], &["a", "b"], &[]), &all, 1);
         let Decision::Failed {
             permanent, error, ..
         } = decision
@@ -338,14 +330,7 @@ mod tests {
     #[test]
     fn deferred_recipients_are_retried_alone() {
         let all = recipients(&["a", "b", "c"]);
-        let decision = decide(
-            &delivered(&["a"], &["b"], &["c"]),
-            &all,
-            Tries::reached(1),
-            &POLICY,
-            true,
-            0,
-        );
+        let decision = after(&delivered(&["a"], &["b"], &["c"]), &all, 1);
         assert_eq!(
             decision,
             Decision::Retry {
@@ -356,14 +341,7 @@ mod tests {
             }
         );
         // Out of attempts: failed, naming who did not get it.
-        let decision = decide(
-            &delivered(&["a"], &["b"], &["c"]),
-            &all,
-            Tries::reached(3),
-            &POLICY,
-            true,
-            0,
-        );
+        let decision = after(&delivered(&["a"], &["b"], &["c"]), &all, 3);
         let Decision::Failed {
             undelivered,
             permanent,
@@ -380,39 +358,18 @@ mod tests {
     fn transient_errors_retry_until_attempts_run_out_permanent_ones_never() {
         let all = recipients(&["a"]);
         assert!(matches!(
-            decide(
-                &error(FailureKind::Transient),
-                &all,
-                Tries::reached(2),
-                &POLICY,
-                true,
-                0
-            ),
+            after(&error(FailureKind::Transient), &all, 2),
             Decision::Retry { .. }
         ));
         assert!(matches!(
-            decide(
-                &error(FailureKind::Transient),
-                &all,
-                Tries::reached(3),
-                &POLICY,
-                true,
-                0
-            ),
+            after(&error(FailureKind::Transient), &all, 3),
             Decision::Failed {
                 permanent: false,
                 ..
             }
         ));
         assert!(matches!(
-            decide(
-                &error(FailureKind::Permanent),
-                &all,
-                Tries::reached(1),
-                &POLICY,
-                true,
-                0
-            ),
+            after(&error(FailureKind::Permanent), &all, 1),
             Decision::Failed {
                 permanent: true,
                 ..
