@@ -186,16 +186,13 @@ impl Active {
     /// returns the bytes taken (a direct write takes whole blocks, see
     /// [`aligned_blocks`]).
     fn write(&mut self, records: &[u8], aligned: &mut Vec<u8>) -> io::Result<u64> {
-        if self.direct.is_some() && records.len() > KEPT_BUFFER {
-            // Large (an attachment): buffered, so that no aligned copy of
-            // its size is made, and taking whole blocks like a direct write
-            // so that the next one stays aligned (the rest of the last
-            // block is zeros already: unwritten space ahead).
-            self.file.write_all_at(records, self.length)?;
-            self.file.sync_data()?;
-            return Ok((records.len().div_ceil(BLOCK) * BLOCK) as u64);
-        }
-        if let Some(direct) = &self.direct {
+        // A large commit (an attachment) goes buffered, so that no aligned
+        // copy of its size is made.
+        if let Some(direct) = self
+            .direct
+            .as_ref()
+            .filter(|_| records.len() <= KEPT_BUFFER)
+        {
             let blocks = aligned_blocks(aligned, records);
             match direct.write_all_at(blocks, self.length) {
                 Ok(()) => return Ok(blocks.len() as u64),
@@ -210,6 +207,12 @@ impl Active {
         }
         self.file.write_all_at(records, self.length)?;
         self.file.sync_data()?;
+        if self.direct.is_some() {
+            // Whole blocks, as a direct write takes, so that the next one
+            // stays aligned (the rest of the last block is zeros already:
+            // unwritten space ahead).
+            return Ok((records.len().div_ceil(BLOCK) * BLOCK) as u64);
+        }
         Ok(records.len() as u64)
     }
 }
@@ -641,12 +644,7 @@ mod tests {
     /// its size (9.8 MB attachments used to leave ~20 MB each behind).
     #[test]
     fn a_large_commit_leaves_no_large_buffer_behind() {
-        let directory = std::env::temp_dir().join(format!(
-            "mailroom-committer-{}-{}",
-            std::process::id(),
-            crate::message::random_u64()
-        ));
-        fs::create_dir_all(&directory).unwrap();
+        let directory = mailroom_testkit::temp_dir("committer");
         let mut committer = Committer::new(&directory, &[], 64 << 20, Box::new(|| Ok(())));
         let encode = |payload: Vec<u8>| {
             frame::encode(|frame| {
