@@ -280,6 +280,52 @@ mod tests {
         })
     }
 
+    /// An unreachable relay (or a refused login) never uses up the
+    /// attempts, and only attempts that reached the relay count later;
+    /// the backoff grows with every attempt started.
+    #[test]
+    fn attempts_that_never_reached_the_relay_are_not_counted() {
+        let all = recipients(&["a"]);
+        let unreachable: AttemptOutcome =
+            Err(DeliveryError::transient("connection refused".into(), true).before_transaction());
+        let many = Tries::reached(POLICY.max_attempts + 5);
+        assert!(matches!(
+            decide(&unreachable, &all, many, &POLICY, true, 0),
+            Decision::Retry { .. }
+        ));
+        assert!(
+            matches!(
+                decide(&unreachable, &all, many, &POLICY, false, 0),
+                Decision::Failed { .. }
+            ),
+            "/api/mail/v2 still makes one attempt"
+        );
+        // Ten attempts started, one of them reached the relay: a transient
+        // refusal is retried, after the tenth attempt's delay.
+        let after_outage = Tries {
+            started: 10,
+            counted: 1,
+        };
+        let Decision::Retry { delay, .. } = decide(
+            &error(FailureKind::Transient),
+            &all,
+            after_outage,
+            &POLICY,
+            true,
+            0,
+        ) else {
+            panic!("retried");
+        };
+        assert_eq!(delay, POLICY.delay(10, 0));
+        assert!(matches!(
+            after(&error(FailureKind::Transient), &all, POLICY.max_attempts),
+            Decision::Failed {
+                permanent: false,
+                ..
+            }
+        ));
+    }
+
     #[test]
     fn delay_doubles_with_equal_jitter_and_cap() {
         for jitter in [0, 1, 250, 499, 500, 4_000_000_007] {
