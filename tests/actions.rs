@@ -258,11 +258,7 @@ fn cancel_racing_a_worker_ends_in_exactly_one_of_sent_and_cancelled() {
         service.wait_for_status(id, "sent");
     }
     relay.wait_for(sent.len());
-    let subjects: HashSet<String> = relay
-        .received()
-        .iter()
-        .map(|received| received.parsed().subject().unwrap_or_default().to_string())
-        .collect();
+    let subjects: HashSet<String> = subjects_of(&relay.received()).into_iter().collect();
     for (round, id) in ids.iter().enumerate() {
         let arrived = subjects.contains(&format!("race {round}"));
         assert_eq!(
@@ -322,11 +318,7 @@ fn a_queued_message_cancelled_is_never_sent() {
         .post("/api/mail", &seed_body("c@example.org", "after"))
         .id();
     service.wait_for_status(&third, "sent");
-    let subjects: Vec<String> = relay
-        .received()
-        .iter()
-        .map(|received| received.parsed().subject().unwrap_or_default().to_string())
-        .collect();
+    let subjects = subjects_of(&relay.received());
     assert!(!subjects.contains(&"never".to_string()), "{subjects:?}");
     let status = get(&service, &format!("/api/mail/{id}"));
     assert_eq!(status["status"], "cancelled");

@@ -351,10 +351,7 @@ fn a_batch_of_500_with_two_bad_items_survives_kill_9_right_after_its_answer() {
     let relay = TestRelay::plain_on(TcpListener::bind(("127.0.0.1", port)).unwrap());
     let service = ChildService::start(&directory, &env);
     let arrived = relay.wait_for(498);
-    let subjects: HashSet<String> = arrived
-        .iter()
-        .map(|received| received.parsed().subject().unwrap_or_default().to_string())
-        .collect();
+    let subjects: HashSet<String> = subjects_of(&arrived).into_iter().collect();
     assert_eq!(subjects.len(), 498, "each once");
     assert!(!subjects.contains("batch 3") && !subjects.contains("batch 250"));
     for id in ids.iter().take(5) {
@@ -377,13 +374,7 @@ fn a_message_scheduled_two_seconds_ahead_is_sent_then_and_not_before() {
     let send_at = rfc3339_in(Duration::from_secs(2));
     let asked = Instant::now();
     let body = json!({"sender": "a@example.com", "receiver": "b@example.org", "subject": "later", "send_at": send_at});
-    let reply = request(
-        service.address,
-        "POST",
-        "/api/mail",
-        &[],
-        body.to_string().as_bytes(),
-    );
+    let reply = service.post("/api/mail", &body.to_string());
     assert_eq!(reply.code, 202, "{}", reply.body_text());
     assert_eq!(reply.json()["data"]["status"], "scheduled");
     let id = reply.id();
@@ -400,23 +391,11 @@ fn a_message_scheduled_two_seconds_ahead_is_sent_then_and_not_before() {
 
     // A time in the past is now; more than 30 days ahead is refused.
     let past = json!({"sender": "a@example.com", "receiver": "b@example.org", "subject": "past", "send_at": "2020-01-01T00:00:00Z"});
-    let reply = request(
-        service.address,
-        "POST",
-        "/api/mail",
-        &[],
-        past.to_string().as_bytes(),
-    );
+    let reply = service.post("/api/mail", &past.to_string());
     assert_eq!(reply.json()["data"]["status"], "queued");
-    let past_id = reply.json()["data"]["id"].as_str().unwrap().to_string();
+    let past_id = reply.id();
     let far = json!({"sender": "a@example.com", "receiver": "b@example.org", "subject": "far", "send_at": rfc3339_in(Duration::from_secs(31 * 86_400))});
-    let reply = request(
-        service.address,
-        "POST",
-        "/api/mail",
-        &[],
-        far.to_string().as_bytes(),
-    );
+    let reply = service.post("/api/mail", &far.to_string());
     assert_eq!(reply.code, 400);
     assert!(
         reply.body_text().contains("send_at"),
@@ -433,13 +412,7 @@ fn a_message_scheduled_two_seconds_ahead_is_sent_then_and_not_before() {
         Duration::from_secs(31 * 86_400),
     ] {
         let later = json!({"sender": "a@example.com", "receiver": "b@example.org", "subject": "v2 later", "send_at": rfc3339_in(ahead)});
-        let reply = request(
-            service.address,
-            "POST",
-            "/api/mail/v2",
-            &[],
-            later.to_string().as_bytes(),
-        );
+        let reply = service.post("/api/mail/v2", &later.to_string());
         assert_eq!(reply.code, 400, "{}", reply.body_text());
         assert!(
             reply.json()["data"]["error"]
@@ -456,19 +429,10 @@ fn a_message_scheduled_two_seconds_ahead_is_sent_then_and_not_before() {
         ("v2 skewed", rfc3339_in(Duration::from_secs(20))),
     ] {
         let now = json!({"sender": "a@example.com", "receiver": "b@example.org", "subject": subject, "send_at": send_at});
-        let reply = request(
-            service.address,
-            "POST",
-            "/api/mail/v2",
-            &[],
-            now.to_string().as_bytes(),
-        );
+        let reply = service.post("/api/mail/v2", &now.to_string());
         assert_eq!(reply.code, 200, "{}", reply.body_text());
     }
-    let subjects: Vec<String> = relay.received()[before..]
-        .iter()
-        .map(|received| received.parsed().subject().unwrap_or_default().to_string())
-        .collect();
+    let subjects = subjects_of(&relay.received()[before..]);
     assert_eq!(subjects, ["v2 past", "v2 skewed"]);
 }
 
@@ -518,10 +482,6 @@ fn a_scheduled_message_cancelled_is_never_sent_also_across_a_restart() {
         "scheduled"
     );
     wait_for_status(service.address, &kept, "sent");
-    let subjects: Vec<String> = relay
-        .received()
-        .iter()
-        .map(|received| received.parsed().subject().unwrap_or_default().to_string())
-        .collect();
+    let subjects = subjects_of(&relay.received());
     assert_eq!(subjects, ["kept"]);
 }

@@ -662,15 +662,8 @@ mod browser {
         assert_eq!(stats["relay"]["status"], "failing", "{stats}");
         assert_figures_match(&figures, &stats);
         // Retrying is not failed: the failures table does not list it.
-        let listed = browser
-            .execute(
-                &format!(
-                    "return document.querySelectorAll('#failures tr[data-id=\"{id}\"]').length;"
-                ),
-                json!([]),
-            )
-            .unwrap();
-        assert_eq!(listed, 0);
+        let listed = row_ids(&browser, "#failures");
+        assert!(!listed.contains(&id), "{listed:?}");
         browser.screenshot(&screenshot_path("dashboard-relay-down.png"));
 
         console_clean(&browser, &["401 (Unauthorized)"]);

@@ -518,7 +518,6 @@ fn wrong_credentials_keep_messages_retrying() {
     // Bad credentials are the configuration's fault, not the message's:
     // they never use up its attempts.
     config.max_attempts = 2;
-    config.retry_base = Duration::from_millis(20);
     config.retry_max = Duration::from_millis(100);
     let service = Service::start(config);
     let id = service

@@ -539,16 +539,9 @@ fn readyz_is_503_while_the_relay_refuses_every_login() {
 #[test]
 fn readyz_is_503_while_the_relay_is_unreachable() {
     let _turn = light();
-    let (port, reserved) = unused_port();
-    drop(reserved);
-    let relay = TestRelay::plain();
-    let mut config = config_for(&relay);
-    if let Relay::Smtp(settings) = &mut config.relay {
-        settings.port = port;
-    }
+    let (mut config, _) = config_with_relay_down();
     config.max_attempts = 2;
     config.queue_capacity = 2;
-    config.retry_base = Duration::from_millis(20);
     config.retry_max = Duration::from_millis(100);
     let service = Service::start(config);
     for n in 0..2 {
@@ -1476,11 +1469,7 @@ fn a_request_smuggled_behind_content_length_and_chunked_never_runs() {
     let marker = service.post("/api/mail", &seed_body("m@example.org", "marker"));
     assert_eq!(marker.code, 202, "{}", marker.body_text());
     service.wait_for_status(&marker.id(), "sent");
-    let subjects: Vec<String> = relay
-        .received()
-        .iter()
-        .map(|message| message.parsed().subject().unwrap_or_default().to_string())
-        .collect();
+    let subjects = subjects_of(&relay.received());
     assert_eq!(subjects, ["marker"]);
     let metrics = service.get("/metrics").body_text();
     assert!(
@@ -1696,11 +1685,7 @@ fn pipelined_submits_accepted_together_are_each_answered_in_order() {
     distinct.dedup();
     assert_eq!(distinct.len(), 3, "{ids:?}");
 
-    let mut subjects: Vec<String> = relay
-        .wait_for(3)
-        .iter()
-        .map(|received| received.parsed().subject().unwrap_or_default().to_string())
-        .collect();
+    let mut subjects = subjects_of(&relay.wait_for(3));
     subjects.sort();
     assert_eq!(subjects, ["four", "one", "three"]);
     for id in &ids {

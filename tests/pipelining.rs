@@ -411,10 +411,6 @@ fn a_message_delivered_before_the_next_ones_reconnect_hangs_goes_once() {
     relay.after_message(AfterMessage::Keep);
     relay.open_gate();
     service.wait_for_status(&ids[1], "sent");
-    let subjects: Vec<String> = relay
-        .received()
-        .iter()
-        .map(|received| received.parsed().subject().unwrap_or_default().to_string())
-        .collect();
+    let subjects = subjects_of(&relay.received());
     assert_eq!(subjects, ["warm", "first", "second"]);
 }

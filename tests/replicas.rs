@@ -376,13 +376,7 @@ fn redis_stopped_under_load_gives_503s_loses_no_202_and_recovers_from_its_aof() 
     assert!(ready.body_text().contains("Redis"), "{}", ready.body_text());
     // A batch too is refused as a whole, not answered 200 item by item.
     let batch = json!({ "messages": [message("batch while down")] });
-    let reply = request(
-        service.address,
-        "POST",
-        "/api/mail/batch",
-        &[],
-        batch.to_string().as_bytes(),
-    );
+    let reply = service.post("/api/mail/batch", &batch.to_string());
     assert_eq!(reply.code, 503, "{}", reply.body_text());
     assert!(reply.header("Retry-After").is_some());
     let before_restart = accepted.lock().unwrap().len();

@@ -164,6 +164,14 @@ impl TestRelay {
 }
 
 /// A free loopback port with nothing listening (connections are refused).
+/// The subjects of `received` messages, in order.
+pub fn subjects_of(received: &[Received]) -> Vec<String> {
+    received
+        .iter()
+        .map(|received| received.parsed().subject().unwrap_or_default().to_string())
+        .collect()
+}
+
 pub fn unused_port() -> (u16, TcpListener) {
     let listener = TcpListener::bind("127.0.0.1:0").unwrap();
     (listener.local_addr().unwrap().port(), listener)

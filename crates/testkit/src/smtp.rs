@@ -31,6 +31,10 @@ use rustls::{ServerConfig, ServerConnection, StreamOwned};
 /// The longest line a relay must accept (RFC 5321 §4.5.3.1.6), CRLF included.
 pub const LINE_LIMIT: usize = 1000;
 
+/// The reply to a message over the relay's `max_size`, at MAIL or after
+/// the data.
+const TOO_LARGE: &str = "552 5.3.4 message size exceeds fixed maximum message size";
+
 /// Transport security the relay offers.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
 pub enum Security {
@@ -671,8 +675,7 @@ fn session<S: Read + Write>(
                 }
                 if let (Some(limit), Some(declared)) = (options.max_size, size_parameter(&text)) {
                     if declared > limit {
-                        connection
-                            .reply("552 5.3.4 message size exceeds fixed maximum message size");
+                        connection.reply(TOO_LARGE);
                         continue;
                     }
                 }
@@ -734,7 +737,7 @@ fn session<S: Read + Write>(
                 let reply = match data {
                     Err(refusal) => refusal,
                     Ok(data) if options.max_size.is_some_and(|limit| data.len() > limit) => {
-                        "552 5.3.4 message size exceeds fixed maximum message size"
+                        TOO_LARGE
                     }
                     Ok(data) => {
                         accept_message(state, &mut transaction, data, number);
@@ -877,7 +880,6 @@ fn path_of(command: &str, prefix: &str) -> Option<String> {
     Some(rest[..end].to_string())
 }
 
-/// Whether a MAIL/RCPT command carries `parameter` after its path.
 /// The `SIZE=` parameter of a MAIL command, if any.
 fn size_parameter(command: &str) -> Option<usize> {
     let after_path = &command[command.find('>')? + 1..];
@@ -889,6 +891,7 @@ fn size_parameter(command: &str) -> Option<usize> {
     })
 }
 
+/// Whether a MAIL/RCPT command carries `parameter` after its path.
 fn has_parameter(command: &[u8], parameter: &[u8]) -> bool {
     let after_path = match command.iter().position(|&byte| byte == b'>') {
         Some(end) => &command[end + 1..],
