@@ -53,9 +53,54 @@ enum ReadError {
     HeadersTooLarge(HTTPVersion),
     /// the length of the body cannot be known for sure (RFC 9112 section 6)
     BadFraming(HTTPVersion),
+    /// the request line names an HTTP version above 1.1
+    UnsupportedVersion,
     /// no request came before the idle deadline, or the connection is closing
     Idle,
     ReadIoError(IoError),
+}
+
+impl ReadError {
+    /// The answer the server gives by itself for this error (code, version,
+    /// reason) before it closes the connection; `None` when there is
+    /// nothing to answer.
+    fn refusal(self) -> Option<(u16, HTTPVersion, &'static str)> {
+        Some(match self {
+            // Where the next request would start is unknown: the
+            // connection is closed after the answer, as for all of these.
+            ReadError::WrongRequestLine => (
+                400,
+                HTTPVersion(1, 1),
+                "malformed request line (lines end with CR LF)",
+            ),
+            ReadError::WrongHeader(version) => (
+                400,
+                version,
+                "malformed header line (lines end with CR LF), or more than one Host header",
+            ),
+            ReadError::BadFraming(version) => (
+                400,
+                version,
+                "the body length is ambiguous: Content-Length with Transfer-Encoding, several or invalid Content-Length values, or a coding other than chunked",
+            ),
+            ReadError::RequestLineTooLong => (414, HTTPVersion(1, 1), "request line too long"),
+            ReadError::HeadersTooLarge(version) => (431, version, "request head too large"),
+            ReadError::ReadIoError(error) if error.kind() == ErrorKind::TimedOut => {
+                (408, HTTPVersion(1, 1), "request not received in time")
+            }
+            ReadError::UnsupportedVersion => (
+                505,
+                HTTPVersion(1, 1),
+                "only HTTP versions 1.0 and 1.1 are served",
+            ),
+            ReadError::ExpectationFailed(version) => (
+                417,
+                version,
+                "unsupported Expect; only 100-continue is known",
+            ),
+            ReadError::Idle | ReadError::ReadIoError(_) => return None,
+        })
+    }
 }
 
 /// Empty lines skipped before a request line, at most.
@@ -207,6 +252,9 @@ impl ClientConnection {
                 let (method, path, version) = parse_request_line(
                     line.trim(), // TODO: remove this conversion
                 )?;
+                if version > (1, 1) {
+                    return Err(ReadError::UnsupportedVersion);
+                }
                 (method, origin_form(path), version)
             };
 
@@ -299,18 +347,9 @@ impl ClientConnection {
     fn refuse(&mut self, code: u16, version: HTTPVersion, reason: &str) {
         use crate::{Header, Response, StatusCode};
         let mut writer = self.sink.new_writer();
-        let (body, content_type) = match &self.state.limits.refusal_body {
-            Some(body) => (body.render(reason), Some(body.content_type().to_string())),
-            None => (String::new(), None),
-        };
-        let length = body.len();
-        let mut response = Response::new(
-            StatusCode(code),
-            Vec::new(),
-            std::io::Cursor::new(body.into_bytes()),
-            Some(length),
-            None,
-        );
+        let (content_type, body) = self.state.limits.refusal(reason);
+        let mut response =
+            Response::from_data(body.into_bytes()).with_status_code(StatusCode(code));
         if let Some(content_type) = content_type {
             if let Ok(header) = Header::from_bytes(&b"Content-Type"[..], content_type.as_bytes()) {
                 response.add_header(header);
@@ -345,116 +384,46 @@ impl Iterator for ClientConnection {
     /// Blocks until the next Request is available.
     /// Returns None when no new Requests will come from the client.
     fn next(&mut self) -> Option<Request> {
-        use crate::{Response, StatusCode};
-
         // the client sent a "connection: close" header in this previous request
         //  or is using HTTP 1.0, meaning that no new request will come
         if self.no_more_requests {
             return None;
         }
 
-        loop {
-            let rq = match self.read() {
-                Err(ReadError::WrongRequestLine) => {
-                    // we don't know where the next request would start,
-                    // so we have to close
-                    self.refuse(
-                        400,
-                        HTTPVersion(1, 1),
-                        "malformed request line (lines end with CR LF)",
-                    );
-                    return None;
+        let rq = match self.read() {
+            Ok(rq) => rq,
+            Err(error) => {
+                match error.refusal() {
+                    Some((code, version, reason)) => self.refuse(code, version, reason),
+                    // Nothing to answer: idle, or the connection failed.
+                    None => self.state.close(true),
                 }
-
-                Err(ReadError::WrongHeader(ver)) => {
-                    self.refuse(
-                        400,
-                        ver,
-                        "malformed header line (lines end with CR LF), or more than one Host header",
-                    );
-                    return None;
-                }
-
-                Err(ReadError::BadFraming(ver)) => {
-                    self.refuse(
-                        400,
-                        ver,
-                        "the body length is ambiguous: Content-Length with Transfer-Encoding, several or invalid Content-Length values, or a coding other than chunked",
-                    );
-                    return None;
-                }
-
-                Err(ReadError::RequestLineTooLong) => {
-                    self.refuse(414, HTTPVersion(1, 1), "request line too long");
-                    return None;
-                }
-
-                Err(ReadError::HeadersTooLarge(ver)) => {
-                    self.refuse(431, ver, "request head too large");
-                    return None;
-                }
-
-                Err(ReadError::ReadIoError(ref err)) if err.kind() == ErrorKind::TimedOut => {
-                    // request timeout
-                    self.refuse(408, HTTPVersion(1, 1), "request not received in time");
-                    return None; // closing the connection
-                }
-
-                Err(ReadError::ExpectationFailed(ver)) => {
-                    self.refuse(417, ver, "unsupported Expect; only 100-continue is known");
-                    return None;
-                }
-
-                Err(ReadError::Idle) => {
-                    self.state.close(true);
-                    return None;
-                }
-
-                Err(ReadError::ReadIoError(_)) => {
-                    self.state.close(true);
-                    return None;
-                }
-
-                Ok(rq) => rq,
-            };
-
-            // checking HTTP version
-            if *rq.http_version() > (1, 1) {
-                let mut writer = self.sink.new_writer();
-                let response = Response::from_string(
-                    "This server only supports HTTP versions 1.0 and 1.1".to_owned(),
-                )
-                .with_status_code(StatusCode(505));
-                let _ = response
-                    .raw_print(&mut writer, HTTPVersion(1, 1), &[], false, None)
-                    .and_then(|()| writer.flush());
-                continue;
+                return None;
             }
+        };
 
-            // updating the status of the connection
-            let connection_header = rq
-                .headers()
-                .iter()
-                .find(|h| h.field.equiv("Connection"))
-                .map(|h| h.value.as_str());
+        // updating the status of the connection
+        let connection_header = rq
+            .headers()
+            .iter()
+            .find(|h| h.field.equiv("Connection"))
+            .map(|h| h.value.as_str());
 
-            let lowercase = connection_header.map(|h| h.to_ascii_lowercase());
+        let lowercase = connection_header.map(|h| h.to_ascii_lowercase());
 
-            match lowercase {
-                Some(ref val) if val.contains("close") => self.no_more_requests = true,
-                Some(ref val) if val.contains("upgrade") => self.no_more_requests = true,
-                Some(ref val)
-                    if !val.contains("keep-alive") && *rq.http_version() == HTTPVersion(1, 0) =>
-                {
-                    self.no_more_requests = true
-                }
-                None if *rq.http_version() == HTTPVersion(1, 0) => self.no_more_requests = true,
-                _ => (),
-            };
+        match lowercase {
+            Some(ref val) if val.contains("close") => self.no_more_requests = true,
+            Some(ref val) if val.contains("upgrade") => self.no_more_requests = true,
+            Some(ref val)
+                if !val.contains("keep-alive") && *rq.http_version() == HTTPVersion(1, 0) =>
+            {
+                self.no_more_requests = true
+            }
+            None if *rq.http_version() == HTTPVersion(1, 0) => self.no_more_requests = true,
+            _ => (),
+        };
 
-            // returning the request
-            return Some(rq);
-        }
+        Some(rq)
     }
 }
 

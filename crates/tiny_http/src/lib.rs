@@ -168,13 +168,10 @@ impl Drop for Served {
 
 /// The whole answer to a connection beyond the limit.
 fn busy_answer(limits: &Limits) -> Vec<u8> {
-    let (content_type, body) = match &limits.refusal_body {
-        Some(body) => (
-            format!("Content-Type: {}\r\n", body.content_type()),
-            body.render("too many connections; retry later"),
-        ),
-        None => (String::new(), String::new()),
-    };
+    let (content_type, body) = limits.refusal("too many connections; retry later");
+    let content_type = content_type
+        .map(|value| format!("Content-Type: {value}\r\n"))
+        .unwrap_or_default();
     format!(
         "HTTP/1.1 503 Service Unavailable\r\nRetry-After: 1\r\nConnection: close\r\n{content_type}Content-Length: {}\r\n\r\n{body}",
         body.len()

@@ -94,6 +94,17 @@ impl RefusalBody {
     }
 }
 
+impl Limits {
+    /// The `Content-Type` (when there is a body) and the body of a refusal
+    /// because of `reason`, as [`Limits::refusal_body`] sets them.
+    pub(crate) fn refusal(&self, reason: &str) -> (Option<&str>, String) {
+        match &self.refusal_body {
+            Some(body) => (Some(body.content_type()), body.render(reason)),
+            None => (None, String::new()),
+        }
+    }
+}
+
 impl Default for Limits {
     fn default() -> Limits {
         Limits {

@@ -169,3 +169,23 @@ fn empty_lines_before_a_request_line_are_skipped() {
     assert_eq!(second.code, 200);
     assert_eq!(*paths.lock().unwrap(), ["/one", "/two"]);
 }
+
+/// Patch: a request line naming HTTP/2.0 or later got a 505 written behind
+/// the request's own (never answered) writer, so the connection's thread
+/// waited for good; it is now refused like any request it cannot serve.
+#[test]
+fn a_version_above_1_1_is_505_and_the_connection_closed() {
+    let (server, paths) = recording();
+    for version in ["HTTP/2.0", "HTTP/3.0"] {
+        let request = format!("GET /a {version}\r\nHost: t\r\n\r\n");
+        let (answer, mut reader) = exchange(server.address, request.as_bytes());
+        let answer = answer.unwrap_or_else(|| panic!("no answer to {version}"));
+        assert_eq!(answer.code, 505, "{version}");
+        assert_eq!(answer.header("Connection"), Some("close"), "{version}");
+        assert!(closed(&mut reader), "{version}: the connection stays open");
+    }
+    assert!(paths.lock().unwrap().is_empty(), "{paths:?}");
+    // And the server still serves.
+    let (answer, _) = exchange(server.address, HIDDEN.as_bytes());
+    assert_eq!(answer.map(|answer| answer.code), Some(200));
+}
