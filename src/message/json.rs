@@ -17,6 +17,10 @@ pub(super) struct Body<'a> {
     pub fields: Map<String, Value>,
     /// The `attachments` field, when present.
     pub attachments: Option<Attachments<'a>>,
+    /// The first top-level field given more than once: refused, since
+    /// parsers differ on which one they keep (one in front of us may have
+    /// checked the other).
+    pub repeated: Option<String>,
 }
 
 /// The `attachments` field.
@@ -62,17 +66,24 @@ impl<'de> Deserialize<'de> for Body<'de> {
             fn visit_map<A: MapAccess<'de>>(self, mut map: A) -> Result<Body<'de>, A::Error> {
                 let mut fields = Map::new();
                 let mut attachments = None;
+                let mut repeated = None;
                 while let Some(key) = map.next_key::<String>()? {
-                    if key == "attachments" {
-                        attachments = Some(map.next_value::<Attachments<'de>>()?);
+                    let again = if key == "attachments" {
+                        attachments
+                            .replace(map.next_value::<Attachments<'de>>()?)
+                            .is_some()
                     } else {
                         let value: Value = map.next_value()?;
-                        fields.insert(key, value);
+                        fields.insert(key.clone(), value).is_some()
+                    };
+                    if again && repeated.is_none() {
+                        repeated = Some(key);
                     }
                 }
                 Ok(Body {
                     fields,
                     attachments,
+                    repeated,
                 })
             }
         }

@@ -291,6 +291,12 @@ impl MailRequest {
         if !unknown.is_empty() {
             return Err(MessageError::UnknownFields(unknown));
         }
+        if let Some(field) = parsed.repeated {
+            return Err(MessageError::InvalidValue {
+                reason: "given more than once (parsers differ on which one counts)".into(),
+                field,
+            });
+        }
         let sender =
             optional_string(&object, "sender")?.ok_or(MessageError::MissingField("sender"))?;
         let receiver = recipient_list(&object, "receiver")?;
@@ -711,8 +717,13 @@ mod tests {
             vec!["r@e.f", "t@e.f", "c@e.f", "b@e.f", "d@e.f"]
         );
         for field in ["receiver", "to", "cc", "bcc"] {
-            let json =
-                format!(r#"{{"sender":"a@b.c","receiver":"r@e.f","subject":"x","{field}":5}}"#);
+            // (Not beside another `receiver`: a field given twice is refused.)
+            let receiver = if field == "receiver" {
+                ""
+            } else {
+                r#""receiver":"r@e.f","#
+            };
+            let json = format!(r#"{{"sender":"a@b.c",{receiver}"subject":"x","{field}":5}}"#);
             let error = MailRequest::from_json(json.as_bytes()).unwrap_err();
             assert_eq!(
                 error.to_string(),
@@ -728,6 +739,26 @@ mod tests {
             error.to_string(),
             "malformed JSON: expected value at line 1 column 1; the body must be JSON (Content-Type: application/json)"
         );
+    }
+
+    /// A field given twice is refused, naming it: a proxy in front may
+    /// have checked the other one.
+    #[test]
+    fn a_field_given_twice_is_refused() {
+        for (json, field) in [
+            (
+                r#"{"sender":"a@b.c","receiver":"d@e.f","subject":"x","subject":"y"}"#,
+                "subject",
+            ),
+            (
+                r#"{"sender":"a@b.c","receiver":"d@e.f","subject":"x","attachments":[],"attachments":[]}"#,
+                "attachments",
+            ),
+        ] {
+            let error = MailRequest::from_json(json.as_bytes()).unwrap_err();
+            assert_eq!(error.field(), Some(field), "{error}");
+            assert!(error.to_string().contains("more than once"), "{error}");
+        }
     }
 
     #[test]
