@@ -338,6 +338,11 @@ fn a_batch_of_500_with_two_bad_items_survives_kill_9_right_after_its_answer() {
     assert_eq!(results.len(), 500);
     assert_eq!(results[3]["error"]["field"], "subject");
     assert_eq!(results[250]["error"]["field"], "colour");
+    let unknown = results[250]["error"]["message"].as_str().unwrap();
+    assert!(
+        unknown.contains("idempotency_key"),
+        "an item takes it too: {unknown}"
+    );
     assert!(results[250]["error"]["message"]
         .as_str()
         .unwrap()

@@ -6,7 +6,7 @@
 use serde_json::{json, Map, Value};
 
 use crate::engine::{ActionError, BatchItem, Engine, ListError, SubmitError, SuppressionError};
-use crate::message::{MailRequest, JSON_REQUIRED};
+use crate::message::{MailRequest, MessageError, JSON_REQUIRED};
 use crate::status::State;
 use crate::store::ListQuery;
 use crate::templates::RenderError;
@@ -421,9 +421,14 @@ fn parse_item(item: Value) -> Result<(MailRequest, Option<String>), Value> {
     let body = Value::Object(Map::from_iter(object)).to_string();
     MailRequest::from_json(body.as_bytes())
         .map(|request| (request, key))
-        .map_err(
-            |error| json!({ "error": { "message": error.to_string(), "field": error.field() } }),
-        )
+        .map_err(|error| {
+            let mut message = error.to_string();
+            if matches!(error, MessageError::UnknownFields(_)) {
+                // The list names a request's fields; an item takes one more.
+                message.push_str(", and idempotency_key in a batch item");
+            }
+            json!({ "error": { "message": message, "field": error.field() } })
+        })
 }
 
 /// `GET /api/templates`
