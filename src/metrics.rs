@@ -7,10 +7,71 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Mutex;
 use std::time::Duration;
 
-/// Upper bounds (seconds) of the delivery-duration histogram buckets.
-const DURATION_BUCKETS: [f64; 12] = [
-    0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0,
-];
+/// The upper bounds (seconds) of a [`Histogram`]'s buckets.
+pub(crate) trait Buckets {
+    /// Ascending; `+Inf` is implied.
+    const UPPER: &'static [f64];
+}
+
+/// The delivery-duration histogram's buckets.
+struct DeliverySeconds;
+
+impl Buckets for DeliverySeconds {
+    const UPPER: &'static [f64] = &[
+        0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0,
+    ];
+}
+
+/// A Prometheus histogram of durations (cumulative buckets, a count and a
+/// sum), for hot paths: observing only adds.
+pub(crate) struct Histogram<B: Buckets> {
+    buckets: Vec<AtomicU64>,
+    count: AtomicU64,
+    sum_micros: AtomicU64,
+    bounds: std::marker::PhantomData<B>,
+}
+
+impl<B: Buckets> Default for Histogram<B> {
+    fn default() -> Self {
+        Histogram {
+            buckets: B::UPPER.iter().map(|_| AtomicU64::new(0)).collect(),
+            count: AtomicU64::new(0),
+            sum_micros: AtomicU64::new(0),
+            bounds: std::marker::PhantomData,
+        }
+    }
+}
+
+impl<B: Buckets> Histogram<B> {
+    /// Counts one duration.
+    pub(crate) fn observe(&self, elapsed: Duration) {
+        let seconds = elapsed.as_secs_f64();
+        for (bound, bucket) in B::UPPER.iter().zip(&self.buckets) {
+            if seconds <= *bound {
+                bucket.fetch_add(1, Ordering::Relaxed);
+            }
+        }
+        self.count.fetch_add(1, Ordering::Relaxed);
+        self.sum_micros
+            .fetch_add(elapsed.as_micros() as u64, Ordering::Relaxed);
+    }
+
+    /// Appends the histogram as `name` (with its `# HELP` and `# TYPE`).
+    pub(crate) fn render(&self, out: &mut String, name: &str, help: &str) {
+        let _ = writeln!(out, "# HELP {name} {help}\n# TYPE {name} histogram");
+        for (bound, bucket) in B::UPPER.iter().zip(&self.buckets) {
+            let _ = writeln!(
+                out,
+                "{name}_bucket{{le=\"{bound}\"}} {}",
+                bucket.load(Ordering::Relaxed)
+            );
+        }
+        let count = self.count.load(Ordering::Relaxed);
+        let _ = writeln!(out, "{name}_bucket{{le=\"+Inf\"}} {count}");
+        let sum = self.sum_micros.load(Ordering::Relaxed) as f64 / 1e6;
+        let _ = writeln!(out, "{name}_sum {sum}\n{name}_count {count}");
+    }
+}
 
 /// Result of one delivery attempt, as counted.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -108,9 +169,7 @@ pub struct Metrics {
     attempts_transient: AtomicU64,
     attempts_permanent: AtomicU64,
     connections_opened: AtomicU64,
-    duration_buckets: [AtomicU64; DURATION_BUCKETS.len()],
-    duration_count: AtomicU64,
-    duration_sum_micros: AtomicU64,
+    duration: Histogram<DeliverySeconds>,
     webhooks_ok: AtomicU64,
     webhooks_retry: AtomicU64,
     webhooks_failed: AtomicU64,
@@ -179,15 +238,7 @@ impl Metrics {
             AttemptResult::Permanent => &self.attempts_permanent,
         };
         counter.fetch_add(1, Ordering::Relaxed);
-        let seconds = elapsed.as_secs_f64();
-        for (bound, bucket) in DURATION_BUCKETS.iter().zip(&self.duration_buckets) {
-            if seconds <= *bound {
-                bucket.fetch_add(1, Ordering::Relaxed);
-            }
-        }
-        self.duration_count.fetch_add(1, Ordering::Relaxed);
-        self.duration_sum_micros
-            .fetch_add(elapsed.as_micros() as u64, Ordering::Relaxed);
+        self.duration.observe(elapsed);
     }
     /// Counts a webhook attempt's or a pending webhook's end.
     pub fn webhook(&self, result: WebhookResult) {
@@ -307,22 +358,11 @@ impl Metrics {
             );
         }
 
-        let name = "mailroom_delivery_duration_seconds";
-        let _ = writeln!(
-            out,
-            "# HELP {name} Time one delivery attempt took.\n# TYPE {name} histogram"
+        self.duration.render(
+            &mut out,
+            "mailroom_delivery_duration_seconds",
+            "Time one delivery attempt took.",
         );
-        for (bound, bucket) in DURATION_BUCKETS.iter().zip(&self.duration_buckets) {
-            let _ = writeln!(
-                out,
-                "{name}_bucket{{le=\"{bound}\"}} {}",
-                bucket.load(Ordering::Relaxed)
-            );
-        }
-        let count = self.duration_count.load(Ordering::Relaxed);
-        let _ = writeln!(out, "{name}_bucket{{le=\"+Inf\"}} {count}");
-        let sum = self.duration_sum_micros.load(Ordering::Relaxed) as f64 / 1e6;
-        let _ = writeln!(out, "{name}_sum {sum}\n{name}_count {count}");
         out
     }
 }

@@ -50,6 +50,7 @@ use crate::config::{Config, RedisSettings};
 use crate::job::Job;
 use crate::message::comparable_address;
 use crate::message::OutgoingMessage;
+use crate::metrics::{Buckets, Histogram};
 use crate::status::State;
 use crate::time::to_millis;
 
@@ -273,29 +274,23 @@ struct Limits {
     rate_interval_ms: Option<f64>,
 }
 
-/// Upper bounds (seconds) of the store latency histogram.
-const LATENCY_BUCKETS: [f64; 9] = [0.0005, 0.001, 0.002, 0.005, 0.01, 0.025, 0.05, 0.1, 1.0];
+/// The store latency histogram's buckets.
+struct OperationSeconds;
+
+impl Buckets for OperationSeconds {
+    const UPPER: &'static [f64] = &[0.0005, 0.001, 0.002, 0.005, 0.01, 0.025, 0.05, 0.1, 1.0];
+}
 
 /// How long the operations on Redis take (one round trip each, mostly).
 #[derive(Default)]
 struct Latency {
-    buckets: [std::sync::atomic::AtomicU64; LATENCY_BUCKETS.len()],
-    count: std::sync::atomic::AtomicU64,
-    sum_micros: std::sync::atomic::AtomicU64,
+    operations: Histogram<OperationSeconds>,
     errors: std::sync::atomic::AtomicU64,
 }
 
 impl Latency {
     fn observe(&self, elapsed: Duration, ok: bool) {
-        let seconds = elapsed.as_secs_f64();
-        for (bound, bucket) in LATENCY_BUCKETS.iter().zip(&self.buckets) {
-            if seconds <= *bound {
-                bucket.fetch_add(1, Ordering::Relaxed);
-            }
-        }
-        self.count.fetch_add(1, Ordering::Relaxed);
-        self.sum_micros
-            .fetch_add(elapsed.as_micros() as u64, Ordering::Relaxed);
+        self.operations.observe(elapsed);
         if !ok {
             self.errors.fetch_add(1, Ordering::Relaxed);
         }
@@ -304,22 +299,11 @@ impl Latency {
     fn render(&self, up: bool) -> String {
         use std::fmt::Write as _;
         let mut out = String::new();
-        let name = "mailroom_store_operation_seconds";
-        let _ = writeln!(
-            out,
-            "# HELP {name} Time one operation on the shared store (Redis) took.\n# TYPE {name} histogram"
+        self.operations.render(
+            &mut out,
+            "mailroom_store_operation_seconds",
+            "Time one operation on the shared store (Redis) took.",
         );
-        for (bound, bucket) in LATENCY_BUCKETS.iter().zip(&self.buckets) {
-            let _ = writeln!(
-                out,
-                "{name}_bucket{{le=\"{bound}\"}} {}",
-                bucket.load(Ordering::Relaxed)
-            );
-        }
-        let count = self.count.load(Ordering::Relaxed);
-        let _ = writeln!(out, "{name}_bucket{{le=\"+Inf\"}} {count}");
-        let sum = self.sum_micros.load(Ordering::Relaxed) as f64 / 1e6;
-        let _ = writeln!(out, "{name}_sum {sum}\n{name}_count {count}");
         let _ = writeln!(
             out,
             "# HELP mailroom_store_errors_total Operations on the shared store that failed.\n# TYPE mailroom_store_errors_total counter\nmailroom_store_errors_total {}",
