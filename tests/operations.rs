@@ -494,6 +494,44 @@ fn metrics_count_what_was_sent_in_exposition_format() {
     );
 }
 
+#[test]
+fn metrics_show_the_spools_commits_and_how_long_they_took() {
+    let _turn = light();
+    let relay = TestRelay::plain();
+    let memory = Service::start(config_for(&relay));
+    let text = memory.get("/metrics").body_text();
+    assert!(
+        !text.contains("mailroom_spool_"),
+        "memory mode has no commits to show:\n{text}"
+    );
+    drop(memory);
+
+    let mut config = config_for(&relay);
+    config.spool = mailroom::config::SpoolSetting::Directory(temp_dir("commits").join("spool"));
+    let service = Service::start(config);
+    for index in 0..3 {
+        let id = service
+            .post(
+                "/api/mail",
+                &seed_body("m@example.org", &format!("kept {index}")),
+            )
+            .id();
+        service.wait_for_status(&id, "sent");
+    }
+    let metrics = Exposition::parse(&service.get("/metrics").body_text());
+    assert_eq!(metrics.types["mailroom_spool_commits_total"], "counter");
+    assert_eq!(metrics.types["mailroom_spool_records_total"], "counter");
+    assert_eq!(metrics.types["mailroom_spool_commit_seconds"], "histogram");
+    // Each message: its record at the 202, then its `sent` record.
+    assert_eq!(metrics.value("mailroom_spool_records_total", &[]), 6.0);
+    let commits = metrics.value("mailroom_spool_commits_total", &[]);
+    assert!((2.0..=6.0).contains(&commits), "{commits} commits");
+    assert_eq!(
+        metrics.value("mailroom_spool_commit_seconds_count", &[]),
+        commits
+    );
+}
+
 // ---------------------------------------------------------------- readiness
 
 #[test]

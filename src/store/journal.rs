@@ -32,8 +32,8 @@ use std::thread::JoinHandle;
 use serde::{Deserialize, Serialize};
 
 use super::committer::{
-    read_frame, segment_name, segment_number, sync_directory, Change, Committer, Locations, Queue,
-    Ticket,
+    read_frame, segment_name, segment_number, sync_directory, Change, CommitStats, Committer,
+    Locations, Queue, Ticket,
 };
 use super::finished::FinishedLog;
 use super::frame::{self, Piece};
@@ -90,6 +90,7 @@ pub(super) struct Journal {
     /// Where each unfinished message's latest record is.
     locations: Locations,
     finished: Arc<FinishedLog>,
+    commits: Arc<CommitStats>,
     committer: Option<JoinHandle<()>>,
     /// Held while the spool is open (released when closed, or when the process dies).
     _lock: File,
@@ -125,6 +126,7 @@ impl Journal {
         let queue = Arc::new(Queue::default());
         let committer_queue = Arc::clone(&queue);
         let locations = committer.locations();
+        let commits = committer.stats();
         let committer = std::thread::Builder::new()
             .name("spool".into())
             .spawn(move || committer.run(&committer_queue))?;
@@ -134,6 +136,7 @@ impl Journal {
                 queue,
                 locations,
                 finished,
+                commits,
                 committer: Some(committer),
                 _lock: lock,
             },
@@ -154,6 +157,11 @@ impl Journal {
             })
             .collect::<io::Result<Vec<_>>>()?;
         self.queue.commit(frames)
+    }
+
+    /// The `/metrics` lines of the journal's commits.
+    pub(super) fn metrics_text(&self) -> String {
+        self.commits.render()
     }
 
     /// Reads an unfinished message's latest record back from the journal

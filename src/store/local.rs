@@ -364,6 +364,14 @@ impl Store for LocalStore {
         self.core.journal.is_some()
     }
 
+    fn metrics_text(&self) -> String {
+        self.core
+            .journal
+            .as_ref()
+            .map(Journal::metrics_text)
+            .unwrap_or_default()
+    }
+
     fn problem(&self) -> Option<String> {
         if !self.core.write_failed.load(Ordering::SeqCst) {
             return None;
