@@ -8,6 +8,9 @@
 //!   the load ends;
 //! - **end to end**: K clients POST N messages in all while 5 workers
 //!   deliver them; timed from the first POST to the sink's count of N;
+//! - **rest** (journal only): one client, deliveries held: the time a
+//!   commit takes when the machine is idle, against the same figure under
+//!   load, printed with each journal part (from `/metrics`);
 //! - **batch**: one client, 500 single POSTs against one `/api/mail/batch`
 //!   of 500 items (one commit for the whole batch).
 //!
@@ -18,7 +21,7 @@
 //!
 //! `cargo bench --bench durable_accept`; BENCH_CLIENTS (32), BENCH_SECONDS
 //! (2), BENCH_MESSAGES (end to end, 20000), BENCH_WORKERS (5), BENCH_ROUNDS
-//! (3), BENCH_DIR; BENCH_PARTS (accept,alone,e2e,batch) and BENCH_SPOOLS
+//! (3), BENCH_DIR; BENCH_PARTS (rest,accept,alone,e2e,batch) and BENCH_SPOOLS
 //! (journal,memory) pick what runs; BENCH_NO_DRAIN=1 skips draining after
 //! "accept alone" (for profiling).
 
@@ -119,14 +122,52 @@ impl Drop for Service {
     }
 }
 
-/// Accept figures: the load report and CPU µs per request.
-fn accept(
-    sink: &Sink,
-    spool: Spool,
-    clients: usize,
-    seconds: Duration,
-    held: bool,
-) -> (LoadReport, f64) {
+/// The journal's commits in one run, from the engine's `/metrics` text.
+#[derive(Clone, Copy, Default)]
+struct Commits {
+    commits: f64,
+    records: f64,
+    seconds: f64,
+}
+
+impl Commits {
+    fn of(service: &Service) -> Option<Commits> {
+        let text = service.engine.metrics_text();
+        let value = |name: &str| {
+            text.lines()
+                .find_map(|line| line.strip_prefix(name)?.strip_prefix(' ')?.parse().ok())
+        };
+        Some(Commits {
+            commits: value("mailroom_spool_commits_total")?,
+            records: value("mailroom_spool_records_total")?,
+            seconds: value("mailroom_spool_commit_seconds_sum")?,
+        })
+    }
+
+    /// Medians over runs: records per commit, and µs per commit.
+    fn describe(runs: &[Commits]) -> String {
+        let per_commit = |f: fn(&Commits) -> f64| {
+            median(
+                &runs
+                    .iter()
+                    .map(|c| f(c) / c.commits.max(1.0))
+                    .collect::<Vec<_>>(),
+            )
+        };
+        format!(
+            "{:.1} records per commit, {:.0} us per commit (write and flush)",
+            per_commit(|c| c.records),
+            per_commit(|c| c.seconds * 1e6)
+        )
+    }
+}
+
+/// Accept figures: the load report, CPU µs per request, and the journal's
+/// commits.
+type AcceptRun = (LoadReport, f64, Option<Commits>);
+
+/// `clients` POST for `seconds` (the sink holding deliveries if `held`).
+fn accept(sink: &Sink, spool: Spool, clients: usize, seconds: Duration, held: bool) -> AcceptRun {
     if held {
         sink.close_gate();
     }
@@ -135,21 +176,22 @@ fn accept(
     let cpu = process_cpu();
     let report = run_load(service.address(), clients, seconds, &request, 202, u64::MAX);
     let cpu = process_cpu() - cpu;
+    let commits = Commits::of(&service);
+    let per_request = cpu.as_secs_f64() * 1e6 / report.ok.max(1) as f64;
     if held && env_number("BENCH_NO_DRAIN", 0) == 1 {
         // Profiling the accept side alone: nothing more to measure.
         drop(service);
         sink.open_gate();
-        let per_request = cpu.as_secs_f64() * 1e6 / report.ok.max(1) as f64;
-        return (report, per_request);
+        return (report, per_request, commits);
     }
     sink.open_gate();
     service.drain();
-    let per_request = cpu.as_secs_f64() * 1e6 / report.ok.max(1) as f64;
-    (report, per_request)
+    (report, per_request, commits)
 }
 
-/// End to end: `count` messages through HTTP and the workers; messages/s.
-fn end_to_end(sink: &Sink, spool: Spool, clients: usize, count: u64) -> f64 {
+/// End to end: `count` messages through HTTP and the workers; messages/s,
+/// and the journal's commits.
+fn end_to_end(sink: &Sink, spool: Spool, clients: usize, count: u64) -> (f64, Option<Commits>) {
     sink.open_gate();
     let service = Service::start(sink, spool);
     let request = post_request("/api/mail", &seed_json());
@@ -166,7 +208,8 @@ fn end_to_end(sink: &Sink, spool: Spool, clients: usize, count: u64) -> f64 {
     let accepted = report.ok;
     let done = sink.wait_for(before + accepted, Duration::from_secs(600));
     let elapsed = done.unwrap_or_else(Instant::now) - started;
-    (sink.messages() - before) as f64 / elapsed.as_secs_f64()
+    let rate = (sink.messages() - before) as f64 / elapsed.as_secs_f64();
+    (rate, Commits::of(&service))
 }
 
 /// One client: `batches` × 500 single POSTs, then `batches` batches of 500;
@@ -226,16 +269,22 @@ fn main() {
     });
     sink.open_gate();
     let spools = [Spool::Journal, Spool::Memory];
-    let mut accepts: Vec<Vec<(LoadReport, f64)>> = vec![Vec::new(); 2];
-    let mut alone: Vec<Vec<(LoadReport, f64)>> = vec![Vec::new(); 2];
+    let mut accepts: Vec<Vec<AcceptRun>> = vec![Vec::new(); 2];
+    let mut alone: Vec<Vec<AcceptRun>> = vec![Vec::new(); 2];
     let mut e2e: Vec<Vec<f64>> = vec![Vec::new(); 2];
+    let mut e2e_commits: Vec<Commits> = Vec::new();
+    let mut at_rest: Vec<AcceptRun> = Vec::new();
     let mut batches: Vec<Vec<(f64, f64)>> = vec![Vec::new(); 2];
-    // BENCH_PARTS (accept,alone,e2e,batch) and BENCH_SPOOLS (journal,memory)
+    // BENCH_PARTS (rest,accept,alone,e2e,batch) and BENCH_SPOOLS (journal,memory)
     // pick what runs, e.g. to profile one part.
-    let parts = std::env::var("BENCH_PARTS").unwrap_or_else(|_| "accept,alone,e2e,batch".into());
+    let parts =
+        std::env::var("BENCH_PARTS").unwrap_or_else(|_| "rest,accept,alone,e2e,batch".into());
     let only = std::env::var("BENCH_SPOOLS").unwrap_or_else(|_| "journal,memory".into());
     let runs = |part: &str, spool: Spool| parts.contains(part) && only.contains(spool.name());
     for _ in 0..rounds() {
+        if runs("rest", Spool::Journal) {
+            at_rest.push(accept(&sink, Spool::Journal, 1, seconds, true));
+        }
         for (index, &spool) in spools.iter().enumerate() {
             if runs("accept", spool) {
                 accepts[index].push(accept(&sink, spool, clients, seconds, false));
@@ -244,26 +293,38 @@ fn main() {
                 alone[index].push(accept(&sink, spool, clients, seconds, true));
             }
             if runs("e2e", spool) {
-                e2e[index].push(end_to_end(&sink, spool, clients, count));
+                let (rate, commits) = end_to_end(&sink, spool, clients, count);
+                e2e[index].push(rate);
+                e2e_commits.extend(commits);
             }
             if runs("batch", spool) {
                 batches[index].push(batch(&sink, spool, 4));
             }
         }
     }
-    let rate = |runs: &[(LoadReport, f64)]| {
-        median(&runs.iter().map(|(r, _)| r.rate()).collect::<Vec<_>>())
-    };
-    let p99 = |runs: &[(LoadReport, f64)]| {
+    let rate =
+        |runs: &[AcceptRun]| median(&runs.iter().map(|(r, ..)| r.rate()).collect::<Vec<_>>());
+    let p99 = |runs: &[AcceptRun]| {
         median(
             &runs
                 .iter()
-                .map(|(r, _)| r.percentile(99.0).as_secs_f64() * 1000.0)
+                .map(|(r, ..)| r.percentile(99.0).as_secs_f64() * 1000.0)
                 .collect::<Vec<_>>(),
         )
     };
-    let cpu =
-        |runs: &[(LoadReport, f64)]| median(&runs.iter().map(|(_, c)| *c).collect::<Vec<_>>());
+    let cpu = |runs: &[AcceptRun]| median(&runs.iter().map(|(_, c, _)| *c).collect::<Vec<_>>());
+    let commits = |runs: &[AcceptRun]| {
+        Commits::describe(&runs.iter().filter_map(|(.., c)| *c).collect::<Vec<_>>())
+    };
+    if !at_rest.is_empty() {
+        println!(
+            "  {:<32} journal  {:>8.0} req/s, p99 {:.2} ms; {}",
+            "one client (the disk at rest)",
+            rate(&at_rest),
+            p99(&at_rest),
+            commits(&at_rest)
+        );
+    }
     let spread = |values: &[f64]| {
         let min = values.iter().copied().fold(f64::MAX, f64::min);
         let max = values.iter().copied().fold(0.0, f64::max);
@@ -280,7 +341,7 @@ fn main() {
             if figures[index].is_empty() {
                 continue;
             }
-            let rates: Vec<f64> = figures[index].iter().map(|(r, _)| r.rate()).collect();
+            let rates: Vec<f64> = figures[index].iter().map(|(r, ..)| r.rate()).collect();
             println!(
                 "  {title:<32} {:<8} {:>8.0} req/s ({}), p99 {:.2} ms, {:.0} CPU us/req",
                 spool.name(),
@@ -289,6 +350,9 @@ fn main() {
                 p99(&figures[index]),
                 cpu(&figures[index])
             );
+            if *spool == Spool::Journal {
+                println!("  {:<32} journal  {}", "", commits(&figures[index]));
+            }
         }
         println!(
             "  {title:<32} journal / memory: {:.2}",
@@ -306,6 +370,9 @@ fn main() {
             median(&e2e[index]),
             spread(&e2e[index])
         );
+        if *spool == Spool::Journal {
+            println!("  {:<32} journal  {}", "", Commits::describe(&e2e_commits));
+        }
     }
     println!(
         "  {:<32} journal / memory: {:.2}",
