@@ -8,7 +8,7 @@ mod common;
 use std::collections::HashSet;
 use std::net::TcpListener;
 use std::path::Path;
-use std::time::{Duration, Instant};
+use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
 use common::*;
 use serde_json::{json, Value};
@@ -376,7 +376,8 @@ fn a_message_scheduled_two_seconds_ahead_is_sent_then_and_not_before() {
         ),
     ];
     let service = ChildService::start(&directory, &env);
-    let send_at = rfc3339_in(Duration::from_secs(2));
+    let send_time = SystemTime::now() + Duration::from_secs(2);
+    let send_at = mailroom_testkit::time::rfc3339(send_time);
     let asked = Instant::now();
     let body = json!({"sender": "a@example.com", "receiver": "b@example.org", "subject": "later", "send_at": send_at});
     let reply = service.post("/api/mail", &body.to_string());
@@ -392,6 +393,15 @@ fn a_message_scheduled_two_seconds_ahead_is_sent_then_and_not_before() {
         "sent after {late:?}, before its time"
     );
     assert!(late <= Duration::from_millis(3500), "sent {late:?} after");
+    // Dated when it was to be sent (mail clients sort by Date), not when
+    // it was accepted.
+    let dated = arrived
+        .parsed()
+        .date()
+        .expect("a Date header")
+        .to_timestamp();
+    let due = send_time.duration_since(UNIX_EPOCH).unwrap().as_secs() as i64;
+    assert_eq!(dated, due, "Date {dated}, send_at {send_at}");
     wait_for_status(service.address, &id, "sent");
 
     // A time in the past is now; more than 30 days ahead is refused.
@@ -411,7 +421,14 @@ fn a_message_scheduled_two_seconds_ahead_is_sent_then_and_not_before() {
     // /api/mail/v2 sends now: a time ahead is refused (naming the field),
     // not sent at once; a time in the past is now.
     wait_for_status(service.address, &past_id, "sent");
-    let before = relay.received().len();
+    let received = relay.received();
+    let past = received
+        .iter()
+        .find(|message| message.parsed().subject() == Some("past"))
+        .expect("the past message");
+    let dated = past.parsed().date().expect("a Date header").to_timestamp();
+    assert!(dated >= due, "a time in the past is dated now, not {dated}");
+    let before = received.len();
     for ahead in [
         Duration::from_secs(3 * 3600),
         Duration::from_secs(31 * 86_400),

@@ -128,7 +128,8 @@ pub(super) fn build(
         .collect::<Result<Vec<_>, _>>()?;
     let body = body(request)?;
 
-    let date = crate::time::rfc5322_date(SystemTime::now());
+    let now = SystemTime::now();
+    let date = crate::time::rfc5322_date(request.send_at.filter(|at| *at > now).unwrap_or(now));
     let message_id = format!("<{id}@{}>", sender.domain);
     let boundary = boundary_for(&body);
     let parts = Parts {

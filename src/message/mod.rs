@@ -111,7 +111,9 @@ pub struct MailRequest {
     pub template: Option<String>,
     /// The template's variables.
     pub data: Option<Map<String, Value>>,
-    /// Send then instead of now.
+    /// Send then instead of now; also the message's `Date` when it is
+    /// ahead (a message scheduled for Monday is dated Monday, as mail
+    /// clients sort by it).
     pub send_at: Option<SystemTime>,
 }
 
