@@ -11,6 +11,10 @@
 //! - **rest** (journal only): one client, deliveries held: the time a
 //!   commit takes when the machine is idle, against the same figure under
 //!   load, printed with each journal part (from `/metrics`);
+//! - **disk** (once, before the rounds): 1, 2 and 4 threads each making
+//!   2,000 synchronous 4 KiB writes (`O_DIRECT | O_DSYNC`, as the journal
+//!   writes) to one file: whether the disk runs commits side by side, i.e.
+//!   what keeping two commits in flight could gain;
 //! - **batch**: one client, 500 single POSTs against one `/api/mail/batch`
 //!   of 500 items (one commit for the whole batch).
 //!
@@ -21,7 +25,7 @@
 //!
 //! `cargo bench --bench durable_accept`; BENCH_CLIENTS (32), BENCH_SECONDS
 //! (2), BENCH_MESSAGES (end to end, 20000), BENCH_WORKERS (5), BENCH_ROUNDS
-//! (3), BENCH_DIR; BENCH_PARTS (rest,accept,alone,e2e,batch) and BENCH_SPOOLS
+//! (3), BENCH_DIR; BENCH_PARTS (disk,rest,accept,alone,e2e,batch) and BENCH_SPOOLS
 //! (journal,memory) pick what runs; BENCH_NO_DRAIN=1 skips draining after
 //! "accept alone" (for profiling).
 
@@ -162,6 +166,58 @@ impl Commits {
     }
 }
 
+/// Synchronous writes by `threads` threads at once, as the journal makes
+/// them; (writes/s, median µs, p99 µs), or why it could not run.
+fn disk_writes(directory: &std::path::Path, threads: usize) -> std::io::Result<(f64, f64, f64)> {
+    use std::os::unix::fs::{FileExt, OpenOptionsExt};
+    const WRITES: usize = 2_000;
+    const BLOCK: usize = 4096;
+    std::fs::create_dir_all(directory)?;
+    let path = directory.join(format!("mailroom-bench-disk-{}", std::process::id()));
+    // Written out first: the journal overwrites zero-filled blocks too.
+    std::fs::write(&path, vec![0u8; threads * WRITES * BLOCK])?;
+    let file = std::fs::File::open(&path)?;
+    file.sync_all()?;
+    let started = Instant::now();
+    let latencies = std::thread::scope(|scope| {
+        let runs: Vec<_> = (0..threads)
+            .map(|thread| {
+                let path = &path;
+                scope.spawn(move || -> std::io::Result<Vec<Duration>> {
+                    let file = std::fs::File::options()
+                        .write(true)
+                        .custom_flags(libc::O_DIRECT | libc::O_DSYNC)
+                        .open(path)?;
+                    let mut storage = vec![1u8; 2 * BLOCK];
+                    let start = storage.as_ptr().align_offset(BLOCK);
+                    let block = &mut storage[start..start + BLOCK];
+                    let mut latencies = Vec::with_capacity(WRITES);
+                    for write in 0..WRITES {
+                        let offset = ((thread * WRITES + write) * BLOCK) as u64;
+                        let begun = Instant::now();
+                        file.write_all_at(block, offset)?;
+                        latencies.push(begun.elapsed());
+                    }
+                    Ok(latencies)
+                })
+            })
+            .collect();
+        runs.into_iter()
+            .map(|run| {
+                run.join()
+                    .unwrap_or_else(|_| Err(std::io::Error::other("panicked")))
+            })
+            .collect::<std::io::Result<Vec<_>>>()
+    });
+    let elapsed = started.elapsed();
+    let _ = std::fs::remove_file(&path);
+    drop(file);
+    let mut all: Vec<Duration> = latencies?.into_iter().flatten().collect();
+    all.sort();
+    let at = |fraction: f64| all[((all.len() - 1) as f64 * fraction) as usize].as_secs_f64() * 1e6;
+    Ok((all.len() as f64 / elapsed.as_secs_f64(), at(0.5), at(0.99)))
+}
+
 /// Accept figures: the load report, CPU µs per request, and the journal's
 /// commits.
 type AcceptRun = (LoadReport, f64, Option<Commits>);
@@ -275,12 +331,23 @@ fn main() {
     let mut e2e_commits: Vec<Commits> = Vec::new();
     let mut at_rest: Vec<AcceptRun> = Vec::new();
     let mut batches: Vec<Vec<(f64, f64)>> = vec![Vec::new(); 2];
-    // BENCH_PARTS (rest,accept,alone,e2e,batch) and BENCH_SPOOLS (journal,memory)
+    // BENCH_PARTS (disk,rest,accept,alone,e2e,batch) and BENCH_SPOOLS (journal,memory)
     // pick what runs, e.g. to profile one part.
     let parts =
-        std::env::var("BENCH_PARTS").unwrap_or_else(|_| "rest,accept,alone,e2e,batch".into());
+        std::env::var("BENCH_PARTS").unwrap_or_else(|_| "disk,rest,accept,alone,e2e,batch".into());
     let only = std::env::var("BENCH_SPOOLS").unwrap_or_else(|_| "journal,memory".into());
     let runs = |part: &str, spool: Spool| parts.contains(part) && only.contains(spool.name());
+    if parts.contains("disk") {
+        for threads in [1, 2, 4] {
+            match disk_writes(&base, threads) {
+                Ok((rate, median, p99)) => println!(
+                    "  {:<32} {threads} at once: {rate:>6.0} writes/s, median {median:.0} us, p99 {p99:.0} us",
+                    "disk, synchronous 4 KiB writes"
+                ),
+                Err(error) => println!("  disk: cannot write direct under {}: {error}", base.display()),
+            }
+        }
+    }
     for _ in 0..rounds() {
         if runs("rest", Spool::Journal) {
             at_rest.push(accept(&sink, Spool::Journal, 1, seconds, true));
