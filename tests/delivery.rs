@@ -22,6 +22,19 @@ fn seed_request_arrives_with_headers_and_body() {
     assert_eq!(json["message"], "ok");
     assert_eq!(json["data"]["status"], "queued");
     let id = reply.id();
+    // The envelope's fields in the order the API reference shows them.
+    assert_eq!(
+        reply.body_text(),
+        format!(r#"{{"message":"ok","data":{{"id":"{id}","status":"queued"}}}}"#)
+    );
+    let refused = service.post("/api/mail", "{}");
+    assert!(
+        refused
+            .body_text()
+            .starts_with(r#"{"message":"missing field"#),
+        "{}",
+        refused.body_text()
+    );
 
     let received = relay.wait_for(1);
     assert_eq!(received[0].from, "app@example.com");

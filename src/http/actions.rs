@@ -50,7 +50,9 @@ pub const MAX_BATCH: usize = 500;
 #[derive(Debug)]
 pub(crate) struct Answer {
     pub code: u16,
-    pub body: Value,
+    /// The envelope's `message` and `data`.
+    pub message: String,
+    pub data: Value,
     pub headers: Vec<(&'static str, String)>,
 }
 
@@ -62,7 +64,8 @@ impl Answer {
     pub(crate) fn with(code: u16, message: &str, data: Value) -> Answer {
         Answer {
             code,
-            body: json!({ "message": message, "data": data }),
+            message: message.to_string(),
+            data,
             headers: Vec::new(),
         }
     }

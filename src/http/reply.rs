@@ -15,7 +15,7 @@ pub(crate) struct Reply {
 }
 
 impl Reply {
-    /// `{"message": ..., "data": ...}` or any JSON value.
+    /// Any JSON value as it is.
     pub fn json(code: u16, value: Value) -> Reply {
         Reply {
             code,
@@ -26,17 +26,17 @@ impl Reply {
         }
     }
 
-    /// The envelope around `data` of any serializable type, written
-    /// directly: on the accept path a [`Value`] tree (~1.2 µs) cost eight
-    /// times more than the writing.
+    /// The envelope `{"message": ..., "data": ...}` around `data` of any
+    /// serializable type, in that order (as the API reference shows it),
+    /// written directly: on the accept path a [`Value`] tree (~1.2 µs)
+    /// cost eight times more than the writing.
     pub fn serialized(code: u16, message: &str, data: &impl Serialize) -> Reply {
-        // Fields in the order a `Value` object prints them (sorted).
         #[derive(Serialize)]
         struct Envelope<'a, T> {
-            data: &'a T,
             message: &'a str,
+            data: &'a T,
         }
-        match serde_json::to_vec(&Envelope { data, message }) {
+        match serde_json::to_vec(&Envelope { message, data }) {
             Ok(body) => Reply {
                 code,
                 body,
@@ -49,14 +49,11 @@ impl Reply {
     }
 
     pub fn ok(data: Value) -> Reply {
-        Reply::json(200, json!({ "message": "ok", "data": data }))
+        Reply::serialized(200, "ok", &data)
     }
 
     pub fn error(code: u16, message: &str, detail: &str) -> Reply {
-        Reply::json(
-            code,
-            json!({ "message": message, "data": { "error": detail } }),
-        )
+        Reply::serialized(code, message, &json!({ "error": detail }))
     }
 
     pub fn unavailable(message: &str, detail: &str) -> Reply {

@@ -218,7 +218,7 @@ pub(crate) fn route(exchange: &Exchange<'_>, request: &mut Request) -> Reply {
 }
 
 fn answer(answer: actions::Answer) -> Reply {
-    let mut reply = Reply::json(answer.code, answer.body);
+    let mut reply = Reply::serialized(answer.code, &answer.message, &answer.data);
     reply.headers = answer.headers;
     reply
 }
@@ -477,17 +477,12 @@ fn send_and_wait(exchange: &Exchange<'_>, request: &mut Request) -> Reply {
             if let Some(code) = smtp_code {
                 data["smtp_code"] = json!(code);
             }
-            Reply::json(
-                502,
-                json!({ "message": "failed to send email", "data": data }),
-            )
+            Reply::serialized(502, "failed to send email", &data)
         }
-        Err(SendError::Timeout { id }) => Reply::json(
+        Err(SendError::Timeout { id }) => Reply::serialized(
             504,
-            json!({
-                "message": "no outcome within MAILROOM_SYNC_TIMEOUT_MS",
-                "data": { "id": id, "error": "timed out waiting for the relay; see GET /api/mail/{id}" }
-            }),
+            "no outcome within MAILROOM_SYNC_TIMEOUT_MS",
+            &json!({ "id": id, "error": "timed out waiting for the relay; see GET /api/mail/{id}" }),
         ),
     }
 }
