@@ -589,6 +589,40 @@ fn batches_answer_per_item_and_wrong_methods_name_the_allowed_ones() {
     let ids: Vec<&str> = results.iter().filter_map(|r| r["id"].as_str()).collect();
     assert_eq!(ids.len(), 498);
     relay.wait_for(497);
+    // A field given twice in an item (raw text: a JSON value cannot hold
+    // it) refuses that item, naming the field; `messages` twice, all.
+    let twice = r#"{"messages":[
+        {"sender":"app@example.com","receiver":"ok@example.org","subject":"kept"},
+        {"sender":"app@example.com","receiver":"a@example.org","receiver":"b@example.org","subject":"twice"},
+        {"sender":"app@example.com","receiver":"c@example.org","subject":"key twice","idempotency_key":"k1","idempotency_key":"k2"},
+        7]}"#;
+    let reply = send(&service, "POST", "/api/mail/batch", twice);
+    assert_eq!(reply.code, 200, "{}", reply.body_text());
+    let results = reply.json()["data"]["results"].as_array().unwrap().clone();
+    assert!(results[0]["id"].is_string(), "{results:?}");
+    for (index, field) in [(1, "receiver"), (2, "idempotency_key")] {
+        let error = &results[index]["error"];
+        assert_eq!(error["field"], field, "{results:?}");
+        assert!(error["message"]
+            .as_str()
+            .unwrap()
+            .contains("more than once"));
+    }
+    assert!(results[3]["error"]["message"]
+        .as_str()
+        .unwrap()
+        .contains("must be a JSON object"));
+    let received = relay.wait_for(498);
+    assert_eq!(subjects_of(&received[497..]), ["kept"]);
+    let item = r#"{"sender":"app@example.com","receiver":"d@example.org","subject":"s"}"#;
+    let reply = send(
+        &service,
+        "POST",
+        "/api/mail/batch",
+        &format!(r#"{{"messages":[{item}],"messages":[{item}]}}"#),
+    );
+    assert_eq!(reply.code, 400);
+    assert!(reply.body_text().contains("more than once"));
     for (body, status) in [
         ("[]", 400),
         (r#"{"messages": []}"#, 400),

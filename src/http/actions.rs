@@ -6,7 +6,9 @@
 use serde_json::{json, Map, Value};
 
 use crate::engine::{ActionError, BatchItem, Engine, ListError, SubmitError, SuppressionError};
-use crate::message::{MailRequest, MessageError, JSON_REQUIRED};
+use crate::message::{
+    parse_batch, MailRequest, MessageError, Messages, RequestBody, JSON_REQUIRED,
+};
 use crate::status::State;
 use crate::store::ListQuery;
 use crate::templates::RenderError;
@@ -341,22 +343,27 @@ fn item_error(error: &SubmitError) -> Value {
 
 /// `POST /api/mail/batch` with `{"messages": [...]}`.
 pub(crate) fn batch(engine: &Engine, body: &Body) -> Answer {
-    let value: Value = match serde_json::from_slice(&body.bytes) {
-        Ok(value) => value,
+    let batch = match parse_batch(&body.bytes) {
+        Ok(batch) => batch,
+        Err(error) if error.classify() == serde_json::error::Category::Data => {
+            let detail = "the body must be a JSON object {\"messages\": [...]}";
+            return Answer::error(400, detail, detail);
+        }
         Err(error) => {
             let detail = body.not_json(&error.to_string());
             return Answer::error(400, &detail, &detail);
         }
     };
-    let Value::Object(mut object) = value else {
-        let detail = "the body must be a JSON object {\"messages\": [...]}";
-        return Answer::error(400, detail, detail);
-    };
-    if let Some(unknown) = object.keys().find(|key| key.as_str() != "messages") {
+    if let Some(unknown) = batch.other_fields.first() {
         let detail = format!("unknown field `{unknown}`; the only field is `messages`");
         return Answer::error(400, &detail, &detail);
     }
-    let Some(Value::Array(items)) = object.remove("messages") else {
+    if batch.repeated {
+        let detail =
+            "field `messages` is given more than once (parsers differ on which one counts)";
+        return Answer::error(400, detail, detail);
+    }
+    let Some(Messages::List(items)) = batch.messages else {
         let detail = "field `messages` must be an array of message requests";
         return Answer::error(400, detail, detail);
     };
@@ -405,14 +412,15 @@ pub(crate) fn batch(engine: &Engine, body: &Body) -> Answer {
     Answer::ok(json!({ "results": results }))
 }
 
-/// One batch item: a message request with an optional `idempotency_key`.
-fn parse_item(item: Value) -> Result<(MailRequest, Option<String>), Value> {
-    let Value::Object(mut object) = item else {
+/// One batch item: a message request with an optional `idempotency_key`
+/// (`None`: the item is not an object).
+fn parse_item(item: Option<RequestBody<'_>>) -> Result<(MailRequest, Option<String>), Value> {
+    let Some(mut item) = item else {
         return Err(
             json!({ "error": { "message": "an item must be a JSON object (a message request)", "field": null } }),
         );
     };
-    let key = match object.remove("idempotency_key") {
+    let key = match item.fields.remove("idempotency_key") {
         None | Some(Value::Null) => None,
         Some(Value::String(key)) => Some(key),
         Some(_) => {
@@ -421,8 +429,7 @@ fn parse_item(item: Value) -> Result<(MailRequest, Option<String>), Value> {
             )
         }
     };
-    let body = Value::Object(Map::from_iter(object)).to_string();
-    MailRequest::from_json(body.as_bytes())
+    MailRequest::from_body(item)
         .map(|request| (request, key))
         .map_err(|error| {
             let mut message = error.to_string();

@@ -12,7 +12,7 @@ use serde::de::{Deserialize, Deserializer, IgnoredAny, MapAccess, SeqAccess, Vis
 use serde_json::{Map, Value};
 
 /// A parsed request body.
-pub(super) struct Body<'a> {
+pub(crate) struct Body<'a> {
     /// Every top-level field but `attachments`.
     pub fields: Map<String, Value>,
     /// The `attachments` field, when present.
@@ -24,7 +24,7 @@ pub(super) struct Body<'a> {
 }
 
 /// The `attachments` field.
-pub(super) enum Attachments<'a> {
+pub(crate) enum Attachments<'a> {
     /// An array.
     List(Vec<Item<'a>>),
     /// Anything else (null, or a wrong type).
@@ -32,7 +32,7 @@ pub(super) enum Attachments<'a> {
 }
 
 /// One element of `attachments`.
-pub(super) enum Item<'a> {
+pub(crate) enum Item<'a> {
     /// An object's fields, in order.
     Object(Vec<(String, Field<'a>)>),
     /// Not an object.
@@ -40,7 +40,7 @@ pub(super) enum Item<'a> {
 }
 
 /// A field of an attachment object.
-pub(super) enum Field<'a> {
+pub(crate) enum Field<'a> {
     /// A string, borrowed from the body when it had no escapes.
     Text(Cow<'a, str>),
     /// Anything else.
@@ -63,31 +63,38 @@ impl<'de> Deserialize<'de> for Body<'de> {
                 f.write_str("a JSON object")
             }
 
-            fn visit_map<A: MapAccess<'de>>(self, mut map: A) -> Result<Body<'de>, A::Error> {
-                let mut fields = Map::new();
-                let mut attachments = None;
-                let mut repeated = None;
-                while let Some(key) = map.next_key::<String>()? {
-                    let again = if key == "attachments" {
-                        attachments
-                            .replace(map.next_value::<Attachments<'de>>()?)
-                            .is_some()
-                    } else {
-                        let value: Value = map.next_value()?;
-                        fields.insert(key.clone(), value).is_some()
-                    };
-                    if again && repeated.is_none() {
-                        repeated = Some(key);
-                    }
-                }
-                Ok(Body {
-                    fields,
-                    attachments,
-                    repeated,
-                })
+            fn visit_map<A: MapAccess<'de>>(self, map: A) -> Result<Body<'de>, A::Error> {
+                Body::from_map(map)
             }
         }
         deserializer.deserialize_any(BodyVisitor)
+    }
+}
+
+impl<'de> Body<'de> {
+    /// Reads a request object's fields (the body, or a batch item).
+    fn from_map<A: MapAccess<'de>>(mut map: A) -> Result<Body<'de>, A::Error> {
+        let mut fields = Map::new();
+        let mut attachments = None;
+        let mut repeated = None;
+        while let Some(key) = map.next_key::<String>()? {
+            let again = if key == "attachments" {
+                attachments
+                    .replace(map.next_value::<Attachments<'de>>()?)
+                    .is_some()
+            } else {
+                let value: Value = map.next_value()?;
+                fields.insert(key.clone(), value).is_some()
+            };
+            if again && repeated.is_none() {
+                repeated = Some(key);
+            }
+        }
+        Ok(Body {
+            fields,
+            attachments,
+            repeated,
+        })
     }
 }
 
@@ -233,6 +240,129 @@ impl<'de> Deserialize<'de> for Field<'de> {
     }
 }
 
+/// A batch body, `{"messages": [...]}`, read in one pass: each item as a
+/// request body is read (borrowed attachments, repeated fields noted), so
+/// an item is parsed once and checked like a single request.
+pub(crate) struct BatchBody<'a> {
+    /// Top-level fields other than `messages`, in order (refused).
+    pub other_fields: Vec<String>,
+    /// The `messages` field, when present.
+    pub messages: Option<Messages<'a>>,
+    /// `messages` was given more than once.
+    pub repeated: bool,
+}
+
+/// The `messages` field of a batch.
+pub(crate) enum Messages<'a> {
+    /// An array: each item a request object, or `None` when not an object.
+    List(Vec<Option<Body<'a>>>),
+    /// Anything else.
+    Other,
+}
+
+/// Parses a batch body. A valid JSON document that is not an object is an
+/// error of category `Data`; malformed JSON of category `Syntax` or `Eof`.
+pub(crate) fn parse_batch(body: &[u8]) -> Result<BatchBody<'_>, serde_json::Error> {
+    serde_json::from_slice(body)
+}
+
+impl<'de> Deserialize<'de> for BatchBody<'de> {
+    fn deserialize<D: Deserializer<'de>>(deserializer: D) -> Result<Self, D::Error> {
+        struct BatchVisitor;
+        impl<'de> Visitor<'de> for BatchVisitor {
+            type Value = BatchBody<'de>;
+
+            fn expecting(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+                f.write_str("a JSON object")
+            }
+
+            fn visit_map<A: MapAccess<'de>>(self, mut map: A) -> Result<Self::Value, A::Error> {
+                let mut batch = BatchBody {
+                    other_fields: Vec::new(),
+                    messages: None,
+                    repeated: false,
+                };
+                while let Some(key) = map.next_key::<String>()? {
+                    if key == "messages" {
+                        let messages = map.next_value::<Messages<'de>>()?;
+                        batch.repeated |= batch.messages.replace(messages).is_some();
+                    } else {
+                        map.next_value::<IgnoredAny>()?;
+                        batch.other_fields.push(key);
+                    }
+                }
+                Ok(batch)
+            }
+        }
+        deserializer.deserialize_any(BatchVisitor)
+    }
+}
+
+impl<'de> Deserialize<'de> for Messages<'de> {
+    fn deserialize<D: Deserializer<'de>>(deserializer: D) -> Result<Self, D::Error> {
+        struct MessagesVisitor;
+        impl<'de> Visitor<'de> for MessagesVisitor {
+            type Value = Messages<'de>;
+
+            fn expecting(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+                f.write_str("any JSON value")
+            }
+
+            fn visit_seq<A: SeqAccess<'de>>(self, mut seq: A) -> Result<Self::Value, A::Error> {
+                let mut items = Vec::with_capacity(seq.size_hint().unwrap_or(0).min(64));
+                while let Some(BatchItem(item)) = seq.next_element()? {
+                    items.push(item);
+                }
+                Ok(Messages::List(items))
+            }
+
+            fn visit_map<A: MapAccess<'de>>(self, mut map: A) -> Result<Self::Value, A::Error> {
+                while map.next_entry::<IgnoredAny, IgnoredAny>()?.is_some() {}
+                Ok(Messages::Other)
+            }
+
+            fn visit_str<E: serde::de::Error>(self, _: &str) -> Result<Self::Value, E> {
+                Ok(Messages::Other)
+            }
+
+            other_primitives!(|_: Value| Messages::Other);
+        }
+        deserializer.deserialize_any(MessagesVisitor)
+    }
+}
+
+/// One element of a batch's `messages`: a request object, or `None`.
+struct BatchItem<'a>(Option<Body<'a>>);
+
+impl<'de> Deserialize<'de> for BatchItem<'de> {
+    fn deserialize<D: Deserializer<'de>>(deserializer: D) -> Result<Self, D::Error> {
+        struct BatchItemVisitor;
+        impl<'de> Visitor<'de> for BatchItemVisitor {
+            type Value = BatchItem<'de>;
+
+            fn expecting(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+                f.write_str("any JSON value")
+            }
+
+            fn visit_map<A: MapAccess<'de>>(self, map: A) -> Result<Self::Value, A::Error> {
+                Ok(BatchItem(Some(Body::from_map(map)?)))
+            }
+
+            fn visit_seq<A: SeqAccess<'de>>(self, mut seq: A) -> Result<Self::Value, A::Error> {
+                while seq.next_element::<IgnoredAny>()?.is_some() {}
+                Ok(BatchItem(None))
+            }
+
+            fn visit_str<E: serde::de::Error>(self, _: &str) -> Result<Self::Value, E> {
+                Ok(BatchItem(None))
+            }
+
+            other_primitives!(|_: Value| BatchItem(None));
+        }
+        deserializer.deserialize_any(BatchItemVisitor)
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -253,6 +383,45 @@ mod tests {
         assert!(matches!(&fields[0].1, Field::Text(Cow::Borrowed("aGk="))));
         assert!(matches!(&fields[1].1, Field::Text(Cow::Owned(name)) if name == "a/b"));
         assert!(matches!(items[1], Item::Other));
+    }
+
+    #[test]
+    fn a_batch_is_read_in_one_pass() {
+        let body = br#"{"x":1,"messages":[{"subject":"a","subject":"b","attachments":[{"content":"aGk="}]},[1],"s",{}],"y":{}}"#;
+        let batch = parse_batch(body).unwrap();
+        assert_eq!(batch.other_fields, ["x", "y"]);
+        assert!(!batch.repeated);
+        let Some(Messages::List(items)) = batch.messages else {
+            panic!("a list")
+        };
+        assert_eq!(items.len(), 4);
+        let first = items[0].as_ref().unwrap();
+        assert_eq!(first.repeated.as_deref(), Some("subject"));
+        let Some(Attachments::List(attachments)) = &first.attachments else {
+            panic!("attachments")
+        };
+        let Item::Object(fields) = &attachments[0] else {
+            panic!("an object")
+        };
+        assert!(matches!(&fields[0].1, Field::Text(Cow::Borrowed("aGk="))));
+        assert!(items[1].is_none() && items[2].is_none());
+        assert!(items[3].as_ref().unwrap().fields.is_empty());
+
+        assert!(
+            parse_batch(br#"{"messages":[],"messages":[]}"#)
+                .unwrap()
+                .repeated
+        );
+        assert!(matches!(
+            parse_batch(br#"{"messages":{"a":[1]}}"#).unwrap().messages,
+            Some(Messages::Other)
+        ));
+        use serde_json::error::Category;
+        assert_eq!(parse_batch(b"[]").err().unwrap().classify(), Category::Data);
+        assert_eq!(
+            parse_batch(b"{\"messages\":[").err().unwrap().classify(),
+            Category::Eof
+        );
     }
 
     #[test]

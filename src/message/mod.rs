@@ -18,6 +18,7 @@ mod encode;
 mod json;
 
 pub(crate) use address::comparable_address;
+pub(crate) use json::{parse_batch, Body as RequestBody, Messages};
 
 use std::collections::hash_map::RandomState;
 use std::collections::BTreeMap;
@@ -284,6 +285,11 @@ impl MailRequest {
             serde_json::error::Category::Data => MessageError::NotAnObject,
             _ => MessageError::MalformedJson(error.to_string()),
         })?;
+        MailRequest::from_body(parsed)
+    }
+
+    /// Checks a request object already read (a body, or a batch item).
+    pub(crate) fn from_body(parsed: json::Body<'_>) -> Result<MailRequest, MessageError> {
         let object = parsed.fields;
         let unknown: Vec<String> = object
             .keys()
