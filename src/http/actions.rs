@@ -374,7 +374,7 @@ pub(crate) fn batch(engine: &Engine, body: &Body) -> Answer {
     // Parse every item; the valid ones go to the engine together.
     let mut parsed: Vec<Result<(MailRequest, Option<String>), Value>> = Vec::new();
     for item in items {
-        parsed.push(parse_item(item));
+        parsed.push(parse_item(item.0));
     }
     let requests: Vec<BatchItem<'_>> = parsed
         .iter()

@@ -23,13 +23,17 @@ pub(crate) struct Body<'a> {
     pub repeated: Option<String>,
 }
 
-/// The `attachments` field.
-pub(crate) enum Attachments<'a> {
+/// A field that should be an array: its items, or the value it was instead
+/// (null, or a wrong type).
+pub(crate) enum ListOr<T> {
     /// An array.
-    List(Vec<Item<'a>>),
-    /// Anything else (null, or a wrong type).
+    List(Vec<T>),
+    /// Anything else.
     Other(Value),
 }
+
+/// The `attachments` field.
+pub(crate) type Attachments<'a> = ListOr<Item<'a>>;
 
 /// One element of `attachments`.
 pub(crate) enum Item<'a> {
@@ -135,11 +139,11 @@ macro_rules! other_primitives {
     };
 }
 
-impl<'de> Deserialize<'de> for Attachments<'de> {
+impl<'de, T: Deserialize<'de>> Deserialize<'de> for ListOr<T> {
     fn deserialize<D: Deserializer<'de>>(deserializer: D) -> Result<Self, D::Error> {
-        struct AttachmentsVisitor;
-        impl<'de> Visitor<'de> for AttachmentsVisitor {
-            type Value = Attachments<'de>;
+        struct ListVisitor<T>(std::marker::PhantomData<T>);
+        impl<'de, T: Deserialize<'de>> Visitor<'de> for ListVisitor<T> {
+            type Value = ListOr<T>;
 
             fn expecting(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
                 f.write_str("any JSON value")
@@ -147,23 +151,23 @@ impl<'de> Deserialize<'de> for Attachments<'de> {
 
             fn visit_seq<A: SeqAccess<'de>>(self, mut seq: A) -> Result<Self::Value, A::Error> {
                 let mut items = Vec::with_capacity(seq.size_hint().unwrap_or(0).min(64));
-                while let Some(item) = seq.next_element::<Item<'de>>()? {
+                while let Some(item) = seq.next_element::<T>()? {
                     items.push(item);
                 }
-                Ok(Attachments::List(items))
+                Ok(ListOr::List(items))
             }
 
             fn visit_map<A: MapAccess<'de>>(self, map: A) -> Result<Self::Value, A::Error> {
-                Ok(Attachments::Other(ValueOf::map(map)?))
+                Ok(ListOr::Other(ValueOf::map(map)?))
             }
 
             fn visit_str<E: serde::de::Error>(self, value: &str) -> Result<Self::Value, E> {
-                Ok(Attachments::Other(Value::String(value.to_string())))
+                Ok(ListOr::Other(Value::String(value.to_string())))
             }
 
-            other_primitives!(Attachments::Other);
+            other_primitives!(ListOr::Other);
         }
-        deserializer.deserialize_any(AttachmentsVisitor)
+        deserializer.deserialize_any(ListVisitor(std::marker::PhantomData))
     }
 }
 
@@ -253,12 +257,7 @@ pub(crate) struct BatchBody<'a> {
 }
 
 /// The `messages` field of a batch.
-pub(crate) enum Messages<'a> {
-    /// An array: each item a request object, or `None` when not an object.
-    List(Vec<Option<Body<'a>>>),
-    /// Anything else.
-    Other,
-}
+pub(crate) type Messages<'a> = ListOr<BatchItem<'a>>;
 
 /// Parses a batch body. A valid JSON document that is not an object is an
 /// error of category `Data`; malformed JSON of category `Syntax` or `Eof`.
@@ -298,41 +297,8 @@ impl<'de> Deserialize<'de> for BatchBody<'de> {
     }
 }
 
-impl<'de> Deserialize<'de> for Messages<'de> {
-    fn deserialize<D: Deserializer<'de>>(deserializer: D) -> Result<Self, D::Error> {
-        struct MessagesVisitor;
-        impl<'de> Visitor<'de> for MessagesVisitor {
-            type Value = Messages<'de>;
-
-            fn expecting(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-                f.write_str("any JSON value")
-            }
-
-            fn visit_seq<A: SeqAccess<'de>>(self, mut seq: A) -> Result<Self::Value, A::Error> {
-                let mut items = Vec::with_capacity(seq.size_hint().unwrap_or(0).min(64));
-                while let Some(BatchItem(item)) = seq.next_element()? {
-                    items.push(item);
-                }
-                Ok(Messages::List(items))
-            }
-
-            fn visit_map<A: MapAccess<'de>>(self, mut map: A) -> Result<Self::Value, A::Error> {
-                while map.next_entry::<IgnoredAny, IgnoredAny>()?.is_some() {}
-                Ok(Messages::Other)
-            }
-
-            fn visit_str<E: serde::de::Error>(self, _: &str) -> Result<Self::Value, E> {
-                Ok(Messages::Other)
-            }
-
-            other_primitives!(|_: Value| Messages::Other);
-        }
-        deserializer.deserialize_any(MessagesVisitor)
-    }
-}
-
 /// One element of a batch's `messages`: a request object, or `None`.
-struct BatchItem<'a>(Option<Body<'a>>);
+pub(crate) struct BatchItem<'a>(pub Option<Body<'a>>);
 
 impl<'de> Deserialize<'de> for BatchItem<'de> {
     fn deserialize<D: Deserializer<'de>>(deserializer: D) -> Result<Self, D::Error> {
@@ -394,6 +360,7 @@ mod tests {
         let Some(Messages::List(items)) = batch.messages else {
             panic!("a list")
         };
+        let items: Vec<Option<Body>> = items.into_iter().map(|item| item.0).collect();
         assert_eq!(items.len(), 4);
         let first = items[0].as_ref().unwrap();
         assert_eq!(first.repeated.as_deref(), Some("subject"));
@@ -414,7 +381,7 @@ mod tests {
         );
         assert!(matches!(
             parse_batch(br#"{"messages":{"a":[1]}}"#).unwrap().messages,
-            Some(Messages::Other)
+            Some(Messages::Other(_))
         ));
         use serde_json::error::Category;
         assert_eq!(parse_batch(b"[]").err().unwrap().classify(), Category::Data);
