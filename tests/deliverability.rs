@@ -401,13 +401,7 @@ fn connections_closed_while_idle_or_421_on_reuse_are_not_attempts() {
         config.workers = 1;
         let service = Service::start(config);
         for index in 0..3 {
-            let id = service
-                .post(
-                    "/api/mail",
-                    &seed_body("user@example.org", &format!("m{index}")),
-                )
-                .id();
-            let status = service.wait_for_status(&id, "sent");
+            let status = service.send_and_wait("user@example.org", &format!("m{index}"));
             assert_eq!(status["attempts"], 1, "{behaviour:?}: {status}");
         }
         assert_eq!(relay.wait_for(3).len(), 3);

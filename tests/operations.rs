@@ -265,14 +265,8 @@ fn status_retention_forgets_the_oldest_finished_first() {
     let service = Service::start(config);
     let mut ids = Vec::new();
     for index in 0..8 {
-        let id = service
-            .post(
-                "/api/mail",
-                &seed_body("r@example.org", &format!("retained {index}")),
-            )
-            .id();
-        service.wait_for_status(&id, "sent");
-        ids.push(id);
+        let status = service.send_and_wait("r@example.org", &format!("retained {index}"));
+        ids.push(status["id"].as_str().unwrap().to_string());
     }
     for (index, id) in ids.iter().enumerate() {
         let code = service.get(&format!("/api/mail/{id}")).code;
@@ -433,13 +427,7 @@ fn metrics_count_what_was_sent_in_exposition_format() {
     assert_eq!(initial.value("mailroom_messages_accepted_total", &[]), 0.0);
 
     for index in 0..3 {
-        let id = service
-            .post(
-                "/api/mail",
-                &seed_body("m@example.org", &format!("ok {index}")),
-            )
-            .id();
-        service.wait_for_status(&id, "sent");
+        service.send_and_wait("m@example.org", &format!("ok {index}"));
     }
     relay.reply_to_next_mail(&[(550, "5.7.1 sender rejected")]);
     let refused = service
@@ -510,13 +498,7 @@ fn metrics_show_the_spools_commits_and_how_long_they_took() {
     config.spool = mailroom::config::SpoolSetting::Directory(temp_dir("commits").join("spool"));
     let service = Service::start(config);
     for index in 0..3 {
-        let id = service
-            .post(
-                "/api/mail",
-                &seed_body("m@example.org", &format!("kept {index}")),
-            )
-            .id();
-        service.wait_for_status(&id, "sent");
+        service.send_and_wait("m@example.org", &format!("kept {index}"));
     }
     let metrics = Exposition::parse(&service.get("/metrics").body_text());
     assert_eq!(metrics.types["mailroom_spool_commits_total"], "counter");

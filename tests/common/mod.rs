@@ -252,6 +252,13 @@ impl Service {
     pub fn wait_for_status(&self, id: &str, status: &str) -> serde_json::Value {
         wait_for_status(self.address, id, status)
     }
+
+    /// POSTs the seed body to `receiver` with `subject` and waits until the
+    /// message is sent; its status then.
+    pub fn send_and_wait(&self, receiver: &str, subject: &str) -> serde_json::Value {
+        let id = self.post("/api/mail", &seed_body(receiver, subject)).id();
+        self.wait_for_status(&id, "sent")
+    }
 }
 
 impl Drop for Service {
