@@ -46,20 +46,16 @@ fn connect(address: SocketAddr) -> TcpStream {
 /// What came back on a raw connection: an HTTP status, or the connection
 /// closed (or reset) without one.
 fn outcome(stream: TcpStream) -> Option<u16> {
-    let mut reader = BufReader::new(stream);
-    let mut status = Vec::new();
-    let mut byte = [0u8; 1];
-    loop {
-        match reader.read(&mut byte) {
-            Ok(1) if byte[0] != b'\n' => status.push(byte[0]),
-            Ok(1) => break,
-            _ => return None,
-        }
+    status_code(&mut BufReader::new(stream))
+}
+
+/// The status code on the answer's first line, if an answer came.
+fn status_code(reader: &mut impl std::io::BufRead) -> Option<u16> {
+    let mut line = String::new();
+    match reader.read_line(&mut line) {
+        Ok(n) if n > 0 => line.split_whitespace().nth(1).and_then(|c| c.parse().ok()),
+        _ => None,
     }
-    String::from_utf8_lossy(&status)
-        .split_whitespace()
-        .nth(1)
-        .and_then(|code| code.parse().ok())
 }
 
 fn timed_post(address: SocketAddr, headers: &[(&str, &str)]) -> (HttpReply, Duration) {
@@ -1451,14 +1447,7 @@ fn raw_exchange(address: SocketAddr, bytes: &[u8]) -> (Option<u16>, bool) {
     // A server that refuses the connection may close it before we are done.
     let _ = stream.write_all(bytes);
     let mut reader = BufReader::new(stream);
-    let mut status = String::new();
-    let code = match std::io::BufRead::read_line(&mut reader, &mut status) {
-        Ok(n) if n > 0 => status
-            .split_whitespace()
-            .nth(1)
-            .and_then(|c| c.parse().ok()),
-        _ => None,
-    };
+    let code = status_code(&mut reader);
     let mut rest = Vec::new();
     let end = reader.read_to_end(&mut rest);
     let closed = !matches!(&end, Err(error) if matches!(error.kind(), ErrorKind::WouldBlock | ErrorKind::TimedOut));
