@@ -61,7 +61,7 @@ impl TestRelay {
 
     /// Plain SMTP on a given listener (e.g. a port reserved earlier).
     pub fn plain_on(listener: TcpListener) -> TestRelay {
-        TestRelay::start(listener, RelayOptions::default())
+        TestRelay::with_on(listener, RelayOptions::default())
     }
 
     /// STARTTLS with a certificate for `localhost`, and AUTH PLAIN/LOGIN.
@@ -76,17 +76,13 @@ impl TestRelay {
         })
     }
 
-    /// A relay with these options on a given listener.
-    pub fn with_on(listener: TcpListener, options: RelayOptions) -> TestRelay {
-        TestRelay::start(listener, options)
-    }
-
     /// A relay with these options on a new port.
     pub fn with(options: RelayOptions) -> TestRelay {
-        TestRelay::start(TcpListener::bind("127.0.0.1:0").unwrap(), options)
+        TestRelay::with_on(TcpListener::bind("127.0.0.1:0").unwrap(), options)
     }
 
-    fn start(listener: TcpListener, options: RelayOptions) -> TestRelay {
+    /// A relay with these options on a given listener.
+    pub fn with_on(listener: TcpListener, options: RelayOptions) -> TestRelay {
         let credentials = match &options.login {
             Login::Only { user, password } => Some((user.clone(), password.clone())),
             _ => None,
