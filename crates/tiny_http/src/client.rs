@@ -44,7 +44,10 @@ pub struct ClientConnection {
 #[derive(Debug)]
 enum ReadError {
     WrongRequestLine,
+    /// a header line is malformed, or ends with a lone CR or LF
     WrongHeader(HTTPVersion),
+    /// the request has more than one `Host` header
+    SeveralHosts(HTTPVersion),
     /// the client sent an unrecognized `Expect` header
     ExpectationFailed(HTTPVersion),
     /// the request line is longer than the limit
@@ -76,8 +79,9 @@ impl ReadError {
             ReadError::WrongHeader(version) => (
                 400,
                 version,
-                "malformed header line (lines end with CR LF), or more than one Host header",
+                "malformed header line (lines end with CR LF)",
             ),
+            ReadError::SeveralHosts(version) => (400, version, "more than one Host header"),
             ReadError::BadFraming(version) => (
                 400,
                 version,
@@ -288,7 +292,7 @@ impl ClientConnection {
             // did: hand-written clients and scripts often leave it out, and
             // nothing here routes by host.
             if headers.iter().filter(|h| h.field.equiv("Host")).count() > 1 {
-                return Err(ReadError::WrongHeader(version));
+                return Err(ReadError::SeveralHosts(version));
             }
 
             (method, path, version, headers)

@@ -297,7 +297,14 @@ fn refusals_carry_the_configured_body() {
     );
     let answer = answer.expect("an answer");
     assert_eq!(answer.code, 400);
-    assert!(String::from_utf8_lossy(&answer.body).contains("Host"));
+    assert_eq!(answer.body, br#"{"error":"more than one Host header"}"#);
+    let (answer, _) = exchange(server.address, b"GET / HTTP/1.1\r\nHost: a\nX: b\r\n\r\n");
+    let answer = answer.expect("an answer");
+    assert_eq!(answer.code, 400);
+    assert_eq!(
+        answer.body,
+        br#"{"error":"malformed header line (lines end with CR LF)"}"#
+    );
     // By default, none.
     let plain = TestServer::ok(default_server());
     let (answer, _) = exchange(plain.address, long.as_bytes());
