@@ -449,19 +449,17 @@ fn parse_http_version(version: &str) -> Result<HTTPVersion, ReadError> {
 /// (`http://host/path?query`, which RFC 9112 §3.2.2 says a server must
 /// accept) becomes its path and query; any other is kept as it is.
 fn origin_form(target: String) -> String {
-    let lower = target.get(..8).unwrap_or(&target).to_ascii_lowercase();
-    let Some(scheme_end) = ["http://", "https://"]
-        .iter()
-        .find(|scheme| lower.starts_with(**scheme))
-        .map(|scheme| scheme.len())
-    else {
+    let Some(scheme) = ["http://", "https://"].into_iter().find(|scheme| {
+        target
+            .get(..scheme.len())
+            .is_some_and(|start| start.eq_ignore_ascii_case(scheme))
+    }) else {
         return target;
     };
-    match target[scheme_end..].find(['/', '?']) {
-        Some(start) if target[scheme_end + start..].starts_with('/') => {
-            target[scheme_end + start..].to_string()
-        }
-        Some(start) => format!("/{}", &target[scheme_end + start..]),
+    let rest = &target[scheme.len()..];
+    match rest.find(['/', '?']).map(|start| &rest[start..]) {
+        Some(path) if path.starts_with('/') => path.to_string(),
+        Some(query) => format!("/{query}"),
         None => "/".to_string(),
     }
 }
@@ -491,6 +489,8 @@ mod test {
             ("http://x?q=1", "/?q=1"),
             ("/plain?x", "/plain?x"),
             ("*", "*"),
+            ("http:/x", "http:/x"),
+            ("ht\u{e9}://x/y", "ht\u{e9}://x/y"),
         ] {
             assert_eq!(super::origin_form(target.to_string()), origin, "{target}");
         }
