@@ -625,8 +625,12 @@ impl Engine {
     }
 
     /// Renders a request's template (when it names one) and builds the
-    /// message, refusing what could never be delivered.
-    fn build(&self, request: &MailRequest) -> Result<OutgoingMessage, SubmitError> {
+    /// message dated `date`, refusing what could never be delivered.
+    fn build(
+        &self,
+        request: &MailRequest,
+        date: SystemTime,
+    ) -> Result<OutgoingMessage, SubmitError> {
         let inner = &self.inner;
         let rendered;
         let request = match &request.template {
@@ -659,7 +663,7 @@ impl Engine {
             }
         };
         let message = request
-            .build(inner.config.allowed_senders.as_deref())
+            .build_dated(inner.config.allowed_senders.as_deref(), date)
             .map_err(SubmitError::Invalid)?;
         if let Some(error) = refuse_at_submit(&message, &inner.capabilities) {
             return Err(SubmitError::Invalid(error));
@@ -674,8 +678,9 @@ impl Engine {
         if !inner.accepting.load(Ordering::SeqCst) {
             return Err(SubmitError::ShuttingDown);
         }
-        let message = self.build(item.request)?;
         let send_at = scheduled_time(item.request.send_at)?;
+        // A scheduled message is dated when it is due.
+        let message = self.build(item.request, send_at.unwrap_or_else(SystemTime::now))?;
         let mut status = Engine::new_status(&message, item.idempotency_key, item.request);
         if let Some(send_at) = send_at {
             status.set_state(State::Scheduled);
@@ -813,7 +818,10 @@ impl Engine {
         if !inner.accepting.load(Ordering::SeqCst) {
             return Err(SendError::Rejected(SubmitError::ShuttingDown));
         }
-        let message = self.build(request).map_err(SendError::Rejected)?;
+        // Sent now, also when `send_at` is a little ahead (a skewed clock).
+        let message = self
+            .build(request, SystemTime::now())
+            .map_err(SendError::Rejected)?;
         let id = message.id.clone();
         let (waiter, outcome) = crossbeam_channel::bounded::<WaitedOutcome>(1);
         let status = Engine::new_status(&message, idempotency_key, request);

@@ -454,8 +454,22 @@ fn a_message_scheduled_two_seconds_ahead_is_sent_then_and_not_before() {
         let reply = service.post("/api/mail/v2", &now.to_string());
         assert_eq!(reply.code, 200, "{}", reply.body_text());
     }
-    let subjects = subjects_of(&relay.received()[before..]);
+    let received = relay.received();
+    let subjects = subjects_of(&received[before..]);
     assert_eq!(subjects, ["v2 past", "v2 skewed"]);
+    // Sent now, so dated now: not at the skewed clock's time.
+    let skewed = received
+        .last()
+        .unwrap()
+        .parsed()
+        .date()
+        .unwrap()
+        .to_timestamp();
+    let now = SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .unwrap()
+        .as_secs() as i64;
+    assert!(skewed <= now, "dated {} s ahead", skewed - now);
 }
 
 #[test]

@@ -65,11 +65,12 @@ enum LeafBody<'a> {
     Bytes(&'a [u8]),
 }
 
-/// Validates `request` and builds the message `id`.
+/// Validates `request` and builds the message `id`, dated `date`.
 pub(super) fn build(
     request: &MailRequest,
     id: String,
     allowed_senders: Option<&[SenderRule]>,
+    date: SystemTime,
 ) -> Result<OutgoingMessage, MessageError> {
     let sender = parse_mailbox("sender", &request.sender)?;
     if let Some(rules) = allowed_senders {
@@ -128,8 +129,7 @@ pub(super) fn build(
         .collect::<Result<Vec<_>, _>>()?;
     let body = body(request)?;
 
-    let now = SystemTime::now();
-    let date = crate::time::rfc5322_date(request.send_at.filter(|at| *at > now).unwrap_or(now));
+    let date = crate::time::rfc5322_date(date);
     let message_id = format!("<{id}@{}>", sender.domain);
     let boundary = boundary_for(&body);
     let parts = Parts {

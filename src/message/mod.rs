@@ -113,7 +113,7 @@ pub struct MailRequest {
     /// The template's variables.
     pub data: Option<Map<String, Value>>,
     /// Send then instead of now; also the message's `Date` when it is
-    /// ahead (a message scheduled for Monday is dated Monday, as mail
+    /// scheduled (a message scheduled for Monday is dated Monday, as mail
     /// clients sort by it).
     pub send_at: Option<SystemTime>,
 }
@@ -379,13 +379,26 @@ impl MailRequest {
         self.build_with_id(new_message_id(), allowed_senders)
     }
 
-    /// As [`MailRequest::build`], with a given id.
+    /// As [`MailRequest::build`], with a given id. The message is dated
+    /// its `send_at` when that is ahead, else now.
     pub fn build_with_id(
         &self,
         id: String,
         allowed_senders: Option<&[SenderRule]>,
     ) -> Result<OutgoingMessage, MessageError> {
-        build::build(self, id, allowed_senders)
+        let now = SystemTime::now();
+        let date = self.send_at.filter(|at| *at > now).unwrap_or(now);
+        build::build(self, id, allowed_senders, date)
+    }
+
+    /// As [`MailRequest::build`], dated `date` (the engine's: the time a
+    /// scheduled message is due, else now, whatever `send_at` says).
+    pub(crate) fn build_dated(
+        &self,
+        allowed_senders: Option<&[SenderRule]>,
+        date: SystemTime,
+    ) -> Result<OutgoingMessage, MessageError> {
+        build::build(self, new_message_id(), allowed_senders, date)
     }
 }
 
