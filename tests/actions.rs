@@ -594,7 +594,7 @@ fn batches_answer_per_item_and_wrong_methods_name_the_allowed_ones() {
     let twice = r#"{"messages":[
         {"sender":"app@example.com","receiver":"ok@example.org","subject":"kept"},
         {"sender":"app@example.com","receiver":"a@example.org","receiver":"b@example.org","subject":"twice"},
-        {"sender":"app@example.com","receiver":"c@example.org","subject":"key twice","idempotency_key":"k1","idempotency_key":"k2"},
+        {"sender":"app@example.com","receiver":"c@example.org","subject":"key twice","idempotency_key":"k1","idempotency_key":5},
         7]}"#;
     let reply = send(&service, "POST", "/api/mail/batch", twice);
     assert_eq!(reply.code, 200, "{}", reply.body_text());
@@ -628,6 +628,8 @@ fn batches_answer_per_item_and_wrong_methods_name_the_allowed_ones() {
         (r#"{"messages": []}"#, 400),
         (r#"{"messages": [], "extra": 1}"#, 400),
         ("not json", 400),
+        // Malformed inside an item that is not a request: still malformed.
+        (r#"{"messages": [["\ud800"], {"sender": "a@b.c"}]}"#, 400),
     ] {
         assert_eq!(
             send(&service, "POST", "/api/mail/batch", body).code,
@@ -635,6 +637,12 @@ fn batches_answer_per_item_and_wrong_methods_name_the_allowed_ones() {
             "{body}"
         );
     }
+    let malformed = send(&service, "POST", "/api/mail/batch", "[x");
+    assert!(
+        malformed.body_text().contains("malformed JSON"),
+        "{}",
+        malformed.body_text()
+    );
     let too_many: Vec<Value> = (0..501).map(|_| json!({})).collect();
     let reply = send(
         &service,

@@ -7,7 +7,7 @@ use serde_json::{json, Map, Value};
 
 use crate::engine::{ActionError, BatchItem, Engine, ListError, SubmitError, SuppressionError};
 use crate::message::{
-    parse_batch, MailRequest, MessageError, Messages, RequestBody, JSON_REQUIRED,
+    parse_batch, MailRequest, MessageError, Messages, RequestBody, JSON_REQUIRED, MAX_BATCH,
 };
 use crate::status::State;
 use crate::store::ListQuery;
@@ -44,9 +44,6 @@ impl Body {
         }
     }
 }
-
-/// Largest batch.
-pub const MAX_BATCH: usize = 500;
 
 /// An answer: status code, JSON body, extra headers.
 #[derive(Debug)]
@@ -354,7 +351,7 @@ pub(crate) fn batch(engine: &Engine, body: &Body) -> Answer {
             return Answer::error(400, &detail, &detail);
         }
     };
-    if let Some(unknown) = batch.other_fields.first() {
+    if let Some(unknown) = &batch.unknown {
         let detail = format!("unknown field `{unknown}`; the only field is `messages`");
         return Answer::error(400, &detail, &detail);
     }
@@ -423,6 +420,8 @@ fn parse_item(item: Option<RequestBody<'_>>) -> Result<(MailRequest, Option<Stri
     let key = match item.fields.remove("idempotency_key") {
         None | Some(Value::Null) => None,
         Some(Value::String(key)) => Some(key),
+        // A field given twice (this one, say) is the item's first fault.
+        Some(_) if item.repeated.is_some() => None,
         Some(_) => {
             return Err(
                 json!({ "error": { "message": "field `idempotency_key` must be a string", "field": "idempotency_key" } }),

@@ -8,7 +8,7 @@ use std::borrow::Cow;
 use std::fmt;
 
 use serde::de::value::{MapAccessDeserializer, SeqAccessDeserializer};
-use serde::de::{Deserialize, Deserializer, IgnoredAny, MapAccess, SeqAccess, Visitor};
+use serde::de::{Deserialize, Deserializer, MapAccess, SeqAccess, Visitor};
 use serde_json::{Map, Value};
 
 /// A parsed request body.
@@ -23,9 +23,10 @@ pub(crate) struct Body<'a> {
     pub repeated: Option<String>,
 }
 
-/// A field that should be an array: its items, or the value it was instead
-/// (null, or a wrong type).
-pub(crate) enum ListOr<T> {
+/// A field that should be an array: its items (at most `KEEP`: the rest
+/// are read, checked and dropped, so a huge array costs no memory past
+/// its limit), or the value it was instead (null, or a wrong type).
+pub(crate) enum ListOr<T, const KEEP: usize = { usize::MAX }> {
     /// An array.
     List(Vec<T>),
     /// Anything else.
@@ -54,7 +55,22 @@ pub(crate) enum Field<'a> {
 /// Parses `body`. A valid JSON document that is not an object is an error
 /// of category `Data`; malformed JSON of category `Syntax` or `Eof`.
 pub(super) fn parse(body: &[u8]) -> Result<Body<'_>, serde_json::Error> {
-    serde_json::from_slice(body)
+    serde_json::from_slice(body).map_err(|error| classified(body, error))
+}
+
+/// `error` as the category promised above: the wrong top-level type is
+/// refused before the rest is read, so a document such as `[x` would be
+/// "not an object" instead of the malformed JSON it is.
+fn classified(body: &[u8], error: serde_json::Error) -> serde_json::Error {
+    use serde_json::error::Category;
+    if error.classify() == Category::Data {
+        if let Err(malformed) = serde_json::from_slice::<Value>(body) {
+            if malformed.classify() != Category::Data {
+                return malformed;
+            }
+        }
+    }
+    error
 }
 
 impl<'de> Deserialize<'de> for Body<'de> {
@@ -139,11 +155,11 @@ macro_rules! other_primitives {
     };
 }
 
-impl<'de, T: Deserialize<'de>> Deserialize<'de> for ListOr<T> {
+impl<'de, T: Deserialize<'de>, const KEEP: usize> Deserialize<'de> for ListOr<T, KEEP> {
     fn deserialize<D: Deserializer<'de>>(deserializer: D) -> Result<Self, D::Error> {
-        struct ListVisitor<T>(std::marker::PhantomData<T>);
-        impl<'de, T: Deserialize<'de>> Visitor<'de> for ListVisitor<T> {
-            type Value = ListOr<T>;
+        struct ListVisitor<T, const KEEP: usize>(std::marker::PhantomData<T>);
+        impl<'de, T: Deserialize<'de>, const KEEP: usize> Visitor<'de> for ListVisitor<T, KEEP> {
+            type Value = ListOr<T, KEEP>;
 
             fn expecting(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
                 f.write_str("any JSON value")
@@ -151,9 +167,13 @@ impl<'de, T: Deserialize<'de>> Deserialize<'de> for ListOr<T> {
 
             fn visit_seq<A: SeqAccess<'de>>(self, mut seq: A) -> Result<Self::Value, A::Error> {
                 let mut items = Vec::with_capacity(seq.size_hint().unwrap_or(0).min(64));
-                while let Some(item) = seq.next_element::<T>()? {
-                    items.push(item);
+                while items.len() < KEEP {
+                    match seq.next_element::<T>()? {
+                        Some(item) => items.push(item),
+                        None => return Ok(ListOr::List(items)),
+                    }
                 }
+                while seq.next_element::<Value>()?.is_some() {}
                 Ok(ListOr::List(items))
             }
 
@@ -191,7 +211,9 @@ impl<'de> Deserialize<'de> for Item<'de> {
             }
 
             fn visit_seq<A: SeqAccess<'de>>(self, mut seq: A) -> Result<Self::Value, A::Error> {
-                while seq.next_element::<IgnoredAny>()?.is_some() {}
+                // Read as values, not skipped: skipping checks neither
+                // UTF-8, nor escapes, nor nesting depth.
+                while seq.next_element::<Value>()?.is_some() {}
                 Ok(Item::Other)
             }
 
@@ -248,21 +270,25 @@ impl<'de> Deserialize<'de> for Field<'de> {
 /// request body is read (borrowed attachments, repeated fields noted), so
 /// an item is parsed once and checked like a single request.
 pub(crate) struct BatchBody<'a> {
-    /// Top-level fields other than `messages`, in order (refused).
-    pub other_fields: Vec<String>,
+    /// The first top-level field other than `messages` (refused).
+    pub unknown: Option<String>,
     /// The `messages` field, when present.
     pub messages: Option<Messages<'a>>,
     /// `messages` was given more than once.
     pub repeated: bool,
 }
 
-/// The `messages` field of a batch.
-pub(crate) type Messages<'a> = ListOr<BatchItem<'a>>;
+/// The `messages` field of a batch: one item past the limit is kept, to
+/// say there are too many.
+pub(crate) type Messages<'a> = ListOr<BatchItem<'a>, { MAX_BATCH + 1 }>;
+
+/// Items a batch may hold.
+pub const MAX_BATCH: usize = 500;
 
 /// Parses a batch body. A valid JSON document that is not an object is an
 /// error of category `Data`; malformed JSON of category `Syntax` or `Eof`.
 pub(crate) fn parse_batch(body: &[u8]) -> Result<BatchBody<'_>, serde_json::Error> {
-    serde_json::from_slice(body)
+    serde_json::from_slice(body).map_err(|error| classified(body, error))
 }
 
 impl<'de> Deserialize<'de> for BatchBody<'de> {
@@ -277,7 +303,7 @@ impl<'de> Deserialize<'de> for BatchBody<'de> {
 
             fn visit_map<A: MapAccess<'de>>(self, mut map: A) -> Result<Self::Value, A::Error> {
                 let mut batch = BatchBody {
-                    other_fields: Vec::new(),
+                    unknown: None,
                     messages: None,
                     repeated: false,
                 };
@@ -286,8 +312,9 @@ impl<'de> Deserialize<'de> for BatchBody<'de> {
                         let messages = map.next_value::<Messages<'de>>()?;
                         batch.repeated |= batch.messages.replace(messages).is_some();
                     } else {
-                        map.next_value::<IgnoredAny>()?;
-                        batch.other_fields.push(key);
+                        // Read, not skipped (see `BatchItem`).
+                        map.next_value::<Value>()?;
+                        batch.unknown.get_or_insert(key);
                     }
                 }
                 Ok(batch)
@@ -315,7 +342,9 @@ impl<'de> Deserialize<'de> for BatchItem<'de> {
             }
 
             fn visit_seq<A: SeqAccess<'de>>(self, mut seq: A) -> Result<Self::Value, A::Error> {
-                while seq.next_element::<IgnoredAny>()?.is_some() {}
+                // Read as values, not skipped: skipping checks neither
+                // UTF-8, nor escapes, nor nesting depth.
+                while seq.next_element::<Value>()?.is_some() {}
                 Ok(BatchItem(None))
             }
 
@@ -355,7 +384,7 @@ mod tests {
     fn a_batch_is_read_in_one_pass() {
         let body = br#"{"x":1,"messages":[{"subject":"a","subject":"b","attachments":[{"content":"aGk="}]},[1],"s",{}],"y":{}}"#;
         let batch = parse_batch(body).unwrap();
-        assert_eq!(batch.other_fields, ["x", "y"]);
+        assert_eq!(batch.unknown.as_deref(), Some("x"));
         assert!(!batch.repeated);
         let Some(Messages::List(items)) = batch.messages else {
             panic!("a list")
@@ -389,6 +418,37 @@ mod tests {
             parse_batch(b"{\"messages\":[").err().unwrap().classify(),
             Category::Eof
         );
+        // What is skipped is still checked: a lone surrogate, bytes that
+        // are not UTF-8, nesting past serde_json's limit.
+        let deep = format!("{}{}", "[".repeat(200), "]".repeat(200));
+        for bad in [
+            r#"["\ud800"]"#.as_bytes(),
+            b"[\"\xff\xfe\"]",
+            deep.as_bytes(),
+        ] {
+            let mut item = b"{\"messages\":[".to_vec();
+            item.extend_from_slice(bad);
+            item.extend_from_slice(b",{}]}");
+            assert!(
+                parse_batch(&item).is_err(),
+                "{}",
+                String::from_utf8_lossy(&item)
+            );
+            let mut field = b"{\"x\":".to_vec();
+            field.extend_from_slice(bad);
+            field.extend_from_slice(b",\"messages\":[]}");
+            assert!(parse_batch(&field).is_err());
+            let mut attachment = b"{\"attachments\":[".to_vec();
+            attachment.extend_from_slice(bad);
+            attachment.extend_from_slice(b"]}");
+            assert!(parse(&attachment).is_err());
+        }
+        // A huge array keeps one item past the limit.
+        let many = format!("{{\"messages\":[{}{{}}]}}", "{},".repeat(MAX_BATCH * 4));
+        let Some(Messages::List(kept)) = parse_batch(many.as_bytes()).unwrap().messages else {
+            panic!("a list")
+        };
+        assert_eq!(kept.len(), MAX_BATCH + 1);
     }
 
     #[test]
@@ -397,6 +457,11 @@ mod tests {
         assert_eq!(parse(b"[1,2]").err().unwrap().classify(), Category::Data);
         assert_eq!(parse(b"{nope").err().unwrap().classify(), Category::Syntax);
         assert_eq!(parse(b"{\"a\":").err().unwrap().classify(), Category::Eof);
+        // Malformed, whatever its first byte says.
+        for body in [&b"[x"[..], b"1 x", b"\"a\" b", b"[1,"] {
+            assert_ne!(parse(body).err().unwrap().classify(), Category::Data);
+            assert_ne!(parse_batch(body).err().unwrap().classify(), Category::Data);
+        }
         assert!(matches!(
             parse(br#"{"attachments":{"a":1}}"#).unwrap().attachments,
             Some(Attachments::Other(Value::Object(_)))

@@ -18,6 +18,7 @@ mod encode;
 mod json;
 
 pub(crate) use address::comparable_address;
+pub use json::MAX_BATCH;
 pub(crate) use json::{parse_batch, Body as RequestBody, Messages};
 
 use std::collections::hash_map::RandomState;
