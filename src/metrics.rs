@@ -23,10 +23,12 @@ impl Buckets for DeliverySeconds {
 }
 
 /// A Prometheus histogram of durations (cumulative buckets, a count and a
-/// sum), for hot paths: observing only adds.
+/// sum), for hot paths: observing adds to one bucket and the sum. Buckets
+/// are kept apart (the last one past every bound) and summed when
+/// rendered, so a scrape during an observation still reads cumulative
+/// buckets and a count equal to `+Inf`.
 pub(crate) struct Histogram<B: Buckets> {
     buckets: Vec<AtomicU64>,
-    count: AtomicU64,
     sum_micros: AtomicU64,
     bounds: std::marker::PhantomData<B>,
 }
@@ -34,8 +36,7 @@ pub(crate) struct Histogram<B: Buckets> {
 impl<B: Buckets> Default for Histogram<B> {
     fn default() -> Self {
         Histogram {
-            buckets: B::UPPER.iter().map(|_| AtomicU64::new(0)).collect(),
-            count: AtomicU64::new(0),
+            buckets: (0..=B::UPPER.len()).map(|_| AtomicU64::new(0)).collect(),
             sum_micros: AtomicU64::new(0),
             bounds: std::marker::PhantomData,
         }
@@ -46,12 +47,11 @@ impl<B: Buckets> Histogram<B> {
     /// Counts one duration.
     pub(crate) fn observe(&self, elapsed: Duration) {
         let seconds = elapsed.as_secs_f64();
-        for (bound, bucket) in B::UPPER.iter().zip(&self.buckets) {
-            if seconds <= *bound {
-                bucket.fetch_add(1, Ordering::Relaxed);
-            }
-        }
-        self.count.fetch_add(1, Ordering::Relaxed);
+        let bucket = B::UPPER
+            .iter()
+            .position(|bound| seconds <= *bound)
+            .unwrap_or(B::UPPER.len());
+        self.buckets[bucket].fetch_add(1, Ordering::Relaxed);
         self.sum_micros
             .fetch_add(elapsed.as_micros() as u64, Ordering::Relaxed);
     }
@@ -59,14 +59,12 @@ impl<B: Buckets> Histogram<B> {
     /// Appends the histogram as `name` (with its `# HELP` and `# TYPE`).
     pub(crate) fn render(&self, out: &mut String, name: &str, help: &str) {
         let _ = writeln!(out, "# HELP {name} {help}\n# TYPE {name} histogram");
+        let mut count = 0;
         for (bound, bucket) in B::UPPER.iter().zip(&self.buckets) {
-            let _ = writeln!(
-                out,
-                "{name}_bucket{{le=\"{bound}\"}} {}",
-                bucket.load(Ordering::Relaxed)
-            );
+            count += bucket.load(Ordering::Relaxed);
+            let _ = writeln!(out, "{name}_bucket{{le=\"{bound}\"}} {count}");
         }
-        let count = self.count.load(Ordering::Relaxed);
+        count += self.buckets[B::UPPER.len()].load(Ordering::Relaxed);
         let _ = writeln!(out, "{name}_bucket{{le=\"+Inf\"}} {count}");
         let sum = self.sum_micros.load(Ordering::Relaxed) as f64 / 1e6;
         let _ = writeln!(out, "{name}_sum {sum}\n{name}_count {count}");
@@ -370,6 +368,27 @@ impl Metrics {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn histogram_buckets_add_up() {
+        let histogram = Histogram::<DeliverySeconds>::default();
+        for millis in [1, 5, 7, 20_000, 60_000] {
+            histogram.observe(Duration::from_millis(millis));
+        }
+        let mut out = String::new();
+        histogram.render(&mut out, "h", "help");
+        for line in [
+            "h_bucket{le=\"0.005\"} 2",
+            "h_bucket{le=\"0.01\"} 3",
+            "h_bucket{le=\"10\"} 3",
+            "h_bucket{le=\"30\"} 4",
+            "h_bucket{le=\"+Inf\"} 5",
+            "h_count 5",
+            "h_sum 80.013",
+        ] {
+            assert!(out.lines().any(|l| l == line), "{line} in\n{out}");
+        }
+    }
 
     #[test]
     fn the_last_hour_ends_with_this_minute() {

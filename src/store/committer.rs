@@ -298,12 +298,12 @@ impl CommitStats {
         for (name, help, value) in [
             (
                 "mailroom_spool_commits_total",
-                "Commits written to the spool's journal (each one write and flush).",
+                "Commits written to the spool's journal (each one write and flush; failed ones are not counted).",
                 &self.commits,
             ),
             (
                 "mailroom_spool_records_total",
-                "Records those commits carried (a message accepted, retried or finished).",
+                "Records those commits carried: a message accepted, retried or finished, or copied forward from an old segment (at start and when compacting).",
                 &self.records,
             ),
         ] {
@@ -397,7 +397,7 @@ impl Committer {
         }
         let started = Instant::now();
         let result = active.write(buffer, &mut self.aligned);
-        if !placed.is_empty() {
+        if result.is_ok() && !placed.is_empty() {
             // (Opening the spool with nothing to recover writes nothing.)
             self.stats.observe(placed.len(), started.elapsed());
         }
