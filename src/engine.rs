@@ -678,9 +678,12 @@ impl Engine {
         if !inner.accepting.load(Ordering::SeqCst) {
             return Err(SubmitError::ShuttingDown);
         }
-        let send_at = scheduled_time(item.request.send_at)?;
-        // A scheduled message is dated when it is due.
-        let message = self.build(item.request, send_at.unwrap_or_else(SystemTime::now))?;
+        let send_at = scheduled_time(item.request.send_at);
+        // A scheduled message is dated when it is due. (The message's own
+        // faults are reported before a bad send_at, as they always were.)
+        let due = send_at.as_ref().ok().copied().flatten();
+        let message = self.build(item.request, due.unwrap_or_else(SystemTime::now))?;
+        let send_at = send_at?;
         let mut status = Engine::new_status(&message, item.idempotency_key, item.request);
         if let Some(send_at) = send_at {
             status.set_state(State::Scheduled);

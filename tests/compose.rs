@@ -409,6 +409,15 @@ fn a_message_scheduled_two_seconds_ahead_is_sent_then_and_not_before() {
     let reply = service.post("/api/mail", &past.to_string());
     assert_eq!(reply.json()["data"]["status"], "queued");
     let past_id = reply.id();
+    // The message's own fault comes first.
+    let both = json!({"sender": "not an address", "receiver": "b@example.org", "subject": "far", "send_at": rfc3339_in(Duration::from_secs(31 * 86_400))});
+    let reply = service.post("/api/mail", &both.to_string());
+    assert_eq!(reply.code, 400);
+    assert!(
+        reply.body_text().contains("`sender`"),
+        "{}",
+        reply.body_text()
+    );
     let far = json!({"sender": "a@example.com", "receiver": "b@example.org", "subject": "far", "send_at": rfc3339_in(Duration::from_secs(31 * 86_400))});
     let reply = service.post("/api/mail", &far.to_string());
     assert_eq!(reply.code, 400);

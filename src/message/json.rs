@@ -24,8 +24,8 @@ pub(crate) struct Body<'a> {
 }
 
 /// A field that should be an array: its items (at most `KEEP`: the rest
-/// are read, checked and dropped, so a huge array costs no memory past
-/// its limit), or the value it was instead (null, or a wrong type).
+/// are only [`Checked`], so a huge array costs no memory past its limit),
+/// or the value it was instead (null, or a wrong type).
 pub(crate) enum ListOr<T, const KEEP: usize = { usize::MAX }> {
     /// An array.
     List(Vec<T>),
@@ -64,7 +64,7 @@ pub(super) fn parse(body: &[u8]) -> Result<Body<'_>, serde_json::Error> {
 fn classified(body: &[u8], error: serde_json::Error) -> serde_json::Error {
     use serde_json::error::Category;
     if error.classify() == Category::Data {
-        if let Err(malformed) = serde_json::from_slice::<Value>(body) {
+        if let Err(malformed) = serde_json::from_slice::<Checked>(body) {
             if malformed.classify() != Category::Data {
                 return malformed;
             }
@@ -173,7 +173,7 @@ impl<'de, T: Deserialize<'de>, const KEEP: usize> Deserialize<'de> for ListOr<T,
                         None => return Ok(ListOr::List(items)),
                     }
                 }
-                while seq.next_element::<Value>()?.is_some() {}
+                while seq.next_element::<Checked>()?.is_some() {}
                 Ok(ListOr::List(items))
             }
 
@@ -211,9 +211,8 @@ impl<'de> Deserialize<'de> for Item<'de> {
             }
 
             fn visit_seq<A: SeqAccess<'de>>(self, mut seq: A) -> Result<Self::Value, A::Error> {
-                // Read as values, not skipped: skipping checks neither
-                // UTF-8, nor escapes, nor nesting depth.
-                while seq.next_element::<Value>()?.is_some() {}
+                // Checked, not skipped (see `Checked`).
+                while seq.next_element::<Checked>()?.is_some() {}
                 Ok(Item::Other)
             }
 
@@ -312,8 +311,8 @@ impl<'de> Deserialize<'de> for BatchBody<'de> {
                         let messages = map.next_value::<Messages<'de>>()?;
                         batch.repeated |= batch.messages.replace(messages).is_some();
                     } else {
-                        // Read, not skipped (see `BatchItem`).
-                        map.next_value::<Value>()?;
+                        // Checked, not skipped (see `Checked`).
+                        map.next_value::<Checked>()?;
                         batch.unknown.get_or_insert(key);
                     }
                 }
@@ -342,9 +341,8 @@ impl<'de> Deserialize<'de> for BatchItem<'de> {
             }
 
             fn visit_seq<A: SeqAccess<'de>>(self, mut seq: A) -> Result<Self::Value, A::Error> {
-                // Read as values, not skipped: skipping checks neither
-                // UTF-8, nor escapes, nor nesting depth.
-                while seq.next_element::<Value>()?.is_some() {}
+                // Checked, not skipped (see `Checked`).
+                while seq.next_element::<Checked>()?.is_some() {}
                 Ok(BatchItem(None))
             }
 
@@ -355,6 +353,41 @@ impl<'de> Deserialize<'de> for BatchItem<'de> {
             other_primitives!(|_: Value| BatchItem(None));
         }
         deserializer.deserialize_any(BatchItemVisitor)
+    }
+}
+
+/// A value read and checked as a `Value` would be (UTF-8, escapes, number
+/// range, nesting depth), then forgotten: what a request does not use
+/// costs no memory. (serde's `IgnoredAny` skips text without checking it.)
+struct Checked;
+
+impl<'de> Deserialize<'de> for Checked {
+    fn deserialize<D: Deserializer<'de>>(deserializer: D) -> Result<Self, D::Error> {
+        struct CheckedVisitor;
+        impl<'de> Visitor<'de> for CheckedVisitor {
+            type Value = Checked;
+
+            fn expecting(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+                f.write_str("any JSON value")
+            }
+
+            fn visit_seq<A: SeqAccess<'de>>(self, mut seq: A) -> Result<Self::Value, A::Error> {
+                while seq.next_element::<Checked>()?.is_some() {}
+                Ok(Checked)
+            }
+
+            fn visit_map<A: MapAccess<'de>>(self, mut map: A) -> Result<Self::Value, A::Error> {
+                while map.next_entry::<Checked, Checked>()?.is_some() {}
+                Ok(Checked)
+            }
+
+            fn visit_str<E: serde::de::Error>(self, _: &str) -> Result<Self::Value, E> {
+                Ok(Checked)
+            }
+
+            other_primitives!(|_: Value| Checked);
+        }
+        deserializer.deserialize_any(CheckedVisitor)
     }
 }
 
@@ -424,6 +457,8 @@ mod tests {
         for bad in [
             r#"["\ud800"]"#.as_bytes(),
             b"[\"\xff\xfe\"]",
+            b"[{\"\xff\":1}]",
+            b"[1e999]",
             deep.as_bytes(),
         ] {
             let mut item = b"{\"messages\":[".to_vec();
