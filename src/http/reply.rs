@@ -15,17 +15,6 @@ pub(crate) struct Reply {
 }
 
 impl Reply {
-    /// Any JSON value as it is.
-    pub fn json(code: u16, value: Value) -> Reply {
-        Reply {
-            code,
-            body: value.to_string().into_bytes(),
-            content_type: "application/json",
-            headers: Vec::new(),
-            close: false,
-        }
-    }
-
     /// The envelope `{"message": ..., "data": ...}` around `data` of any
     /// serializable type, in that order (as the API reference shows it),
     /// written directly: on the accept path a [`Value`] tree (~1.2 µs)
@@ -71,7 +60,7 @@ impl Reply {
         self
     }
 
-    /// A body of any type, as it is (the OpenAPI document).
+    /// A body of any type, as it is (the OpenAPI document, the dashboard).
     pub fn bytes(body: Vec<u8>, content_type: &'static str) -> Reply {
         Reply {
             code: 200,

@@ -231,9 +231,8 @@ fn dashboard_page(path: &str, request: &Request) -> Reply {
         .and_then(|header| header.value.to_utf8());
     match dashboard::serve(path, if_none_match) {
         Some(page) => {
-            let mut reply = Reply::json(page.code, serde_json::Value::Null);
-            reply.body = page.body.to_vec();
-            reply.content_type = page.content_type;
+            let mut reply = Reply::bytes(page.body.to_vec(), page.content_type);
+            reply.code = page.code;
             reply.headers = page.headers;
             reply
         }
