@@ -56,6 +56,14 @@ impl<B: Buckets> Histogram<B> {
             .fetch_add(elapsed.as_micros() as u64, Ordering::Relaxed);
     }
 
+    /// Durations counted so far.
+    pub(crate) fn count(&self) -> u64 {
+        self.buckets
+            .iter()
+            .map(|bucket| bucket.load(Ordering::Relaxed))
+            .sum()
+    }
+
     /// Appends the histogram as `name` (with its `# HELP` and `# TYPE`).
     pub(crate) fn render(&self, out: &mut String, name: &str, help: &str) {
         let _ = writeln!(out, "# HELP {name} {help}\n# TYPE {name} histogram");

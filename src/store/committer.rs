@@ -280,14 +280,13 @@ impl Buckets for CommitSeconds {
 /// shows as slow `202`s.
 #[derive(Default)]
 pub(super) struct CommitStats {
-    commits: AtomicU64,
     records: AtomicU64,
+    /// One count per commit.
     duration: Histogram<CommitSeconds>,
 }
 
 impl CommitStats {
     fn observe(&self, records: usize, elapsed: Duration) {
-        self.commits.fetch_add(1, Ordering::Relaxed);
         self.records.fetch_add(records as u64, Ordering::Relaxed);
         self.duration.observe(elapsed);
     }
@@ -299,18 +298,17 @@ impl CommitStats {
             (
                 "mailroom_spool_commits_total",
                 "Commits written to the spool's journal (each one write and flush; failed ones are not counted).",
-                &self.commits,
+                self.duration.count(),
             ),
             (
                 "mailroom_spool_records_total",
                 "Records those commits carried: a message accepted, retried or finished, or copied forward from an old segment (at start and when compacting).",
-                &self.records,
+                self.records.load(Ordering::Relaxed),
             ),
         ] {
             let _ = writeln!(
                 out,
-                "# HELP {name} {help}\n# TYPE {name} counter\n{name} {}",
-                value.load(Ordering::Relaxed)
+                "# HELP {name} {help}\n# TYPE {name} counter\n{name} {value}"
             );
         }
         self.duration.render(
