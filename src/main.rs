@@ -26,6 +26,15 @@ fn return_large_blocks_to_the_kernel() {
     }
 }
 
+/// `println!` that ignores a closed stdout (`mailroom --help | head`):
+/// `println!` panics on a broken pipe.
+macro_rules! say {
+    ($($arg:tt)*) => {{
+        use std::io::Write as _;
+        let _ = writeln!(std::io::stdout(), $($arg)*);
+    }};
+}
+
 fn main() -> ExitCode {
     return_large_blocks_to_the_kernel();
     let arguments: Vec<String> = std::env::args().skip(1).collect();
@@ -40,7 +49,7 @@ fn main() -> ExitCode {
         .iter()
         .any(|argument| argument == "--version" || argument == "-V")
     {
-        println!("mailroom {}", env!("CARGO_PKG_VERSION"));
+        say!("mailroom {}", env!("CARGO_PKG_VERSION"));
         return ExitCode::SUCCESS;
     }
     let check = arguments.iter().any(|argument| argument == "--check");
@@ -229,15 +238,15 @@ fn watch_reload_signal(reload: impl Fn() + Send + 'static) -> std::io::Result<()
 }
 
 fn run_check(config: &Config, http: &HttpSettings, check_smtp: bool) -> ExitCode {
-    println!("configuration ok: {}, {}", http.summary(), config.summary());
+    say!("configuration ok: {}, {}", http.summary(), config.summary());
     match Templates::from_config(config) {
-        Ok(templates) => println!(
+        Ok(templates) => say!(
             "templates ok: {} in {}",
             templates.list().len(),
             templates.dir().display()
         ),
         Err(error) => {
-            println!("templates: {error}");
+            say!("templates: {error}");
             return ExitCode::from(1);
         }
     }
@@ -245,27 +254,27 @@ fn run_check(config: &Config, http: &HttpSettings, check_smtp: bool) -> ExitCode
         return ExitCode::SUCCESS;
     }
     if let Relay::Outbox(dir) = &config.relay {
-        println!(
+        say!(
             "no relay configured, nothing to connect to: messages are written to {} \
              (set MAILROOM_SMTP_URL, or GOOGLE_MAIL and GOOGLE_APP_PASSWORD)",
             dir.display()
         );
         return ExitCode::SUCCESS;
     }
-    match mailroom::check_relay(&config.relay, &mut |step| println!("  {step}")) {
+    match mailroom::check_relay(&config.relay, &mut |step| say!("  {step}")) {
         Ok(()) => {
-            println!("relay ok");
+            say!("relay ok");
             ExitCode::SUCCESS
         }
         Err(error) => {
-            println!("relay check failed: {error}");
+            say!("relay check failed: {error}");
             ExitCode::from(1)
         }
     }
 }
 
 fn print_help() {
-    println!(
+    say!(
         "mailroom {}: queues notification email over HTTP and delivers it through an SMTP relay\n\n\
          usage: mailroom [--check [--smtp]] [--help] [--version]\n\n\
          \x20 --check        validate the configuration and exit\n\
@@ -274,9 +283,9 @@ fn print_help() {
         env!("CARGO_PKG_VERSION")
     );
     for (name, default, description) in VARIABLES {
-        println!("  {name:<30} {description}");
+        say!("  {name:<30} {description}");
         if let Some(default) = default {
-            println!("  {:<30} default: {default}", "");
+            say!("  {:<30} default: {default}", "");
         }
     }
 }

@@ -1333,6 +1333,18 @@ fn help_lists_every_variable_and_version_prints_the_version() {
     );
     let output = run_binary(&directory, &["--bogus"], &[]);
     assert!(!output.status.success());
+    // Read by something that stops early (`mailroom --help | head`): the
+    // pipe is closed before anything is written, and that is no crash.
+    let mut child = Command::new(env!("CARGO_BIN_EXE_mailroom"))
+        .current_dir(&directory)
+        .arg("--help")
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    drop(child.stdout.take());
+    let output = child.wait_with_output().unwrap();
+    assert!(output.status.success(), "{}", text(&output));
 }
 
 #[test]
