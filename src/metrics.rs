@@ -79,6 +79,14 @@ impl<B: Buckets> Histogram<B> {
     }
 }
 
+/// Appends a counter without labels, with its `# HELP` and `# TYPE`.
+pub(crate) fn counter(out: &mut String, name: &str, help: &str, value: u64) {
+    let _ = writeln!(
+        out,
+        "# HELP {name} {help}\n# TYPE {name} counter\n{name} {value}"
+    );
+}
+
 /// Result of one delivery attempt, as counted.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum AttemptResult {
@@ -297,28 +305,26 @@ impl Metrics {
     /// The exposition text.
     pub fn render(&self, gauges: Gauges) -> String {
         let mut out = String::with_capacity(4096);
-        let mut counter = |name: &str, help: &str, value: u64| {
-            let _ = writeln!(
-                out,
-                "# HELP {name} {help}\n# TYPE {name} counter\n{name} {value}"
-            );
-        };
         counter(
+            &mut out,
             "mailroom_messages_accepted_total",
             "Messages accepted for delivery.",
             self.accepted.load(Ordering::Relaxed),
         );
         counter(
+            &mut out,
             "mailroom_messages_sent_total",
             "Messages the relay accepted.",
             self.sent.load(Ordering::Relaxed),
         );
         counter(
+            &mut out,
             "mailroom_messages_failed_total",
             "Messages given up on.",
             self.failed.load(Ordering::Relaxed),
         );
         counter(
+            &mut out,
             "mailroom_smtp_connections_opened_total",
             "SMTP connections opened to the relay.",
             self.connections_opened.load(Ordering::Relaxed),

@@ -33,7 +33,6 @@
 //! content stays on disk until it is due, and is read back from there.
 
 use std::collections::{BTreeMap, HashMap};
-use std::fmt::Write as _;
 use std::fs::{self, File};
 use std::io;
 use std::os::unix::fs::FileExt;
@@ -43,7 +42,7 @@ use std::sync::{Arc, Condvar, Mutex, MutexGuard};
 use std::time::{Duration, Instant};
 
 use super::frame;
-use crate::metrics::{Buckets, Histogram};
+use crate::metrics::{counter, Buckets, Histogram};
 
 /// What a record does to the live set.
 pub(super) enum Change {
@@ -294,23 +293,18 @@ impl CommitStats {
     /// The `/metrics` lines.
     pub(super) fn render(&self) -> String {
         let mut out = String::with_capacity(1024);
-        for (name, help, value) in [
-            (
-                "mailroom_spool_commits_total",
-                "Commits written to the spool's journal (each one write and flush; failed ones are not counted).",
-                self.duration.count(),
-            ),
-            (
-                "mailroom_spool_records_total",
-                "Records those commits carried: a message accepted, retried or finished, or copied forward from an old segment (at start and when compacting).",
-                self.records.load(Ordering::Relaxed),
-            ),
-        ] {
-            let _ = writeln!(
-                out,
-                "# HELP {name} {help}\n# TYPE {name} counter\n{name} {value}"
-            );
-        }
+        counter(
+            &mut out,
+            "mailroom_spool_commits_total",
+            "Commits written to the spool's journal (each one write and flush; failed ones are not counted).",
+            self.duration.count(),
+        );
+        counter(
+            &mut out,
+            "mailroom_spool_records_total",
+            "Records those commits carried: a message accepted, retried or finished, or copied forward from an old segment (at start and when compacting).",
+            self.records.load(Ordering::Relaxed),
+        );
         self.duration.render(
             &mut out,
             "mailroom_spool_commit_seconds",

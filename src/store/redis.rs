@@ -50,7 +50,7 @@ use crate::config::{Config, RedisSettings};
 use crate::job::Job;
 use crate::message::comparable_address;
 use crate::message::OutgoingMessage;
-use crate::metrics::{Buckets, Histogram};
+use crate::metrics::{counter, Buckets, Histogram};
 use crate::status::State;
 use crate::time::to_millis;
 
@@ -304,10 +304,11 @@ impl Latency {
             "mailroom_store_operation_seconds",
             "Time one operation on the shared store (Redis) took.",
         );
-        let _ = writeln!(
-            out,
-            "# HELP mailroom_store_errors_total Operations on the shared store that failed.\n# TYPE mailroom_store_errors_total counter\nmailroom_store_errors_total {}",
-            self.errors.load(Ordering::Relaxed)
+        counter(
+            &mut out,
+            "mailroom_store_errors_total",
+            "Operations on the shared store that failed.",
+            self.errors.load(Ordering::Relaxed),
         );
         let _ = writeln!(
             out,
